@@ -1,0 +1,35 @@
+# One-command entry points. Each creates .venv if missing and installs what it needs;
+# a second run only re-installs when pyproject.toml changed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch comes first, pinned, so pip takes the build on this machine's disk rather than
+# resolving a newer one from the index.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train the reference CNN on the digits that ship inside scikit-learn (no download).
+demo: $(STAMP)
+	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 12 --batch-size 64 --out runs --name demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

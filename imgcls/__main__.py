@@ -1,0 +1,3 @@
+from imgcls.cli import entry
+
+entry()

@@ -1,0 +1,408 @@
+"""The Python API. The CLI, the web service and reports are thin layers over this.
+
+    from imgcls import Classifier
+    clf = Classifier.create("reference_cnn", num_classes=10, in_chans=1, img_size=28)
+    clf.fit("digits", epochs=3)
+    clf.evaluate("digits")["accuracy"]
+    clf.predict(["seven.png"], top_k=3)
+    clf.save("my_model"); clf = Classifier.load("my_model")
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgcls import __version__
+from imgcls.artifact import load_weights, read_card, save_model
+from imgcls.config import TrainConfig
+from imgcls.data.decode import is_image_file
+from imgcls.data.loaders import Batches
+from imgcls.data.records import ImageData, Split
+from imgcls.data.sources import _to_nchw_uint8, load_data
+from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, Preprocessing,
+                                    augment_preset, photo_train_transform)
+from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
+from imgcls.engine.device import precision_name, resolve_device, resolve_precision
+from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
+from imgcls.errors import ImgclsError
+from imgcls.evaluation.metrics import classification_metrics
+from imgcls.models import MODEL_DEFAULTS, count_params, create_model
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {"imgcls": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) -> tuple[tuple, tuple]:
+    """Per-channel mean/std of (a sample of) uint8 training images, after channel conversion."""
+    x = images[:: max(1, len(images) // max_images)].float() / 255.0
+    if x.shape[1] != in_chans:
+        x = x.mean(1, keepdim=True).expand(-1, in_chans, -1, -1) if in_chans == 3 else x.mean(1, keepdim=True)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]]  # (class, probability), best first
+    probabilities: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "label": self.label,
+                "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+
+
+class Classifier:
+    """A model together with its classes and preprocessing: everything needed to train,
+    evaluate, predict and be saved and loaded again."""
+
+    def __init__(self, model: torch.nn.Module, *, architecture: str, classes: list[str],
+                 preprocessing: Preprocessing, model_kwargs: dict[str, Any] | None = None,
+                 card: dict[str, Any] | None = None):
+        self.model = model
+        self.architecture = architecture
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.model_kwargs = dict(model_kwargs or {})
+        self.card: dict[str, Any] = dict(card or {})
+        self.temperature: float = float(self.card.get("temperature", 1.0))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, architecture: str = "reference_cnn", num_classes: int | None = None,
+               classes: list[str] | None = None, in_chans: int | None = None,
+               img_size: int | None = None, seed: int | None = None, **model_kwargs: Any) -> Classifier:
+        """A new, randomly initialised model (``seed`` makes the initial weights reproducible)."""
+        if seed is not None:
+            seed_everything(seed)
+        if classes is None:
+            if num_classes is None:
+                raise ImgclsError("Classifier.create needs num_classes or classes", "e.g. num_classes=10")
+            classes = [str(i) for i in range(num_classes)]
+        elif num_classes is not None and num_classes != len(classes):
+            raise ImgclsError(f"num_classes={num_classes} but {len(classes)} class names were given",
+                              "give one or make them agree")
+        if len(classes) < 2:
+            raise ImgclsError("a classifier needs at least two classes", "give num_classes >= 2")
+        defaults = MODEL_DEFAULTS.get(architecture, {})
+        in_chans = in_chans or defaults.get("in_chans", 3)
+        img_size = img_size or defaults.get("img_size", 224)
+        model = create_model(architecture, len(classes), in_chans=in_chans, img_size=img_size, **model_kwargs)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+        pre = Preprocessing(img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+        return cls(model, architecture=architecture, classes=classes, preprocessing=pre, model_kwargs=model_kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # ------------------------------------------------------------------ data plumbing
+    def _check_classes(self, data: ImageData) -> None:
+        if data.classes != self.classes:
+            raise ImgclsError(
+                f"the data's classes {data.classes[:6]}{'…' if len(data.classes) > 6 else ''} differ from the "
+                f"model's {self.classes[:6]}{'…' if len(self.classes) > 6 else ''}",
+                "use data with the same class names in the same order")
+
+    def _batches(self, split: Split, batch_size: int, *, train: bool = False, seed: int = 0,
+                 aug: AugmentSpec | None = None, workers: int | None = None, device=None) -> Batches:
+        pre = self.preprocessing
+        pin = device is not None and device.type == "cuda"
+        if split.in_memory:
+            return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin)
+        transform = photo_train_transform(pre, aug) if (train and aug) else pre.pil_transform()
+        return Batches(split, batch_size, shuffle=train, seed=seed, transform=transform, channels=pre.in_chans,
+                       size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3,
+            optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
+            schedule: str = "onecycle", warmup_epochs: float = 0.3, label_smoothing: float = 0.0,
+            augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
+            val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
+            workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
+            callbacks: list[Callback] | None = None) -> dict[str, Any]:
+        """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
+        weights of the best validation epoch. Returns a summary (history, best epoch, time)."""
+        seed_everything(seed)
+        data = load_data(data, val_split=val_split, seed=seed)
+        self._check_classes(data)
+        dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
+        pre = self.preprocessing
+        # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
+        if data.train.in_memory and not self.card.get("pretrained"):
+            pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
+        if not data.train.in_memory:
+            pre.resize, pre.crop_pct = "shorter_side", 0.875
+        aug = augment_preset(augment, data.kind, hflip)
+        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
+        val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
+        batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None
+
+        run_dir = Path(run_dir) if run_dir else None
+        best = BestModel(on_improve=(lambda m, b: self._save_to(run_dir, best_metrics=b)) if run_dir else None)
+        cbs: list[Callback] = [best]
+        if patience:
+            cbs.append(EarlyStopping(patience))
+        if run_dir:
+            cbs.append(HistoryCSV(run_dir / "history.csv"))
+        if progress:
+            cbs.append(ProgressBar())
+        cbs += callbacks or []
+        settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                               momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
+                               label_smoothing=label_smoothing, seed=seed)
+        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs)
+        t0 = time.perf_counter()
+        state = trainer.fit(train_b, val_b)
+        train_time = time.perf_counter() - t0
+        self.model.to("cpu").to(memory_format=torch.contiguous_format)
+        summary = {
+            "data": data.name, "data_notes": data.notes, "train_images": len(data.train),
+            "val_images": len(data.val) if data.val is not None else 0,
+            "epochs_run": len(state.history), "best_epoch": int(state.best.get("epoch", len(state.history))),
+            "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(train_time, 2),
+            "device": str(dev), "precision": precision_name(amp), "augment": aug.to_dict(),
+            "batch_size": batch_size, "stopped_early": state.stop_reason or None,
+            "val_split": val_split, "seed": seed,
+        }
+        self.card["training"] = summary
+        self.history = state.history
+        return summary
+
+    # ------------------------------------------------------------------ inference
+    def _logits(self, split: Split, batch_size: int = 256, device: str = "auto", precision: str = "auto",
+                workers: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
+        self.model.to(dev)
+        bar = None
+        if progress and len(split) > 4 * batch_size:
+            from rich.progress import Progress
+
+            bar = Progress(transient=True, console=_stderr_console())
+            task = bar.add_task("predicting", total=len(split))
+            bar.start()
+        try:
+            return predict_logits(self.model, self._batches(split, batch_size, workers=workers, device=dev),
+                                  self.preprocessing, dev, amp, channels_last=dev.type != "mps",
+                                  on_batch=(lambda n: bar.advance(task, n)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.stop()
+            self.model.to("cpu")
+
+    def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
+                 precision: str = "auto") -> dict[str, Any]:
+        """Metrics on the data's test split (else its validation split, held out as in
+        training); ``split`` picks one explicitly."""
+        training = self.card.get("training", {})
+        data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
+        self._check_classes(data)
+        if split is None:
+            split, part = data.eval_split()
+        else:
+            part = getattr(data, split, None)
+            if part is None or not len(part):
+                raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+        logits, labels = self._logits(part, batch_size, device, precision)
+        m = classification_metrics(logits / self.temperature, labels, self.classes)
+        m["split"], m["data"] = split, data.name
+        return m
+
+    def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+                      workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """Class probabilities ``(N, num_classes)`` and the source name of each image."""
+        split, sources = self._as_split(images)
+        logits, _ = self._logits(split, batch_size, device, precision, workers, progress)
+        return F.softmax(logits / self.temperature, dim=1).numpy(), sources
+
+    def predict(self, images: Any, top_k: int = 1, **kw: Any) -> list[Prediction]:
+        """Top-k classes for image files, folders (recursively), PIL images or arrays."""
+        probs, sources = self.predict_proba(images, **kw)
+        k = max(1, min(top_k, self.num_classes))
+        out = []
+        for src, p in zip(sources, probs):
+            idx = np.argsort(-p)[:k]
+            out.append(Prediction(src, [(self.classes[i], float(p[i])) for i in idx], p.tolist()))
+        return out
+
+    def _as_split(self, images: Any) -> tuple[Split, list[str]]:
+        from PIL import Image
+
+        from imgcls.data.decode import to_mode
+
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        if isinstance(images, np.ndarray):
+            x = images
+            if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
+                x = x[None]  # one (H,W) or (H,W,C) image
+            t = _to_nchw_uint8(x, "images")
+            return Split(labels=torch.zeros(len(t), dtype=torch.long), images=t), \
+                [f"array[{i}]" for i in range(len(t))]
+        if isinstance(images, torch.Tensor):
+            return self._as_split(images.cpu().numpy())
+        paths: list[Path] = []
+        pil: list[torch.Tensor] = []
+        names: list[str] = []
+        tf = self.preprocessing.pil_transform()
+        for item in images:
+            if isinstance(item, Image.Image):
+                pil.append(tf(to_mode(item, self.preprocessing.in_chans)))
+                names.append(f"image[{len(names)}]")
+                continue
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+                if not found:
+                    raise ImgclsError(f"no images in folder {p}", "give image files or a folder that has some")
+                paths += found
+                names += [str(f) for f in found]
+            elif p.is_file():
+                paths.append(p)
+                names.append(str(p))
+            else:
+                raise ImgclsError(f"image not found: {p}", "check the path")
+        if pil and paths:
+            raise ImgclsError("mixing PIL images and file paths in one call", "predict them in two calls")
+        if pil:
+            return Split(labels=torch.zeros(len(pil), dtype=torch.long), images=torch.stack(pil)), names
+        if not paths:
+            raise ImgclsError("no images given", "give image files, folders, PIL images or arrays")
+        return Split(labels=torch.zeros(len(paths), dtype=torch.long), paths=paths), names
+
+    # ------------------------------------------------------------------ persistence
+    def build_card(self, best_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        card = {k: v for k, v in self.card.items() if k not in ("format", "format_version", "weights_sha256")}
+        card.update({
+            "architecture": self.architecture, "model_kwargs": self.model_kwargs,
+            "num_classes": self.num_classes, "classes": self.classes,
+            "in_chans": self.preprocessing.in_chans, "img_size": self.preprocessing.img_size,
+            "preprocessing": self.preprocessing.to_dict(), "temperature": self.temperature,
+            "num_params": count_params(self.model), "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        if best_metrics is not None:
+            card.setdefault("metrics", {})["best_val"] = {k: v for k, v in best_metrics.items()}
+        return card
+
+    def _save_to(self, folder: Path, best_metrics: dict[str, Any] | None = None) -> None:
+        save_model(folder, self.model, self.build_card(best_metrics))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        self.card = save_model(folder, self.model, self.build_card())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Classifier:
+        card = read_card(folder)
+        pre = Preprocessing.from_dict(card["preprocessing"])
+        try:
+            model = create_model(card["architecture"], int(card["num_classes"]), in_chans=pre.in_chans,
+                                 img_size=pre.img_size, **card.get("model_kwargs", {}))
+        except ImgclsError as exc:
+            raise ImgclsError(f"cannot rebuild the model of {folder}: {exc.message}", exc.hint) from None
+        state = load_weights(folder, card)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ImgclsError(f"the weights in {folder} do not fit architecture '{card['architecture']}' "
+                              f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)",
+                              "the files do not belong together; retrain or restore them")
+        model.eval()
+        return cls(model, architecture=card["architecture"], classes=card["classes"], preprocessing=pre,
+                   model_kwargs=card.get("model_kwargs"), card=card)
+
+
+# ---------------------------------------------------------------------- runs
+def next_run_dir(out: str | Path, name: str | None = None, base: str = "train") -> Path:
+    """``out/train``, ``out/train2``, ... (or ``out/NAME`` when a name is given)."""
+    out = Path(out)
+    if name:
+        return out / name
+    i = 1
+    while True:
+        cand = out / (base if i == 1 else f"{base}{i}")
+        if not cand.exists():
+            return cand
+        i += 1
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    classifier: Classifier
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainResult:
+    """Everything ``imgcls train`` does: data, model, fit, evaluate, and a run folder with
+    model.safetensors, model.json, config.yaml, history.csv and metrics.json."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    if not isinstance(cfg.model, str):
+        raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    defaults = MODEL_DEFAULTS.get(cfg.model, {})
+    in_chans = cfg.in_chans or data.channels
+    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
+    clf = Classifier.create(cfg.model, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed)
+    run_dir = next_run_dir(cfg.out, cfg.name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=bool(cfg.name))
+    except OSError as exc:
+        raise ImgclsError(f"cannot create run folder {run_dir}: {exc.strerror}", "choose another --out") from None
+    resolved = cfg.model_copy(update={"img_size": img_size, "in_chans": in_chans})
+    resolved.to_yaml(run_dir / "config.yaml")
+    summary = clf.fit(data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, schedule=cfg.schedule,
+                      warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+                      hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
+                      device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
+                      progress=progress)
+    metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
+    clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
+    clf.save(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({"training": summary, "evaluation": metrics}, indent=2) + "\n")
+    return TrainResult(run_dir=run_dir, classifier=clf, metrics=metrics, summary=summary)
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k in ("accuracy", "loss", "num_images", "top3_accuracy",
+                                                 "top5_accuracy", "macro_avg")}

@@ -1,0 +1,66 @@
+"""``imgcls`` command line: one subcommand per module, each one call into the Python API.
+
+Errors the user can fix (ImgclsError) print as one line and exit 1; ``--debug`` shows
+the traceback. Anything else is an internal error: it says so, and ``--debug`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from imgcls.cli import evaluate as _evaluate
+from imgcls.cli import models as _models
+from imgcls.cli import predict as _predict
+from imgcls.cli import train as _train
+
+# Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
+COMMANDS = [_train, _evaluate, _predict, _models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgcls import __version__
+
+    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use image classifiers.")
+    parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS:
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from imgcls.errors import ImgclsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("IMGCLS_DEBUG") == "1"
+    try:
+        return int(args._run(args) or 0)
+    except ImgclsError as exc:
+        if debug:
+            raise
+        print(f"imgcls {args.command}: error: {exc.oneline()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"imgcls {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: say so plainly, keep the traceback behind --debug
+        if debug:
+            raise
+        print(f"imgcls {args.command}: internal error: {type(exc).__name__}: {exc} "
+              f"(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 3
+
+
+def entry() -> None:
+    sys.exit(main())

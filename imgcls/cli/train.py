@@ -1,0 +1,81 @@
+"""imgcls train: flags are generated from TrainConfig, so flags and YAML keys match."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Any
+
+from imgcls.config import TrainConfig
+
+NAME = "train"
+HELP = "train a classifier and write a run folder (runs/train, runs/train2, ...)"
+
+_HELP = {
+    "data": "class folder tree, Keras-style .npz, or dataset name (digits, mnist, fashion-mnist, cifar10)",
+    "model": "architecture: reference_cnn or any timm name (resnet18, efficientnet_b0, ...)",
+    "img_size": "input side in pixels (default: the data's own size, or 224 for photos)",
+    "in_chans": "input channels, 1 or 3 (default: the data's)",
+    "val_split": "fraction of train held out for validation when the data has no val split",
+    "warmup_epochs": "linear learning-rate warm-up length, in epochs",
+    "augment": "augmentation preset (auto picks by data kind)",
+    "hflip": "random horizontal flips (default: on for colour, off for grayscale)",
+    "patience": "stop after N epochs without a better validation accuracy",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
+    "workers": "image-decoding processes (default: automatic)",
+    "out": "parent folder of run folders",
+    "name": "run folder name (default: train, train2, ...)",
+}
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    if annotation in (int, float, str):
+        return annotation, None
+    for a in args:
+        if typing.get_origin(a) is typing.Literal:
+            return str, list(typing.get_args(a))
+    for t in (int, float, str):
+        if t in args:
+            return t, None
+    return str, None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="load settings from YAML; flags override it")
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        helptext = f"{_HELP.get(name, name.replace('_', ' '))} (default: {default})"
+        if name == "hflip":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+            continue
+        typ, choices = _flag_type(field.annotation)
+        p.add_argument(flag, dest=name, type=typ, choices=choices, default=argparse.SUPPRESS, help=helptext,
+                       metavar=None if choices else name.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from imgcls.api import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    m = result.metrics
+    s = result.summary
+    print(f"trained {result.classifier.architecture} on {s['data']} for {s['epochs_run']} epoch(s) in "
+          f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}); best epoch {s['best_epoch']}")
+    print(f"{m['split']} accuracy: {m['accuracy']:.4f} on {m['num_images']} images")
+    print(f"model saved to {result.run_dir}")
+    sys.stdout.flush()
+    return 0

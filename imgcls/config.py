@@ -1,0 +1,122 @@
+"""Typed training configuration.
+
+One pydantic model holds every training knob. CLI flags and YAML keys map one to one
+onto its fields (``--batch-size`` <-> ``batch_size``); unknown keys are refused with a
+"did you mean" hint; every run saves the fully resolved config as ``config.yaml``, which
+``--config`` loads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from imgcls.errors import ImgclsError, did_you_mean
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what to train on and what to train
+    data: str | None = None
+    model: str | dict[str, Any] = "reference_cnn"
+    img_size: int | None = None  # None: the data's native size (arrays) or 224 (photo folders)
+    in_chans: int | None = None  # None: the data's channels (1 grayscale, 3 colour)
+    val_split: float = 0.1  # held out (stratified) when the data has no validation split
+    # recipe
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_epochs: float = 0.3
+    label_smoothing: float = 0.0
+    augment: Literal["auto", "none", "light", "standard", "photo"] = "auto"
+    hflip: bool | None = None  # None: on for colour images, off for grayscale (digits)
+    patience: int | None = None  # early stopping on validation accuracy
+    # machinery
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    workers: int | None = None  # data-loading processes for image files; None: automatic
+    out: str = "runs"
+    name: str | None = None
+
+    @field_validator("epochs", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("val_split")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("img_size", "in_chans")
+    @classmethod
+    def _positive_opt(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        unknown = [k for k in values if k not in cls.model_fields]
+        if unknown:
+            key = unknown[0]
+            flag = "--" + key.replace("_", "-")
+            hint = did_you_mean(key, cls.model_fields) or "see `imgcls train --help`"
+            raise ImgclsError(f"unknown key '{key}' in {source} ({flag})", hint)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "value"
+            flag = "--" + key.split(".")[0].replace("_", "-")
+            raise ImgclsError(
+                f"invalid value for '{key}' ({flag}) in {source}: {err['msg']}",
+                f"got {err.get('input')!r}",
+            ) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ImgclsError(f"config file not found: {path}", "check the path given to --config")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ImgclsError(f"{path} is not valid YAML{where}", "fix the syntax") from None
+        if not isinstance(values, dict):
+            raise ImgclsError(f"{path} must hold a mapping of config keys", "e.g. `epochs: 3`")
+        values.update(overrides or {})
+        return cls.from_dict(values, source=str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))

@@ -1,0 +1,72 @@
+"""The one shape every data source ends in: splits of (images or file paths, labels).
+
+``Split`` holds either an in-memory uint8 tensor ``(N, C, H, W)`` (arrays, npz, named
+data sets) or a list of image file paths (class folders). Everything after this point
+(loaders, training, evaluation) is written once against these two kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Split:
+    labels: torch.Tensor  # (N,) int64
+    images: torch.Tensor | None = None  # (N, C, H, W) uint8, for in-memory data
+    paths: list[Path] | None = None  # image files, for on-disk data
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.paths is None):
+            raise ValueError("a Split holds either images or paths")
+        n = len(self.images) if self.images is not None else len(self.paths)
+        if n != len(self.labels):
+            raise ValueError(f"{n} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        idx = idx.long()
+        if self.images is not None:
+            return Split(labels=self.labels[idx], images=self.images[idx])
+        return Split(labels=self.labels[idx], paths=[self.paths[i] for i in idx.tolist()])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class ImageData:
+    """A data set resolved into splits, with its class names and natural image shape."""
+
+    classes: list[str]
+    train: Split | None
+    val: Split | None = None
+    test: Split | None = None
+    name: str = "data"
+    channels: int = 3  # the images' own channels (1 grayscale, 3 colour)
+    native_size: int | None = None  # side of in-memory images; None for files of many sizes
+    kind: str = "photos"  # "digits" (small grayscale), "small-colour", "photos": picks presets
+    notes: list[str] = field(default_factory=list)  # what loading did (held-out val split, ...)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def eval_split(self) -> tuple[str, Split]:
+        """The split to report final numbers on: test if there is one, else validation."""
+        if self.test is not None and len(self.test):
+            return "test", self.test
+        if self.val is not None and len(self.val):
+            return "val", self.val
+        if self.train is not None:
+            return "train", self.train
+        raise ValueError("no data")

@@ -1,0 +1,226 @@
+"""Sources -> records: class folders, Keras-style ``.npz``, in-memory arrays, named data
+sets. Each returns an :class:`ImageData`; :func:`load_data` picks the source from what
+the user gave and adds a held-out validation split when the data has none."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgcls.data.decode import is_image_file
+from imgcls.data.records import ImageData, Split
+from imgcls.data.split import stratified_split
+from imgcls.errors import ImgclsError, did_you_mean
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+# ----------------------------------------------------------------------------- folders
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            continue
+        files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def from_folder(root: str | Path) -> ImageData:
+    """One subfolder per class, optionally inside ``train/`` + ``val/`` (or ``valid``,
+    ``validation``) and/or ``test/`` split folders."""
+    root = Path(root)
+    subdirs = _class_dirs(root)
+    split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES}
+    if split_dirs and "train" not in split_dirs:
+        raise ImgclsError(f"{root} has {', '.join(sorted(split_dirs))}/ but no train/ folder",
+                          "add train/<class>/ folders, or remove the split folders")
+    class_root = split_dirs.get("train", root)
+    classes = [d.name for d in _class_dirs(class_root)]
+    if not classes:
+        raise ImgclsError(f"no class folders in {class_root}",
+                          "put the images in one subfolder per class, e.g. data/cats/1.jpg")
+    if len(classes) < 2:
+        raise ImgclsError(f"only one class ('{classes[0]}') in {class_root}",
+                          "a classifier needs at least two class folders")
+    splits: dict[str, Split] = {}
+    for split, base in ({"train": class_root} | {k: v for k, v in split_dirs.items() if k != "train"}).items():
+        extra = sorted(d.name for d in _class_dirs(base) if d.name not in classes)
+        if extra:
+            raise ImgclsError(f"{base} has class folder(s) {extra} that {class_root} lacks",
+                              "use the same class folders in every split")
+        paths, labels = _scan_classes(base, classes)
+        splits[split] = Split(labels=torch.tensor(labels, dtype=torch.long), paths=paths)
+    counts = splits["train"].class_counts(len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise ImgclsError(f"class folder '{class_root / empty[0]}' has no images",
+                          "add images (jpg, png, ...) to it or remove the folder")
+    return ImageData(classes=classes, train=splits["train"], val=splits.get("val"),
+                     test=splits.get("test"), name=root.name, channels=_guess_channels(splits["train"]),
+                     native_size=None, kind="photos")
+
+
+def _guess_channels(split: Split, sample: int = 32) -> int:
+    """1 when every sampled image is grayscale, else 3 (reads headers only)."""
+    from PIL import Image
+
+    step = max(1, len(split.paths) // sample)
+    for p in split.paths[::step][:sample]:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L"):
+                    return 3
+        except Exception:  # unreadable files are reported when they are decoded
+            continue
+    return 1
+
+
+# ----------------------------------------------------------------------------- arrays
+def _to_nchw_uint8(x: np.ndarray, what: str) -> torch.Tensor:
+    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W); uint8, or float in [0,1] / [0,255]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        # Keras' NHWC unless the layout is unmistakably NCHW (few channels first, many last)
+        if not (x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)):
+            x = x.transpose(0, 3, 1, 2)
+    else:
+        raise ImgclsError(f"{what} has shape {x.shape}",
+                          "expected (N, H, W), (N, H, W, C) or (N, C, H, W) images")
+    if x.shape[1] == 4:  # RGBA: drop alpha (arrays carry no background to composite on)
+        x = x[:, :3]
+    if x.shape[1] not in (1, 3):
+        raise ImgclsError(f"{what} has {x.shape[1]} channels", "expected 1 (grayscale) or 3 (RGB)")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number):
+            raise ImgclsError(f"{what} has dtype {x.dtype}", "expected uint8 or float pixels")
+        xf = x.astype(np.float32)
+        scale = 255.0 if xf.max() <= 1.0 else 1.0
+        x = np.clip(np.round(xf * scale), 0, 255).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _labels(y: np.ndarray, n: int, what: str, num_classes: int | None) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:  # one-hot (Keras to_categorical)
+        y = y.argmax(1)
+    y = y.reshape(-1)
+    if len(y) != n:
+        raise ImgclsError(f"{what}: {n} images but {len(y)} labels", "each image needs exactly one label")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise ImgclsError(f"{what} labels have dtype {y.dtype}", "labels must be integer class indices 0..K-1")
+    if len(y) and y.min() < 0:
+        raise ImgclsError(f"{what} has negative label {int(y.min())}", "labels must be class indices 0..K-1")
+    if num_classes is not None and len(y) and y.max() >= num_classes:
+        raise ImgclsError(f"{what} has label {int(y.max())} but only {num_classes} class names",
+                          f"labels must be in 0..{num_classes - 1}; fix the labels or class_names")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def from_arrays(x_train, y_train, x_test=None, y_test=None, class_names=None, name: str = "arrays") -> ImageData:
+    names = [str(c) for c in class_names] if class_names is not None else None
+    xtr = _to_nchw_uint8(np.asarray(x_train), "x_train")
+    ytr = _labels(y_train, len(xtr), "y_train", len(names) if names else None)
+    test = None
+    if x_test is not None:
+        xte = _to_nchw_uint8(np.asarray(x_test), "x_test")
+        yte = _labels(y_test, len(xte), "y_test", len(names) if names else None)
+        test = Split(labels=yte, images=xte)
+    k = len(names) if names else int(max(ytr.max().item(), test.labels.max().item() if test else 0)) + 1
+    if k < 2:
+        raise ImgclsError(f"{name} has a single class", "a classifier needs at least two classes")
+    channels, size = xtr.shape[1], xtr.shape[2]
+    kind = "digits" if channels == 1 and size <= 64 else ("small-colour" if size <= 64 else "photos")
+    return ImageData(classes=names or [str(i) for i in range(k)], train=Split(labels=ytr, images=xtr),
+                     test=test, name=name, channels=channels,
+                     native_size=size if xtr.shape[2] == xtr.shape[3] else None, kind=kind)
+
+
+def from_npz(path: str | Path, class_names: list[str] | None = None) -> ImageData:
+    """A Keras-style ``.npz``: ``x_train``, ``y_train``, ``x_test``, ``y_test`` and an
+    optional ``class_names``. Loaded with ``allow_pickle=False``: nothing is unpickled."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            missing = [k for k in ("x_train", "y_train") if k not in keys]
+            if missing:
+                raise ImgclsError(f"{path} has no '{missing[0]}' array (it has: {', '.join(sorted(keys)) or 'nothing'})",
+                                  "use the Keras layout: x_train, y_train, x_test, y_test[, class_names]")
+            if ("x_test" in keys) != ("y_test" in keys):
+                raise ImgclsError(f"{path} has only one of x_test / y_test", "give both or neither")
+            arrays: dict[str, Any] = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in keys}
+            if "class_names" in keys and class_names is None:
+                class_names = [str(c) for c in f["class_names"].tolist()]
+    except ImgclsError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise ImgclsError(f"{path} holds Python objects (pickles), which imgcls never loads",
+                              "save plain arrays with numpy.savez") from None
+        raise ImgclsError(f"cannot read {path}: {exc}", "is it a numpy .npz file?") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ImgclsError(f"cannot read {path}: {exc}", "is it a complete numpy .npz file?") from None
+    data = from_arrays(arrays["x_train"], arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
+                       class_names=class_names, name=path.stem)
+    return data
+
+
+# ----------------------------------------------------------------------------- dispatch
+def resolve(spec: Any) -> ImageData:
+    """Turn what the user gave (path, name, arrays, ImageData) into ImageData."""
+    from imgcls.data.datasets import DATASETS
+
+    if isinstance(spec, ImageData):
+        return spec
+    if isinstance(spec, tuple) and len(spec) in (2, 4):
+        return from_arrays(*spec)
+    if isinstance(spec, dict):
+        return from_arrays(spec["x_train"], spec["y_train"], spec.get("x_test"), spec.get("y_test"),
+                           spec.get("class_names"))
+    if not isinstance(spec, (str, Path)):
+        raise ImgclsError(f"cannot use {type(spec).__name__} as data",
+                          "give a folder, a .npz file, a dataset name or (x, y) arrays")
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return from_folder(path)
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return from_npz(path)
+        raise ImgclsError(f"don't know how to read {path}",
+                          "give a folder of class folders, a Keras-style .npz, or a dataset name")
+    if text.lower() in DATASETS:
+        return DATASETS.get(text.lower())()
+    looks_like_path = any(ch in text for ch in "/\\") or Path(text).suffix != ""
+    if looks_like_path:
+        raise ImgclsError(f"data path not found: {text}", "check the path, or give a dataset name: "
+                          + ", ".join(DATASETS.names()))
+    hint = did_you_mean(text, DATASETS.names())
+    raise ImgclsError(f"unknown dataset '{text}' (and no such file or folder)",
+                      f"{hint} known datasets: {', '.join(DATASETS.names())}".strip())
+
+
+def load_data(spec: Any, val_split: float = 0.1, seed: int = 0) -> ImageData:
+    """Resolve ``spec`` and make sure there is a validation split (stratified hold-out
+    of ``val_split`` of train when the data brings none)."""
+    data = resolve(spec)
+    if data.val is None and data.train is not None and val_split > 0:
+        keep, hold = stratified_split(data.train.labels, val_split, seed)
+        data.val, data.train = data.train.subset(hold), data.train.subset(keep)
+        data.notes.append(f"held out a stratified {val_split:.0%} of train for validation ({len(hold)} images)")
+    return data

@@ -1,0 +1,53 @@
+"""Optimizer and learning-rate schedule from the config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D parameters), the usual practice."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    groups = _param_groups(model, weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    raise ValueError(name)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step multiplier on the base learning rate.
+
+    onecycle: linear warm-up from lr/25 to lr, then cosine down to ~0 (the one-cycle policy
+    without momentum cycling); cosine: linear warm-up from ~0, then cosine to 0; constant:
+    warm-up, then flat. Written as one LambdaLR rather than torch's OneCycleLR, which
+    divides by zero when a tiny data set gives only a handful of steps.
+    """
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps - 1)
+    start = 1 / 25 if name == "onecycle" else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return start + (1 - start) * (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -1,0 +1,133 @@
+"""The training loop, readable top to bottom.
+
+Everything that is not the loop itself (progress output, history, best-model keeping,
+early stopping, logging) is a callback. Data arrives as uint8 batches; they are moved to
+the device, augmented and normalised there, so the same code serves 2 CPU cores and a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgcls.data.loaders import Batches
+from imgcls.data.transforms import BatchAugment, Preprocessing
+from imgcls.engine.callbacks import Callback, CallbackList, TrainState
+from imgcls.engine.device import autocast
+from imgcls.engine.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class FitSettings:
+    epochs: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.3
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, non_blocking=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Batches, pre: Preprocessing, device: torch.device,
+                   amp_dtype: torch.dtype | None, channels_last: bool = True,
+                   on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every image of ``batches``, in order."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in batches:
+        if on_batch is not None:
+            on_batch(len(y))
+        x = pre.normalize(_to_device(x, device), channels_last)
+        with autocast(device, amp_dtype):
+            out = model(x)
+        outs.append(out.float().cpu())
+        labels.append(y)
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(labels)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
+                 amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
+                 callbacks: list[Callback] | None = None, channels_last: bool = True,
+                 class_weights: torch.Tensor | None = None):
+        self.model, self.pre, self.s = model, pre, settings
+        self.device, self.amp_dtype = device, amp_dtype
+        self.augment = batch_augment
+        self.callbacks = CallbackList(callbacks or [])
+        self.channels_last = channels_last
+        self.class_weights = class_weights.to(device) if class_weights is not None else None
+
+    def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
+        s, model, dev = self.s, self.model, self.device
+        model.to(dev)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        steps = len(train)
+        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum)
+        sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
+        scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        gen = torch.Generator().manual_seed(s.seed)  # augmentation draws: reproducible per seed
+
+        state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
+        self.callbacks.on_fit_start(state, model)
+        for epoch in range(1, s.epochs + 1):
+            state.epoch, state.batch_in_epoch, state.seen = epoch, 0, 0
+            state.epoch_start = time.perf_counter()
+            train.set_epoch(epoch)
+            self.callbacks.on_epoch_start(state)
+            model.train()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            for x, y in train:
+                x, y = _to_device(x, dev), _to_device(y, dev)
+                if self.augment is not None:
+                    x = self.augment(x, gen)
+                x = self.pre.normalize(x, self.channels_last)  # (B, C, S, S) float
+                with autocast(dev, self.amp_dtype):
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
+                                           label_smoothing=s.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                # running sums stay on the device: no host sync per step on a GPU
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.seen += len(y)
+                state.running = {"loss": float(loss_sum) / state.seen, "acc": float(correct) / state.seen} \
+                    if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
+                self.callbacks.on_batch_end(state)
+            train_time = time.perf_counter() - state.epoch_start
+            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(state.seen, 1),
+                       "train_acc": float(correct) / max(state.seen, 1), "lr": opt.param_groups[0]["lr"]}
+            if val is not None and len(val.split):
+                logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last)
+                metrics["val_loss"] = float(F.cross_entropy(logits, labels))
+                metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
+            metrics["epoch_time"] = time.perf_counter() - state.epoch_start
+            metrics["img_per_s"] = state.seen / max(train_time, 1e-9)
+            state.metrics = metrics
+            state.history.append(metrics)
+            self.callbacks.on_epoch_end(state, model)
+            if state.stop:
+                break
+        self.callbacks.on_fit_end(state, model)
+        return state

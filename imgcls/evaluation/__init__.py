@@ -1,0 +1,3 @@
+from imgcls.evaluation.metrics import classification_metrics, format_metrics
+
+__all__ = ["classification_metrics", "format_metrics"]

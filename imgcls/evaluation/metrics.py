@@ -1,0 +1,73 @@
+"""Classification metrics from logits: accuracy, top-k, per-class precision / recall /
+F1 (scikit-learn), confusion matrix, and a readable text rendering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def topk_ks(num_classes: int) -> list[int]:
+    """Top-k figures worth reporting: k in (3, 5) with k < number of classes."""
+    return [k for k in (3, 5) if k < num_classes]
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    k = len(classes)
+    y = labels.numpy()
+    pred = logits.argmax(1).numpy()
+    out: dict[str, Any] = {
+        "num_images": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "loss": float(F.cross_entropy(logits, labels)) if len(y) else 0.0,
+    }
+    for kk in topk_ks(k):
+        top = logits.topk(kk, dim=1).indices
+        out[f"top{kk}_accuracy"] = float((top == labels[:, None]).any(1).float().mean())
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                            "support": int(s[i])} for i, c in enumerate(classes)}
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=list(range(k)), average=avg,
+                                                        zero_division=0)
+        out[f"{avg}_avg"] = {"precision": float(pa), "recall": float(ra), "f1": float(fa)}
+    out["confusion_matrix"] = confusion_matrix(y, pred, labels=list(range(k))).tolist()
+    out["classes"] = list(classes)
+    return out
+
+
+def format_metrics(m: dict[str, Any], title: str = "") -> str:
+    """A plain-text report: headline numbers, per-class table and confusion matrix."""
+    lines = []
+    if title:
+        lines.append(title)
+    head = f"accuracy {m['accuracy']:.4f}"
+    for key in sorted(k for k in m if k.startswith("top") and k.endswith("_accuracy")):
+        head += f"   {key.replace('_accuracy', '')} {m[key]:.4f}"
+    head += f"   loss {m['loss']:.4f}   images {m['num_images']}"
+    lines.append(head)
+    classes = m["classes"]
+    w = max(8, *(len(c) for c in classes)) if classes else 8
+    lines.append("")
+    lines.append(f"{'class':<{w}}  precision  recall     f1  support")
+    for c in classes:
+        pc = m["per_class"][c]
+        lines.append(f"{c:<{w}}  {pc['precision']:9.4f}  {pc['recall']:6.4f}  {pc['f1']:5.4f}  {pc['support']:7d}")
+    for avg in ("macro", "weighted"):
+        a = m[f"{avg}_avg"]
+        lines.append(f"{avg + ' avg':<{w}}  {a['precision']:9.4f}  {a['recall']:6.4f}  {a['f1']:5.4f}  {m['num_images']:7d}")
+    cm = np.asarray(m["confusion_matrix"])
+    if len(classes) <= 30:
+        lines.append("")
+        lines.append("confusion matrix (rows: true, columns: predicted)")
+        cw = max(5, len(str(cm.max())) + 1 if cm.size else 5)
+        short = [c[: cw - 1] for c in classes]
+        lines.append(" " * (w + 1) + "".join(f"{s:>{cw}}" for s in short))
+        for c, row in zip(classes, cm):
+            lines.append(f"{c:<{w}} " + "".join(f"{v:>{cw}d}" for v in row))
+    return "\n".join(lines)

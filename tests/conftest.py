@@ -1,0 +1,85 @@
+"""Shared fixtures: small generated data sets, so the core suite needs no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pattern_images(n_per_class: int, size: int = 16, channels: int = 1, classes: int = 3, seed: int = 0):
+    """Easy, learnable synthetic images: class c = a bright bar at a class-specific place,
+    plus noise. Returns uint8 (N, H, W[, C]) and int labels."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(classes):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, size=(size, size)).astype(np.float32)
+            band = slice(c * size // classes, (c + 1) * size // classes)
+            if c % 2 == 0:
+                img[band, :] += 180
+            else:
+                img[:, band] += 180
+            img = np.clip(img, 0, 255).astype(np.uint8)
+            if channels == 3:
+                img = np.stack([img, np.roll(img, 1, 0), img[::-1]], -1)
+            xs.append(img)
+            ys.append(c)
+    return np.stack(xs), np.array(ys, dtype=np.int64)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    x, y = pattern_images(40, size=16)
+    xt, yt = pattern_images(10, size=16, seed=1)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
+    return path
+
+
+def write_folder(root: Path, n_per_class: int = 12, size: int = 20, splits: tuple[str, ...] = ()) -> Path:
+    names = ["cat", "dog", "fox"]
+    for s_i, split in enumerate(splits or ("",)):
+        x, y = pattern_images(n_per_class, size=size, channels=3, seed=s_i)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / names[label] if split else root / names[label]
+            d.mkdir(parents=True, exist_ok=True)
+            ext = ".png" if i % 2 else ".jpg"
+            Image.fromarray(img).save(d / f"{i}{ext}", quality=95)
+    return root
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "photos")
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "splits", n_per_class=8, splits=("train", "val", "test"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One small trained run folder, reused by the CLI and round-trip tests."""
+    from imgcls import train
+
+    root = tmp_path_factory.mktemp("trained")
+    x, y = pattern_images(40, size=16)
+    xt, yt = pattern_images(10, size=16, seed=1)
+    npz = root / "tiny.npz"
+    np.savez(npz, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
+    result = train({"data": str(npz), "epochs": 4, "batch_size": 16, "out": str(root / "runs"), "seed": 0},
+                   progress=False)
+    return result.run_dir
