@@ -98,6 +98,7 @@ class Classifier:
         self.model_kwargs = dict(model_kwargs or {})
         self.card: dict[str, Any] = dict(card or {})
         self.temperature: float = float(self.card.get("temperature", 1.0))
+        self.path: Path | None = None  # the folder it was loaded from: exports (model.onnx) live there
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -244,9 +245,15 @@ class Classifier:
         return m
 
     def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
-                      workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[str]]:
-        """Class probabilities ``(N, num_classes)`` and the source name of each image."""
+                      workers: int | None = None, progress: bool = False,
+                      backend: str = "torch") -> tuple[np.ndarray, list[str]]:
+        """Class probabilities ``(N, num_classes)`` and the source name of each image.
+        ``backend``: torch, onnx (the run's exported model.onnx) or auto (see imgcls.export.runtime)."""
         split, sources = self._as_split(images)
+        if backend != "torch":
+            from imgcls.export.runtime import backend_proba
+
+            return backend_proba(self, split, backend, batch_size, device, precision, workers, progress), sources
         logits, _ = self._logits(split, batch_size, device, precision, workers, progress)
         return F.softmax(logits / self.temperature, dim=1).numpy(), sources
 
@@ -344,8 +351,10 @@ class Classifier:
                               f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)",
                               "the files do not belong together; retrain or restore them")
         model.eval()
-        return cls(model, architecture=card["architecture"], classes=card["classes"], preprocessing=pre,
-                   model_kwargs=card.get("model_kwargs"), card=card)
+        clf = cls(model, architecture=card["architecture"], classes=card["classes"], preprocessing=pre,
+                  model_kwargs=card.get("model_kwargs"), card=card)
+        clf.path = Path(folder) if Path(folder).is_dir() else Path(folder).parent
+        return clf
 
 
 # ---------------------------------------------------------------------- runs
