@@ -33,7 +33,9 @@ def export_torchscript(model: torch.nn.Module, pre: Preprocessing, path: Path, m
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     extra = {EXTRA_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[EXTRA_FILE])
 
 
