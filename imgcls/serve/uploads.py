@@ -53,10 +53,21 @@ def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | 
     except Image.DecompressionBombError:
         raise UploadError(422, f"{name} has too many pixels (decompression bomb)") from None
     except UnidentifiedImageError:
+        if _has_image_signature(data):  # says it is a PNG/JPEG/...: a damaged image, not a wrong type
+            raise UploadError(422, f"{name} is a corrupt image (its header is unreadable)") from None
         raise UploadError(415, f"{name} is not an image format this server reads "
                                "(send JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UploadError(422, f"{name} is a corrupt or truncated image ({exc})") from None
+
+
+# Leading bytes of the formats a server is asked to read; Pillow reports a damaged header of
+# any of these as "unidentified", which would otherwise read as a wrong file type.
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
