@@ -267,6 +267,14 @@ class Classifier:
             out.append(Prediction(src, [(self.classes[i], float(p[i])) for i in idx], p.tolist()))
         return out
 
+    def explain(self, images: Any, method: str = "gradcam", target: Any = None, layer: str | None = None,
+                **opts: Any) -> list:
+        """Heatmaps of what drove the predictions, with faithfulness scores: see
+        :func:`imgcls.explain.explain` (methods: gradcam, gradcam++, ig, occlusion, lime, shap)."""
+        from imgcls.explain import explain
+
+        return explain(self, images, method=method, target=target, layer=layer, **opts)
+
     def _as_split(self, images: Any) -> tuple[Split, list[str]]:
         from PIL import Image
 

@@ -18,12 +18,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--report", nargs="?", const="", metavar="DIR",
+                   help="also write report.html (self-contained) + metrics.json, into DIR (default: the run "
+                        "folder); fits temperature scaling on the validation split and saves it in model.json")
+    p.add_argument("--mistakes", type=int, default=8, help="--report: how many confident mistakes to show")
 
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
     from imgcls.evaluation.metrics import format_metrics
 
+    if args.report is not None:
+        return _report(args)
     clf = Classifier.load(args.run)
     m = clf.evaluate(args.data, split=args.split, batch_size=args.batch_size, device=args.device)
     path = Path(args.run) / "metrics.json"
@@ -40,4 +46,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_metrics(m, title=f"{args.run} on {m['data']} ({m['split']} split)"))
         print(f"\nmetrics written to {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from imgcls.evaluation.metrics import format_metrics
+    from imgcls.evaluation.report import build_report
+
+    r = build_report(args.run, args.data, split=args.split, out_dir=args.report or None, batch_size=args.batch_size,
+                     device=args.device, mistakes=args.mistakes)
+    m, cal = r.metrics, r.calibration
+    if args.json:
+        print(json.dumps({**m, "calibration": {k: v for k, v in cal.items() if not k.startswith("reliability")}}))
+        return 0
+    print(format_metrics(m, title=f"{args.run} on {m['data']} ({m['split']} split)"))
+    fitted = f"fitted on {cal['num_images']} validation images, saved in model.json" if cal.get("fitted_on") \
+        else "not refitted"
+    print(f"\ncalibration: temperature {cal['temperature']:.3f} ({fitted}); "
+          f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} on the {m['split']} split")
+    print(f"report written to {r.html_path}\nmetrics written to {r.json_path}")
     return 0

@@ -1,0 +1,291 @@
+"""``imgcls evaluate RUN --data DATA --report``: one self-contained report.html (every
+picture embedded as base64, no scripts, no external files: it opens offline and can be
+mailed) plus metrics.json with the same numbers.
+
+Sections: headline metrics, per-class table, confusion matrix (counts and row-normalised),
+calibration (ECE, reliability diagram, temperature fitted on the validation split and
+saved into model.json), the most confident mistakes with Grad-CAM overlays, and the
+training curves from history.csv.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imgcls.artifact import CARD, atomic_write
+from imgcls.data.sources import load_data
+from imgcls.errors import ImgclsError
+from imgcls.evaluation.calibration import calibration_summary, fit_temperature
+from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
+
+
+@dataclass
+class Report:
+    html_path: Path
+    json_path: Path
+    metrics: dict[str, Any]
+    calibration: dict[str, Any]
+    mistakes: list[dict[str, Any]]
+
+
+# ---------------------------------------------------------------------- pieces
+def read_history(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(row)
+    return rows
+
+
+def save_temperature(folder: Path, temperature: float, calibration: dict[str, Any]) -> None:
+    """Write the fitted temperature into model.json (weights untouched, so their sha256 holds)."""
+    path = Path(folder) / CARD
+    card = json.loads(path.read_text())
+    card["temperature"] = round(float(temperature), 6)
+    card["calibration"] = calibration
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+
+
+def calibrate(clf: Any, val_logits: torch.Tensor, val_labels: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    """Fit the temperature on validation logits; ECE/NLL before and after on that split."""
+    t = fit_temperature(val_logits, val_labels)
+    before, after = calibration_summary(val_logits, val_labels, 1.0), calibration_summary(val_logits, val_labels, t)
+    return t, {"fitted_on": "val", "num_images": int(len(val_labels)), "temperature": round(t, 4),
+               "val_ece_before": before["ece"], "val_ece_after": after["ece"],
+               "val_nll_before": before["nll"], "val_nll_after": after["nll"]}
+
+
+def _thumb(e: Any, height: int = 128) -> bytes:
+    """Original | Grad-CAM overlay, side by side, small pictures enlarged without blur."""
+    a, b = e.image, e.overlay
+    scale = height / a.height
+    size = (max(1, round(a.width * scale)), height)
+    resample = Image.NEAREST if a.height < height else Image.BILINEAR
+    pair = Image.new("RGB", (2 * size[0] + 4, height), "white")
+    pair.paste(a.resize(size, resample), (0, 0))
+    pair.paste(b.resize(size, resample), (size[0] + 4, 0))
+    buf = io.BytesIO()
+    pair.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def confident_mistakes(clf: Any, part: Any, probs: np.ndarray, labels: np.ndarray, n: int,
+                       method: str = "gradcam", split_name: str = "") -> list[dict[str, Any]]:
+    """The ``n`` wrong predictions the model was surest of, each with an explanation of the
+    (wrong) predicted class."""
+    from imgcls.explain import explain
+
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    if not len(wrong):
+        return []
+    sub = part.subset(torch.from_numpy(wrong))
+    if sub.in_memory:
+        images, sources = sub.images.numpy(), [f"{split_name} image #{i}" for i in wrong]
+    else:
+        images, sources = [str(p) for p in sub.paths], [str(p) for p in sub.paths]
+    try:
+        exps = explain(clf, images, method=method)
+    except ImgclsError as exc:  # e.g. an architecture without a spatial layer: list the mistakes anyway
+        exps, note = [None] * len(wrong), exc.oneline()
+    else:
+        note = ""
+    out = []
+    for i, src, e in zip(wrong, sources, exps):
+        item = {"index": int(i), "source": src, "true": clf.classes[int(labels[i])],
+                "predicted": clf.classes[int(pred[i])], "confidence": round(float(probs[i, pred[i]]), 5)}
+        if e is not None:
+            item["png"] = _thumb(e)
+            item["faithfulness"] = {k: e.faithfulness[k] for k in ("deletion_auc", "random_deletion_auc",
+                                                                   "insertion_auc", "random_insertion_auc")}
+        elif note:
+            item["note"] = note
+        out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------------- the report
+def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_dir: str | Path | None = None,
+                 batch_size: int = 256, device: str = "auto", mistakes: int = 8,
+                 calibrate_on_val: bool = True) -> Report:
+    from imgcls.api import Classifier
+
+    run_dir = Path(run_dir)
+    clf = Classifier.load(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    training = clf.card.get("training", {})
+    data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
+    clf._check_classes(data)
+    if split is None:
+        split, part = data.eval_split()
+    else:
+        part = getattr(data, split, None)
+        if part is None or not len(part):
+            raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+
+    logits, labels = clf._logits(part, batch_size, device)
+    calibration: dict[str, Any] = {"fitted_on": None, "temperature": clf.temperature}
+    has_val = data.val is not None and len(data.val) > 0
+    if calibrate_on_val and has_val:
+        val_logits, val_labels = (logits, labels) if split == "val" else clf._logits(data.val, batch_size, device)
+        t, calibration = calibrate(clf, val_logits, val_labels)
+        clf.temperature = t
+        save_temperature(run_dir, t, calibration)
+    elif calibrate_on_val:
+        calibration["note"] = "the data has no validation split: temperature left as it was"
+    t = clf.temperature
+    before = calibration_summary(logits, labels, 1.0)
+    after = calibration_summary(logits, labels, t)
+    calibration.update({"split": split, "ece_before": before["ece"], "ece_after": after["ece"],
+                        "nll_before": before["nll"], "nll_after": after["nll"],
+                        "reliability_before": before["reliability"], "reliability_after": after["reliability"]})
+    if split == "val" and calibration.get("fitted_on") == "val":
+        calibration["note"] = "fitted and measured on the same (validation) split: the 'after' ECE is optimistic"
+
+    m = classification_metrics(logits / t, labels, clf.classes)
+    m["split"], m["data"] = split, data.name
+    probs = F.softmax(logits / t, dim=1).numpy()
+    gallery = confident_mistakes(clf, part, probs, labels.numpy(), mistakes, split_name=split) if mistakes else []
+    history = read_history(run_dir / "history.csv")
+    cm = np.asarray(m["confusion_matrix"])
+    pictures = {
+        "confusion_counts": confusion_matrix_png(cm, clf.classes),
+        "confusion_normalized": confusion_matrix_png(cm, clf.classes, normalized=True),
+        "reliability": reliability_png(before, after if t != 1.0 else None),
+    }
+    if history:
+        pictures["curves"] = training_curves_png(history)
+
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(clf, run_dir, m, calibration, gallery, pictures, history), encoding="utf-8")
+    json_path = out_dir / "metrics.json"
+    previous: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            previous = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    previous["evaluation"] = m
+    previous["calibration"] = calibration
+    previous["mistakes"] = [{k: v for k, v in g.items() if k != "png"} for g in gallery]
+    previous["report"] = str(html_path)
+    json_path.write_text(json.dumps(previous, indent=2) + "\n")
+    return Report(html_path, json_path, m, calibration, gallery)
+
+
+# ---------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:1.6rem;margin:0 0 4px} h2{font-size:1.2rem;margin:32px 0 8px;border-bottom:1px solid #d8dde3;padding-bottom:4px}
+.sub{color:#5b6673;font-size:.9rem}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{background:#fff;border:1px solid #d8dde3;border-radius:8px;padding:10px 14px;min-width:120px}
+.card b{display:block;font-size:1.4rem} .card span{color:#5b6673;font-size:.8rem}
+table{border-collapse:collapse;background:#fff;font-size:.9rem} th,td{border:1px solid #d8dde3;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left} thead th{background:#eef1f4}
+.low{background:#fde8e8} img{max-width:100%;height:auto;background:#fff;border:1px solid #d8dde3;border-radius:6px}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} .row>figure{margin:0;flex:1 1 420px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
+.gallery figure{margin:0;background:#fff;border:1px solid #d8dde3;border-radius:8px;padding:8px}
+figcaption{font-size:.8rem;color:#3a434d;margin-top:4px;overflow-wrap:anywhere} .note{color:#8a5a00;font-size:.85rem}
+"""
+
+
+def _img(png: bytes, alt: str, id_: str = "") -> str:
+    ident = f' id="{id_}"' if id_ else ""
+    return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _card(value: str, label: str) -> str:
+    return f'<div class="card"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
+
+
+def render_html(clf: Any, run_dir: Path, m: dict[str, Any], cal: dict[str, Any], gallery: list[dict[str, Any]],
+                pictures: dict[str, bytes], history: list[dict[str, float]]) -> str:
+    e = html.escape
+    cards = [_card(f"{m['accuracy']:.2%}", "accuracy")]
+    cards += [_card(f"{m[k]:.2%}", k.replace("_accuracy", " accuracy")) for k in sorted(m)
+              if k.startswith("top") and k.endswith("_accuracy")]
+    cards += [_card(f"{m['macro_avg']['f1']:.3f}", "macro F1"), _card(f"{m['weighted_avg']['f1']:.3f}", "weighted F1"),
+              _card(f"{cal['ece_after']:.3f}", f"ECE (T={cal['temperature']:.2f})"), _card(str(m["num_images"]), "images")]
+    rows = []
+    for c in m["classes"]:
+        pc = m["per_class"][c]
+        low = ' class="low"' if pc["f1"] < m["macro_avg"]["f1"] - 0.1 else ""
+        rows.append(f"<tr{low}><td>{e(c)}</td><td>{pc['precision']:.4f}</td><td>{pc['recall']:.4f}</td>"
+                    f"<td>{pc['f1']:.4f}</td><td>{pc['support']}</td></tr>")
+    for avg in ("macro", "weighted"):
+        a = m[f"{avg}_avg"]
+        rows.append(f"<tr><th>{avg} avg</th><th>{a['precision']:.4f}</th><th>{a['recall']:.4f}</th>"
+                    f"<th>{a['f1']:.4f}</th><th>{m['num_images']}</th></tr>")
+    cal_text = (f"Temperature <b>{cal['temperature']:.3f}</b>"
+                + (f" fitted on the validation split ({cal.get('num_images')} images) and saved in model.json; "
+                   f"validation ECE {cal['val_ece_before']:.4f} &rarr; {cal['val_ece_after']:.4f}."
+                   if cal.get("fitted_on") else " (not refitted).")
+                + f" On this {e(m['split'])} split: ECE {cal['ece_before']:.4f} &rarr; {cal['ece_after']:.4f}, "
+                  f"NLL {cal['nll_before']:.4f} &rarr; {cal['nll_after']:.4f}. Predicted classes are unchanged.")
+    note = f'<p class="note">{e(cal["note"])}</p>' if cal.get("note") else ""
+    figs = []
+    for g in gallery:
+        f = g.get("faithfulness")
+        faith = (f"<br>Grad-CAM deletion AUC {f['deletion_auc']:.3f} (random {f['random_deletion_auc']:.3f}), "
+                 f"insertion {f['insertion_auc']:.3f} (random {f['random_insertion_auc']:.3f})") if f else ""
+        pic = _img(g["png"], f"{g['source']}: Grad-CAM for {g['predicted']}") if "png" in g else \
+            f'<p class="note">{e(g.get("note", ""))}</p>'
+        figs.append(f"<figure>{pic}<figcaption><b>true {e(g['true'])}</b>, predicted {e(g['predicted'])} "
+                    f"({g['confidence']:.1%})<br>{e(g['source'])}{faith}</figcaption></figure>")
+    gallery_html = (f'<div class="gallery">{"".join(figs)}</div>' if figs else "<p>No mistakes on this split.</p>")
+    curves = _img(pictures["curves"], "training curves", "training-curves") if "curves" in pictures else \
+        '<p class="note">No history.csv in the run folder.</p>'
+    training = clf.card.get("training", {})
+    title = f"{clf.architecture} on {m['data']} ({m['split']} split)"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{e(title)} · imgcls report</title><style>{_CSS}</style></head>
+<body><main>
+<h1>{e(title)}</h1>
+<p class="sub">run <code>{e(str(run_dir))}</code> · {len(clf.classes)} classes · trained {training.get('epochs_run', '?')}
+epoch(s) on {e(str(training.get('data', '?')))} · report made {e(time.strftime('%Y-%m-%d %H:%M'))} by imgcls
+{e(str(clf.card.get('versions', {}).get('imgcls', '')))}</p>
+<div class="cards">{''.join(cards)}</div>
+<h2>Per class</h2>
+<table id="per-class"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<h2>Confusion matrix</h2>
+<div class="row"><figure>{_img(pictures['confusion_counts'], 'confusion matrix (counts)', 'confusion-matrix')}</figure>
+<figure>{_img(pictures['confusion_normalized'], 'confusion matrix (row-normalised)', 'confusion-matrix-normalized')}</figure></div>
+<h2>Calibration</h2>
+<p>{cal_text}</p>{note}
+<div class="row"><figure>{_img(pictures['reliability'], 'reliability diagram', 'reliability-diagram')}</figure></div>
+<h2>Most confident mistakes</h2>
+<p class="sub">Original and Grad-CAM for the predicted (wrong) class: what the model looked at when it went wrong.</p>
+{gallery_html}
+<h2>Training curves</h2>
+{curves}
+</main></body></html>
+"""

@@ -1,0 +1,85 @@
+"""Images in whatever form the user has (files, folders, PIL images, arrays) -> Prepared:
+the original for display and the exact pixels the model sees, made by the same
+preprocessing as predict (Preprocessing from model.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgcls.data.decode import is_image_file, load_image, to_mode
+from imgcls.data.sources import _to_nchw_uint8
+from imgcls.data.transforms import Preprocessing
+from imgcls.errors import ImgclsError
+from imgcls.explain.base import Prepared
+
+
+def _model_pixels(t: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C', S, S) float in [0, 1]: channel conversion and resizing as the
+    model's preprocessing does them (through normalize, then undone)."""
+    x = pre.normalize(t[None])
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)[0]
+
+
+def _crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
+    """The part of the original the model sees: everything (squash) or the centre crop."""
+    w, h = size
+    if pre.resize != "shorter_side":
+        return 0, 0, w, h
+    resized_short = int(round(pre.img_size / pre.crop_pct))
+    side = min(w, h) * pre.img_size / resized_short  # crop side in original pixels
+    left, top = int(round((w - side) / 2)), int(round((h - side) / 2))
+    return left, top, min(w, int(round(left + side))), min(h, int(round(top + side)))
+
+
+def _from_pil(img: Image.Image, source: str, pre: Preprocessing) -> Prepared:
+    display = to_mode(img, 3)
+    t = pre.pil_transform()(to_mode(img, pre.in_chans))
+    return Prepared(source, display, _model_pixels(t, pre), _crop_box(display.size, pre))
+
+
+def _from_array(t: torch.Tensor, source: str, pre: Preprocessing) -> Prepared:
+    arr = t.permute(1, 2, 0).numpy()
+    display = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
+    return Prepared(source, display, _model_pixels(t, pre), (0, 0, display.width, display.height))
+
+
+def prepare(images: Any, pre: Preprocessing) -> list[Prepared]:
+    """Image files, folders (recursively), PIL images, or arrays ((H,W), (H,W,C), (N,...))."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        x = images
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
+            x = x[None]  # one (H, W) or (H, W, C) image
+        t = _to_nchw_uint8(x, "images")
+        return [_from_array(t[i], f"array[{i}]", pre) for i in range(len(t))]
+    out: list[Prepared] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            out.append(_from_pil(item, f"image[{len(out)}]", pre))
+            continue
+        if isinstance(item, np.ndarray):
+            out += prepare(item, pre)
+            continue
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise ImgclsError(f"no images in folder {p}", "give image files or a folder that has some")
+            out += [_from_pil(load_image(f, 3), str(f), pre) for f in found]
+        elif p.is_file():
+            out.append(_from_pil(load_image(p, 3), str(p), pre))
+        else:
+            raise ImgclsError(f"image not found: {p}", "check the path")
+    if not out:
+        raise ImgclsError("no images given", "give image files, folders, PIL images or arrays")
+    return out
