@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -125,7 +126,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
 
     guarded = [Depends(require_key)]
 
-    async def read_image(request: Request):
+    async def read_image(request: Request, channels: int | None = None):
         """(decoded PIL image, top_k, target) from a multipart or JSON request."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         top_k, target = request.query_params.get("top_k"), request.query_params.get("target")
@@ -149,7 +150,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
         else:
             raise UploadError(415, f"unsupported content type '{ctype or 'none'}': send multipart/form-data "
                                    "with a 'file' field, or application/json with base64 'image'")
-        img = await run_in_threadpool(decode_upload, data, clf.preprocessing.in_chans, s.max_bytes,
+        img = await run_in_threadpool(decode_upload, data, channels or clf.preprocessing.in_chans, s.max_bytes,
                                       s.max_pixels, name)
         return img, _top_k(top_k), _target(target)
 
@@ -199,14 +200,24 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
               summary="Grad-CAM overlay PNG of one image",
               responses={200: {"content": {"image/png": {}}, "description": "the overlay"}})
     async def explain(request: Request) -> Response:
-        from imgcls.serve.explain import gradcam_overlay
-
-        img, k, target = await read_image(request)
-        ov = await batcher.run_exclusive(gradcam_overlay, clf, img, target, k)
+        img, k, target = await read_image(request, channels=3)  # RGB: the overlay shows the upload itself
+        ov = await batcher.run_exclusive(_explain, img, target, k)
         top = [{"class": c, "probability": round(p, 6)} for c, p in ov.top]
         return Response(ov.png, media_type="image/png",
                         headers={"X-Imgcls-Target": ov.target, "X-Imgcls-Top": json.dumps(top),
                                  "Cache-Control": "no-store"})
+
+    def _explain(img, target, k):
+        from imgcls.serve.explain import gradcam_overlay
+
+        dev = getattr(backend, "device", None)
+        try:
+            return gradcam_overlay(clf, img, target, k, device=str(dev or "cpu"))
+        finally:
+            if dev is not None:  # the explainer hands the module back on the CPU: restore the backend's setup
+                backend.model.to(dev)
+                if backend.channels_last:
+                    backend.model.to(memory_format=torch.channels_last)
 
     @app.get("/health", summary="Liveness and batching counters (no API key needed)")
     async def health() -> dict[str, Any]:
