@@ -276,3 +276,12 @@ def test_page_in_headless_chromium(trained_run, tmp_path, samples):
             assert not external, external  # nothing but this server
         finally:
             browser.close()
+
+
+def test_serve_cli_rejects_bad_flags(trained_run, capsys):
+    from imgcls.cli import main
+
+    assert main(["serve", str(trained_run), "--port", "70000"]) == 1
+    assert "--port 70000" in capsys.readouterr().err
+    assert main(["serve", "/no/such/run"]) == 1
+    assert "run folder not found" in capsys.readouterr().err
