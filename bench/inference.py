@@ -151,15 +151,19 @@ def bench_resnet18(args) -> dict:
         fp32 = OnnxBackend(tmp / "run" / "model.onnx", clf.preprocessing)
         int8 = OnnxBackend(tmp / "run" / "model.int8.onnx", clf.preprocessing)
         torch_fp32 = TorchBackend(clf.model, clf.preprocessing, "cpu", "fp32")
+        torch_auto = TorchBackend(clf.model, clf.preprocessing, "cpu", "auto")  # bf16 where the CPU is fast at it
+        auto_name = f"torch {'bf16' if torch_auto.amp is not None else 'fp32 (auto)'}"
         rng = np.random.default_rng(0)
         x32 = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
         x1 = x32[:1]
         lat = {"onnx fp32": lambda: timed(lambda: fp32.logits(x1)),
                "onnx int8": lambda: timed(lambda: int8.logits(x1)),
-               "torch fp32": lambda: timed(lambda: torch_fp32.logits(x1))}
+               "torch fp32": lambda: timed(lambda: torch_fp32.logits(x1)),
+               auto_name: lambda: timed(lambda: torch_auto.logits(x1))}
         thr = {"onnx fp32": lambda: timed(lambda: fp32.logits(x32)),
                "onnx int8": lambda: timed(lambda: int8.logits(x32)),
-               "torch fp32": lambda: timed(lambda: torch_fp32.logits(x32))}
+               "torch fp32": lambda: timed(lambda: torch_fp32.logits(x32)),
+               auto_name: lambda: timed(lambda: torch_auto.logits(x32))}
         for fn in [*lat.values(), *thr.values()]:
             fn()
         b1 = rounds(lat, args.latency_rounds, 1)
