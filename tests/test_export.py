@@ -164,3 +164,30 @@ def test_export_errors_are_one_line(trained_run, tmp_path, capsys):
     assert "--data" in err and err.count("\n") == 1
     assert main(["export", str(trained_run), "--format", "torchscript", "--int8"]) == 1
     assert "--int8 is for --format onnx" in capsys.readouterr().err
+
+
+def test_any_module_exports(tiny_npz, tmp_path):
+    """A plain nn.Sequential (what a layer-list builder produces) exports like the rest:
+    export needs nothing but (N, C, S, S) -> (N, K)."""
+    import torch
+    from torch import nn
+
+    from imgcls.api import Classifier
+    from imgcls.data.transforms import Preprocessing
+    from imgcls.export import export_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.Dropout(0.2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    pre = Preprocessing(img_size=16, in_chans=1, mean=(0.3,), std=(0.3,))
+    clf = Classifier(model, architecture="layers", classes=["a", "b", "c"], preprocessing=pre)
+    [res] = export_run(clf, "onnx", out=tmp_path, data=str(tiny_npz), log=lambda m: None)
+    assert res.meta["parity"]["passed"] and res.meta["architecture"] == "layers"
+    assert json.loads(onnx_meta(res.path)["classes"]) == ["a", "b", "c"]
+
+
+def onnx_meta(path: Path) -> dict[str, str]:
+    from imgcls.export.onnx import read_metadata
+
+    return read_metadata(path)
