@@ -93,7 +93,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     root = Path(__file__).resolve().parents[1]
     server = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", args.run, "--host", "127.0.0.1",
-                               "--port", str(port), *args.serve_args.split()], cwd=root)
+                               "--port", str(port), *args.serve_args.split()], cwd=root,
+                              stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while True:
