@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
+import sys
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,8 +31,13 @@ from imgcls.data.decode import is_image_file
 from imgcls.data.loaders import Batches
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import _to_nchw_uint8, load_data
-from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, Preprocessing,
-                                    augment_preset, photo_train_transform)
+from imgcls.data.balance import plan_balance
+from imgcls.data.cache import CacheSpec
+from imgcls.data.loaders import BalancedOrder
+from imgcls.data.prepare import decode_data
+from imgcls.data.sources import with_classes
+from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, BatchResizedCrop,
+                                    Preprocessing, augment_preset, photo_train_transform)
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
@@ -129,22 +136,33 @@ class Classifier:
         return len(self.classes)
 
     # ------------------------------------------------------------------ data plumbing
-    def _check_classes(self, data: ImageData) -> None:
+    def _check_classes(self, data: ImageData) -> ImageData:
+        """``data`` relabelled to the model's class order (its classes may be a subset)."""
+        if data.classes != self.classes and set(data.classes) <= set(self.classes):
+            return with_classes(data, self.classes)
         if data.classes != self.classes:
             raise ImgclsError(
                 f"the data's classes {data.classes[:6]}{'…' if len(data.classes) > 6 else ''} differ from the "
                 f"model's {self.classes[:6]}{'…' if len(self.classes) > 6 else ''}",
-                "use data with the same class names in the same order")
+                "use data with the same class names")
+        return data
 
     def _batches(self, split: Split, batch_size: int, *, train: bool = False, seed: int = 0,
-                 aug: AugmentSpec | None = None, workers: int | None = None, device=None) -> Batches:
+                 aug: AugmentSpec | None = None, workers: int | None = None, device=None,
+                 crop: bool = True, order=None) -> Batches:
         pre = self.preprocessing
         pin = device is not None and device.type == "cuda"
         if split.in_memory:
-            return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin)
+            # decoded-once photos are stored img_size / crop_pct square: centre-crop them
+            # (training with the photo preset crops at random on the device instead)
+            big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
+            return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin,
+                           order=order, center_crop=pre.img_size if (big and crop) else None)
         transform = photo_train_transform(pre, aug) if (train and aug) else pre.pil_transform()
+        spec = CacheSpec.for_preprocessing(pre)  # same reduced JPEG decode as the cache
         return Batches(split, batch_size, shuffle=train, seed=seed, transform=transform, channels=pre.in_chans,
-                       size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train)
+                       size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train, order=order,
+                       min_side=spec.side if pre.resize == "shorter_side" else None)
 
     # ------------------------------------------------------------------ training
     def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3,
@@ -153,26 +171,49 @@ class Classifier:
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
             val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
-            callbacks: list[Callback] | None = None) -> dict[str, Any]:
-        """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
-        weights of the best validation epoch. Returns a summary (history, best epoch, time)."""
+            callbacks: list[Callback] | None = None, strict: bool = False, balance: str = "auto",
+            cache: bool = True) -> dict[str, Any]:
+        """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
+        ImageData); keeps the weights of the best validation epoch. Returns a summary
+        (history, best epoch, time).
+
+        Image files are decoded once, before the first epoch, into a disk cache
+        (``cache=False``: in memory only); unreadable files are skipped and listed in
+        ``run_dir/skipped.csv`` (``strict=True``: an error). ``balance``: auto | none |
+        weights | sampler, see :mod:`imgcls.data.balance`."""
         seed_everything(seed)
-        data = load_data(data, val_split=val_split, seed=seed)
-        self._check_classes(data)
+        data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
         dev = resolve_device(device)
         amp = resolve_precision(precision, dev)
         pre = self.preprocessing
         # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
         if data.train.in_memory and not self.card.get("pretrained"):
             pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
+        run_dir = Path(run_dir) if run_dir else None
+        files = None
         if not data.train.in_memory:
             pre.resize, pre.crop_pct = "shorter_side", 0.875
+            files = decode_data(data, pre, strict=strict, cache=cache, workers=workers, progress=progress,
+                                report_dir=run_dir)
+            data = files.data
+            empty = [c for c, n in zip(self.classes, data.train.class_counts(self.num_classes)) if n == 0]
+            if empty:
+                raise ImgclsError(f"class '{empty[0]}' has no readable training images",
+                                  "add images to it, or leave it out with --classes")
         aug = augment_preset(augment, data.kind, hflip)
-        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
+        plan = plan_balance(data.train.labels, self.classes, balance)
+        if plan.mode != "none" or plan.ratio >= 3:
+            print(f"imgcls: {plan.describe()}", file=sys.stderr)
+        order = BalancedOrder(data.train.labels, seed) if plan.mode == "sampler" else None
+        photo_crop = files is not None and aug.preset == "photo"
+        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev,
+                                crop=not photo_crop, order=order)
         val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
-        batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None
+        if photo_crop:
+            batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
+        else:
+            batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None
 
-        run_dir = Path(run_dir) if run_dir else None
         best = BestModel(on_improve=(lambda m, b: self._save_to(run_dir, best_metrics=b)) if run_dir else None)
         cbs: list[Callback] = [best]
         if patience:
@@ -185,7 +226,8 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs)
+        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs,
+                          class_weights=plan.weight_tensor())
         t0 = time.perf_counter()
         state = trainer.fit(train_b, val_b)
         train_time = time.perf_counter() - t0
@@ -197,8 +239,10 @@ class Classifier:
             "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(train_time, 2),
             "device": str(dev), "precision": precision_name(amp), "augment": aug.to_dict(),
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
-            "val_split": val_split, "seed": seed,
+            "val_split": val_split, "seed": seed, "balance": plan.to_dict(),
         }
+        if files is not None:
+            summary["files"] = files.to_dict(files.csv_path)
         self.card["training"] = summary
         self.history = state.history
         return summary
@@ -226,21 +270,30 @@ class Classifier:
             self.model.to("cpu")
 
     def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
-                 precision: str = "auto") -> dict[str, Any]:
+                 precision: str = "auto", strict: bool = False, cache: bool = True,
+                 announce: bool = True) -> dict[str, Any]:
         """Metrics on the data's test split (else its validation split, held out as in
-        training); ``split`` picks one explicitly."""
+        training); ``split`` picks one explicitly. Unreadable image files are skipped and
+        counted in ``skipped_files`` (``strict``: an error)."""
         training = self.card.get("training", {})
         data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
-        self._check_classes(data)
+        data = self._check_classes(data)
         if split is None:
             split, part = data.eval_split()
         else:
             part = getattr(data, split, None)
             if part is None or not len(part):
                 raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+        skipped = []
+        if not part.in_memory:
+            only = dataclasses.replace(data, **({"train": None, "val": None, "test": None} | {split: part}))
+            files = decode_data(only, self.preprocessing, strict=strict, cache=cache, splits=(split,), announce=announce)
+            part, skipped = getattr(files.data, split), files.skipped
         logits, labels = self._logits(part, batch_size, device, precision)
         m = classification_metrics(logits / self.temperature, labels, self.classes)
         m["split"], m["data"] = split, data.name
+        if skipped:
+            m["skipped_files"] = [{"path": str(p), "reason": r} for _, p, r in skipped]
         return m
 
     def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
@@ -378,7 +431,7 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
     if not isinstance(cfg.model, str):
         raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
-    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
     defaults = MODEL_DEFAULTS.get(cfg.model, {})
     in_chans = cfg.in_chans or data.channels
     img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
@@ -395,8 +448,9 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
                       warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
-                      progress=progress)
-    metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
+                      progress=progress, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache)
+    # unreadable files were reported by fit already
+    metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision, cache=cfg.cache, announce=False)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
     clf.save(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({"training": summary, "evaluation": metrics}, indent=2) + "\n")

@@ -25,6 +25,11 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
     "workers": "image-decoding processes (default: automatic)",
+    "classes": "comma-separated class names: fixes the class list and order (default: all, sorted)",
+    "strict": "stop on unreadable image files instead of skipping them (listed in RUN/skipped.csv)",
+    "balance": "class imbalance: weighted loss, balanced sampler, none, or auto (weights when the "
+               "largest class has 3x the images of the smallest)",
+    "cache": "keep decoded images on disk so later epochs and runs skip JPEG decoding",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
 }
@@ -51,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.default
         helptext = f"{_HELP.get(name, name.replace('_', ' '))} (default: {default})"
-        if name == "hflip":
+        if name == "hflip" or field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
             continue
         typ, choices = _flag_type(field.annotation)

@@ -3,17 +3,24 @@
 Both loaders yield ``(x, y)`` with ``x`` uint8 ``(N, C, H, W)`` on the CPU (pinned when
 the model is on a GPU); the engine moves them to the device, augments and normalises
 there. Shuffling is reproducible: the order of epoch ``e`` depends only on (seed, e).
+
+Which images an epoch visits, in which order, is an *epoch order*: any object with
+``indices(epoch) -> LongTensor`` and ``__len__`` (:class:`ShuffledOrder`,
+:class:`BalancedOrder`). A distributed sampler is one more: wrap an order and keep every
+``world``-th index from ``rank`` (:class:`ShardedOrder`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from imgcls.data.cache import center_crop
 from imgcls.data.decode import load_image
 from imgcls.data.records import Split
 from imgcls.errors import ImgclsError
@@ -23,24 +30,85 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     if not shuffle:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch))
+
+
+class EpochOrder(Protocol):
+    def indices(self, epoch: int) -> torch.Tensor: ...
+    def __len__(self) -> int: ...
+
+
+class ShuffledOrder:
+    """Every image once per epoch; shuffled (reproducibly per seed and epoch) or in order."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        return _epoch_order(self.n, self.shuffle, self.seed, epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class BalancedOrder:
+    """Class-balanced sampling: ``num_samples`` draws per epoch (default: the split's
+    size), with replacement, each class equally likely (torch's WeightedRandomSampler
+    recipe, made reproducible per seed and epoch)."""
+
+    def __init__(self, labels: torch.Tensor, seed: int, num_samples: int | None = None):
+        counts = torch.bincount(labels)
+        self.weights = (1.0 / counts.clamp_min(1).double())[labels]
+        self.n = num_samples or len(labels)
+        self.seed = seed
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=_epoch_generator(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ShardedOrder:
+    """One process's share of another order (distributed data parallel): the same
+    epoch order on every rank (same seed), every ``world``-th index from ``rank``,
+    padded by wrapping so all ranks run the same number of steps."""
+
+    def __init__(self, inner: EpochOrder, rank: int, world: int):
+        self.inner, self.rank, self.world = inner, rank, world
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        idx = self.inner.indices(epoch)
+        per_rank = -(-len(idx) // self.world)
+        if len(idx) < per_rank * self.world:
+            idx = torch.cat([idx, idx[: per_rank * self.world - len(idx)]])
+        return idx[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return -(-len(self.inner) // self.world)
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+    """An epoch order as a DataLoader sampler."""
+
+    def __init__(self, order: EpochOrder):
+        self.order, self.epoch = order, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(_epoch_order(self.n, self.shuffle, self.seed, self.epoch).tolist())
+        return iter(self.order.indices(self.epoch).tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.order)
 
 
 class FileDataset(Dataset):
@@ -48,9 +116,9 @@ class FileDataset(Dataset):
     the main process (as a message) instead of killing a worker with a traceback."""
 
     def __init__(self, paths: list[Path], labels: torch.Tensor | None, channels: int,
-                 transform: Callable, size: int):
+                 transform: Callable, size: int, min_side: int | None = None):
         self.paths, self.labels, self.channels = paths, labels, channels
-        self.transform, self.size = transform, size
+        self.transform, self.size, self.min_side = transform, size, min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +126,7 @@ class FileDataset(Dataset):
     def __getitem__(self, i: int):
         label = int(self.labels[i]) if self.labels is not None else -1
         try:
-            x = self.transform(load_image(self.paths[i], self.channels))
+            x = self.transform(load_image(self.paths[i], self.channels, min_side=self.min_side))
             return x, label, ""
         except ImgclsError as exc:
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), label, exc.oneline()
@@ -69,23 +137,32 @@ def _worker_init(_: int) -> None:
 
 
 class Batches:
-    """An iterable over one split, re-iterable once per epoch (call ``set_epoch``)."""
+    """An iterable over one split, re-iterable once per epoch (call ``set_epoch``).
+
+    ``order`` replaces the default (shuffled when ``shuffle``) epoch order, e.g. a
+    :class:`BalancedOrder`. ``center_crop``: in-memory images larger than that are
+    centre-cropped to it (decoded-once images are stored a little larger than the model
+    input; training crops them at random instead)."""
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  transform: Callable | None = None, channels: int = 3, size: int = 224,
-                 workers: int | None = None, pin_memory: bool = False, drop_last: bool = False):
+                 workers: int | None = None, pin_memory: bool = False, drop_last: bool = False,
+                 order: EpochOrder | None = None, center_crop: int | None = None,
+                 min_side: int | None = None):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.epoch = 0
+        self.order = order if order is not None else ShuffledOrder(len(split), shuffle, seed)
         # drop a ragged last batch only when that leaves at least one full batch
-        self.drop_last = drop_last and len(split) > batch_size
+        self.drop_last = drop_last and len(self.order) > batch_size
         self.pin_memory = pin_memory
+        self.center_crop = center_crop
         self._loader = None
         if not split.in_memory:
             workers = default_workers() if workers is None else workers
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
-            self._sampler = EpochSampler(len(split), shuffle, seed)
+            self._sampler = EpochSampler(self.order)
             self._loader = DataLoader(
-                FileDataset(split.paths, split.labels, channels, transform, size),
+                FileDataset(split.paths, split.labels, channels, transform, size, min_side),
                 batch_size=batch_size, sampler=self._sampler, num_workers=workers,
                 pin_memory=pin_memory, drop_last=self.drop_last, worker_init_fn=_worker_init,
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
@@ -98,15 +175,18 @@ class Batches:
             self._sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.split)
+        n = len(self.order)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            order = _epoch_order(len(self.split), self.shuffle, self.seed, self.epoch)
+            order = self.order.indices(self.epoch)
             for b in range(len(self)):
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                x, y = self.split.images[idx], self.split.labels[idx]
+                x = self.split.images
+                if self.center_crop:
+                    x = center_crop(x, self.center_crop)
+                x, y = x[idx], self.split.labels[idx]  # (B, C, H, W) uint8: a copy, also from a memory map
                 yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
             return
         for x, y, errors in self._loader:

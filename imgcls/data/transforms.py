@@ -16,6 +16,7 @@ batch on the device, in :meth:`Preprocessing.normalize`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,3 +155,65 @@ class BatchAugment:
             flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+
+class BatchResizedCrop:
+    """RandomResizedCrop (+ horizontal flip) for a whole uint8 batch at once, each image
+    with its own crop: the photo preset on decoded-once images (``data/cache.py``).
+
+    The crop boxes follow torchvision's ``RandomResizedCrop.get_params`` (area fraction
+    from ``scale``, aspect ratio log-uniform in ``ratio``, 10 tries, then a centre crop),
+    drawn for the whole batch in a few tensor ops. Cropping, resizing and flipping are one
+    ``affine_grid`` + ``grid_sample`` call: hand-written because torchvision v2 draws one
+    set of parameters per call, and a per-image loop costs a Python call and (on a GPU)
+    several kernel launches per image. Bilinear sampling without antialiasing: the cache
+    is only ~1.14x the output size, so crops are never shrunk by more than that.
+
+    Returns float images in [0, 1] (what ``Preprocessing.normalize`` accepts), ``size``
+    x ``size``.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = False):
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+
+    def boxes(self, n: int, h: int, w: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        """(n, 4) crop boxes ``top, left, height, width`` in pixels."""
+        tries = 10
+        area = h * w * torch.empty(n, tries).uniform_(*self.scale, generator=gen)
+        log_r = torch.empty(n, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=gen)
+        r = torch.exp(log_r)
+        cw = torch.sqrt(area * r).round()
+        ch = torch.sqrt(area / r).round()
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+        # fallback (no try fits): the whole image, clamped to the ratio range, centred
+        in_r = w / h
+        if in_r < self.ratio[0]:
+            fw, fh = w, int(round(w / self.ratio[0]))
+        elif in_r > self.ratio[1]:
+            fw, fh = int(round(h * self.ratio[1])), h
+        else:
+            fw, fh = w, h
+        pick = first.clamp_min(0)
+        bw = torch.where(first >= 0, cw[torch.arange(n), pick], torch.tensor(float(fw)))
+        bh = torch.where(first >= 0, ch[torch.arange(n), pick], torch.tensor(float(fh)))
+        u = torch.rand(n, 2, generator=gen)
+        top = torch.where(first >= 0, (u[:, 0] * (h - bh + 1)).floor(), torch.tensor((h - fh) // 2).float())
+        left = torch.where(first >= 0, (u[:, 1] * (w - bw + 1)).floor(), torch.tensor((w - fw) // 2).float())
+        return torch.stack([top, left, bh, bw], 1)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape  # (N, C, H, W) uint8
+        b = self.boxes(n, h, w, gen)
+        flip = (torch.rand(n, generator=gen) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        # output pixel centres in [-1, 1] map onto the box's edges (align_corners=False)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = b[:, 3] / w * torch.where(flip, -1.0, 1.0)
+        theta[:, 0, 2] = (2 * b[:, 1] + b[:, 3]) / w - 1
+        theta[:, 1, 1] = b[:, 2] / h
+        theta[:, 1, 2] = (2 * b[:, 0] + b[:, 2]) / h - 1
+        grid = F.affine_grid(theta.to(x.device), [n, c, self.size, self.size], align_corners=False)
+        xf = x.float() if x.dtype == torch.uint8 else x * 255.0
+        out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.div_(255.0)
