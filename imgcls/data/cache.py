@@ -290,7 +290,8 @@ def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: Cache
         x = images[torch.tensor(rows, dtype=torch.long)] if rows else images[:0]
     labels = split.labels[torch.tensor(good, dtype=torch.long)] if good else split.labels[:0]
     return DecodedSplit(split=Split(labels=labels, images=x), paths=[paths[i] for i in good],
-                        skipped=[(paths[i], skipped[i]) for i in sorted(skipped)], decoded=len(missing))
+                        skipped=[(paths[i], skipped[i]) for i in sorted(skipped)],
+                        decoded=sum(1 for i in missing if i not in skipped))
 
 
 def _fill(store, paths: list[Path], keys: list[str], positions: list[int], skipped: dict[int, str],
