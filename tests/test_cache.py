@@ -95,14 +95,23 @@ def test_batch_resized_crop():
     area = boxes[:, 2] * boxes[:, 3] / (32 * 32)
     assert area.min() >= 0.2 and area.max() <= 1.0
     assert (boxes[:, 0] + boxes[:, 2] <= 32).all() and (boxes[:, 1] + boxes[:, 3] <= 32).all()
-    out = aug(x, gen)
-    assert out.shape == (64, 3, 28, 28) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
-    whole = BatchResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x)  # the whole image, unchanged
-    assert torch.allclose(whole * 255, x.float(), atol=1e-3)
-    flipped = BatchResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=True)(x, gen)
-    is_flip = [torch.allclose(f * 255, img.flip(-1).float(), atol=1e-3) for f, img in zip(flipped, x)]
-    is_same = [torch.allclose(f * 255, img.float(), atol=1e-3) for f, img in zip(flipped, x)]
-    assert all(a or b for a, b in zip(is_flip, is_same)) and 10 < sum(is_flip) < 54
+    out = aug(x, gen)  # CPU: uint8 (torchvision resized_crop per image)
+    assert out.shape == (64, 3, 28, 28) and out.dtype == torch.uint8
+    grid = aug(x.float() / 255, gen)  # float input: the batched grid_sample path accelerators use
+    assert grid.shape == (64, 3, 28, 28) and grid.dtype == torch.float32 and 0 <= grid.min() and grid.max() <= 1
+    for inp in (x, x.float() / 255):
+        whole = BatchResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(inp)  # the whole image, unchanged
+        assert torch.allclose(whole.float() * (255 if whole.is_floating_point() else 1), x.float(), atol=1e-3)
+        flipped = BatchResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=True)(inp, gen).float()
+        flipped = flipped * 255 if inp.is_floating_point() else flipped
+        is_flip = [torch.allclose(f, img.flip(-1).float(), atol=1e-3) for f, img in zip(flipped, x)]
+        is_same = [torch.allclose(f, img.float(), atol=1e-3) for f, img in zip(flipped, x)]
+        assert all(a or b for a, b in zip(is_flip, is_same)) and 10 < sum(is_flip) < 54
+    # both paths crop the same box: a crop of a smooth image agrees to a few grey levels
+    smooth = torch.linspace(0, 255, 32).view(1, 1, 1, 32).expand(4, 3, 32, 32).round().to(torch.uint8).contiguous()
+    a = BatchResizedCrop(16, scale=(0.3, 0.6))(smooth, torch.Generator().manual_seed(5)).float()
+    b = BatchResizedCrop(16, scale=(0.3, 0.6))(smooth.float() / 255, torch.Generator().manual_seed(5)) * 255
+    assert (a - b).abs().max() < 4
 
 
 def test_plan_balance():
@@ -175,3 +184,19 @@ def test_train_with_classes_flag_and_manifest(tmp_path):
     aligned = result.classifier._check_classes(load_data(root, val_split=0.0))  # folder order: ants, bees
     assert aligned.classes == ["bees", "ants"]
     assert aligned.train.labels[aligned.train.paths.index(root / "bees" / "1.jpg")] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_hymenoptera_trains_end_to_end_from_the_cache(shared_data, tmp_path):
+    """The real folder (397 JPEGs and one GIF placeholder) trains; a second run decodes nothing."""
+    cfg = {"data": str(shared_data / "hymenoptera"), "model": "reference_cnn", "img_size": 48, "epochs": 1,
+           "batch_size": 32, "out": str(tmp_path / "runs")}
+    first = train(cfg, progress=False)
+    files = first.summary["files"]
+    assert files == {"files": 398, "skipped": 0, "decoded_now": 398, "skipped_list": None}
+    assert first.summary["train_images"] == 245 and first.metrics["num_images"] == 153
+    assert first.summary["augment"]["preset"] == "photo" and first.summary["balance"]["mode"] == "none"
+    second = train(cfg, progress=False)
+    assert second.summary["files"]["decoded_now"] == 0
+    assert (second.run_dir / "model.safetensors").is_file()

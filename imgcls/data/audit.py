@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.data.balance import imbalance_ratio
-from imgcls.data.decode import check_pixels
+from imgcls.data.decode import DECODE_ERRORS, check_pixels
 from imgcls.data.records import ImageData
 from imgcls.errors import ImgclsError
 
@@ -102,7 +102,7 @@ def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
         out["error"] = "too many pixels (a decompression bomb?)"
     except UnidentifiedImageError:
         out["error"] = "not an image"
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
+    except DECODE_ERRORS as exc:
         out["error"] = f"truncated or corrupt ({type(exc).__name__}: {exc})"
     return out
 
@@ -226,6 +226,12 @@ def _size_bucket(side: int) -> str:
 
 def audit_files(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Audit the image files of ``data`` (folder or manifest splits); returns the report."""
+    if pixels:
+        try:
+            import imagehash  # noqa: F401
+        except ImportError:
+            raise ImgclsError("the near-duplicate check needs the imagehash package",
+                              "pip install 'imgcls[data]', or audit with --no-pixels") from None
     files: list[FileInfo] = []
     for split in ("train", "val", "test"):
         part = getattr(data, split)

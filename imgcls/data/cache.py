@@ -243,6 +243,10 @@ class DecodedSplit:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
     decoded: int = 0  # files decoded now (the rest came from the cache)
 
+    def center_cropped(self, size: int) -> torch.Tensor:
+        """uint8 (N, C, size, size): what evaluation feeds the model (before normalising)."""
+        return center_crop(self.split.images, size)
+
 
 def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: CacheSpec | None = None,
                   cache: bool = True, cache_root: str | Path | None = None, workers: int | None = None,
@@ -256,7 +260,8 @@ def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: Cache
     is an error (``--strict``). Example, for feature caching::
 
         d = decoded_split(data.train, clf.preprocessing)
-        x = center_crop(d.split.images, clf.preprocessing.img_size)  # (N, C, S, S) uint8
+        x = d.center_cropped(clf.preprocessing.img_size)  # (N, C, S, S) uint8, a view
+        y = d.split.labels
     """
     if split.in_memory:
         return DecodedSplit(split=split, paths=[])

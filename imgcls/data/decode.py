@@ -39,6 +39,10 @@ def check_pixels(im: Image.Image, path: Path) -> None:
                           f"too many pixels ({w}x{h}, a decompression bomb?)")
 
 
+# Truncated or corrupt data: Pillow's decoders signal it with any of these.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ZeroDivisionError)
+
+
 class UnreadableImage(ImgclsError):
     """An image file that cannot be used; ``reason`` is a short phrase for reports
     ("empty file", "truncated or corrupt", ...)."""
@@ -127,8 +131,7 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None,
         what = "an empty file" if _size(path) == 0 else "not an image Pillow can read"
         raise UnreadableImage(f"{path} is {what}", "remove it or replace it with a valid image",
                               what.replace("an empty", "empty").replace(" Pillow can read", "")) from None
-    # truncated / corrupt data: Pillow's decoders signal it with any of these
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ZeroDivisionError) as exc:
+    except DECODE_ERRORS as exc:
         raise UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
                               f"truncated or corrupt ({exc})") from None
 

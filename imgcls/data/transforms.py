@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,6 +67,7 @@ class Preprocessing:
     def normalize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """uint8 (N,C,H,W) on any device -> float, channels converted, resized if needed,
         normalised. Also accepts float input already in [0, 1]."""
+        fresh = x.dtype != torch.float32  # x.float() made a new tensor: safe to modify in place
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         c = x.shape[1]
         if c != self.in_chans:
@@ -81,7 +83,7 @@ class Preprocessing:
                               align_corners=False, antialias=True)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = x.sub_(mean).div_(std) if fresh and x.is_contiguous() else (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -163,14 +165,14 @@ class BatchResizedCrop:
 
     The crop boxes follow torchvision's ``RandomResizedCrop.get_params`` (area fraction
     from ``scale``, aspect ratio log-uniform in ``ratio``, 10 tries, then a centre crop),
-    drawn for the whole batch in a few tensor ops. Cropping, resizing and flipping are one
-    ``affine_grid`` + ``grid_sample`` call: hand-written because torchvision v2 draws one
-    set of parameters per call, and a per-image loop costs a Python call and (on a GPU)
-    several kernel launches per image. Bilinear sampling without antialiasing: the cache
-    is only ~1.14x the output size, so crops are never shrunk by more than that.
+    drawn for the whole batch in a few tensor ops (hand-written: torchvision v2 draws one
+    set of parameters per call). On the CPU each crop is resized with torchvision's
+    ``resized_crop`` (antialiased bilinear, uint8); on accelerators the whole batch goes
+    through one ``affine_grid`` + ``grid_sample`` (bilinear without antialiasing: the cache
+    is only ~1.14x the output size, so crops are never shrunk by more than that).
 
-    Returns float images in [0, 1] (what ``Preprocessing.normalize`` accepts), ``size``
-    x ``size``.
+    Returns ``size`` x ``size`` images: uint8 on the CPU, float in [0, 1] elsewhere
+    (``Preprocessing.normalize`` accepts both).
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -207,6 +209,9 @@ class BatchResizedCrop:
         n, c, h, w = x.shape  # (N, C, H, W) uint8
         b = self.boxes(n, h, w, gen)
         flip = (torch.rand(n, generator=gen) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        if x.device.type == "cpu" and x.dtype == torch.uint8:
+            return self._per_image(x, b, flip)
+        # accelerators: one batched resampling call (a per-image loop is launch-bound there)
         # output pixel centres in [-1, 1] map onto the box's edges (align_corners=False)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0] = b[:, 3] / w * torch.where(flip, -1.0, 1.0)
@@ -217,3 +222,21 @@ class BatchResizedCrop:
         xf = x.float() if x.dtype == torch.uint8 else x * 255.0
         out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.div_(255.0)
+
+    def _per_image(self, x: torch.Tensor, b: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """CPU: torchvision's resized_crop per image, uint8 in and out (PyTorch's
+        vectorised uint8 antialiased resize: ~5x faster than grid_sample on floats), with
+        one intra-op thread: for one small image, more threads cost more in
+        synchronisation than they save (measured 2-3x slower with 2 threads on a busy
+        2-core machine; splitting the batch over Python threads did no better)."""
+        out = torch.empty(len(x), x.shape[1], self.size, self.size, dtype=torch.uint8)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i, ((top, left, bh, bw), f) in enumerate(zip(b.long().tolist(), flip.tolist())):
+                crop = x[i:i + 1, :, top:top + bh, left:left + bw].contiguous(memory_format=torch.channels_last)
+                img = TF.resized_crop(crop, 0, 0, bh, bw, [self.size, self.size], antialias=True)[0]
+                out[i] = img.flip(-1) if f else img
+        finally:
+            torch.set_num_threads(threads)
+        return out
