@@ -194,7 +194,7 @@ def test_hymenoptera_trains_end_to_end_from_the_cache(shared_data, tmp_path):
            "batch_size": 32, "out": str(tmp_path / "runs")}
     first = train(cfg, progress=False)
     files = first.summary["files"]
-    assert files == {"files": 398, "skipped": 0, "decoded_now": 398, "skipped_list": None}
+    assert files == {"files": 398, "skipped": 0, "decoded_now": 398, "skipped_list": []}
     assert first.summary["train_images"] == 245 and first.metrics["num_images"] == 153
     assert first.summary["augment"]["preset"] == "photo" and first.summary["balance"]["mode"] == "none"
     second = train(cfg, progress=False)
