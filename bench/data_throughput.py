@@ -45,7 +45,7 @@ def baseline(root: Path, size: int, epochs: int, batch: int, workers: int) -> li
     rates = []
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
-        for x, y in loader:
+        for _x, y in loader:
             n += len(y)
         rates.append(n / (time.perf_counter() - t0))
     return rates

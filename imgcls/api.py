@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import sys
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +27,13 @@ import torch.nn.functional as F
 from imgcls import __version__
 from imgcls.artifact import load_weights, read_card, save_model
 from imgcls.config import TrainConfig
-from imgcls.data.decode import is_image_file
-from imgcls.data.loaders import Batches
-from imgcls.data.records import ImageData, Split
-from imgcls.data.sources import _to_nchw_uint8, load_data
 from imgcls.data.balance import plan_balance
 from imgcls.data.cache import CacheSpec
-from imgcls.data.loaders import BalancedOrder
+from imgcls.data.decode import is_image_file
+from imgcls.data.loaders import BalancedOrder, Batches
 from imgcls.data.prepare import decode_data
-from imgcls.data.sources import with_classes
+from imgcls.data.records import ImageData, Split
+from imgcls.data.sources import _to_nchw_uint8, load_data, with_classes
 from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, BatchResizedCrop,
                                     Preprocessing, augment_preset, photo_train_transform)
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar

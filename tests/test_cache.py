@@ -6,10 +6,8 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from imgcls import train
 from imgcls.cli import main
