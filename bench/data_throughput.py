@@ -73,8 +73,8 @@ def imgcls_pipeline(root: Path, size: int, epochs: int, batch: int, workers: int
         t0, n = time.perf_counter(), 0
         for x, y in loader:
             x = aug(x, gen)  # (B, 3, size, size) uint8: what the trainer gets on a CPU
-            if normalize:  # the trainer's next step (on the device); the baseline does it in workers
-                x = pre.normalize(x)
+            if normalize:  # the trainer's next step, as it does it (channels_last, on the device)
+                x = pre.normalize(x, channels_last=True)
             n += len(y)
         dt = time.perf_counter() - t0 + (decode_s if e == 0 else 0.0)
         rates.append(n / dt)
