@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from imgcls.data.records import ImageData, Split
+from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.errors import ImgclsError
 
 MANIFEST_SUFFIXES = (".csv", ".tsv")
@@ -73,13 +73,8 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
         paths, labels = entries[SPLIT_NAMES[split_cell]]
         paths.append(file if file.is_absolute() else base / file)
         labels.append(cells[cols[1]])
-    names = sorted({lab for _, labs in entries.values() for lab in labs})
-    if classes is not None:
-        unknown = [n for n in names if n not in classes]
-        if unknown:
-            raise ImgclsError(f"{path} has label(s) {unknown[:5]} that --classes does not list",
-                              f"add them to --classes ({','.join(classes)}) or remove those rows")
-        names = list(classes)
+    names = ordered_classes(sorted({lab for _, labs in entries.values() for lab in labs}), classes,
+                            f"{path} has label(s)", "remove those rows")
     if not entries["train"][0]:
         raise ImgclsError(f"manifest {path} has no training rows", "mark some rows as train (or leave split empty)")
     if len(names) < 2:

@@ -14,7 +14,7 @@ import torch
 
 from imgcls.data.decode import is_image_file
 from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
-from imgcls.data.records import ImageData, Split
+from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
 from imgcls.errors import ImgclsError, did_you_mean
 
@@ -50,13 +50,7 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
                           "add train/<class>/ folders, or remove the split folders")
     class_root = split_dirs.get("train", root)
     found = [d.name for d in _class_dirs(class_root)]
-    if classes is not None:
-        extra = [c for c in found if c not in classes]
-        if extra:
-            raise ImgclsError(f"{class_root} has class folder(s) {extra[:5]} that --classes does not list",
-                              f"add them to --classes ({','.join(classes)}) or move them out of {class_root}")
-        found = list(classes)
-    classes = found
+    classes = ordered_classes(found, classes, f"{class_root} has class folder(s)", f"move them out of {class_root}")
     if not classes:
         raise ImgclsError(f"no class folders in {class_root}",
                           "put the images in one subfolder per class, e.g. data/cats/1.jpg")
