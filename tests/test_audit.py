@@ -86,6 +86,17 @@ def test_no_pixels_mode_reads_headers_only(tmp_path):
         "identical_conflicting_labels", "identical_across_splits"]
 
 
+def test_manifest_audit_finds_the_same_file_in_two_splits(tmp_path, capsys):
+    root = clean_tree(tmp_path / "d", n=3)
+    rows = [f"train/{c}/{i}.jpg,{c},train" for c in ("cat", "dog") for i in range(3)]
+    rows.append("train/cat/0.jpg,cat,test")  # listed twice: leakage
+    (root / "list.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    assert main(["audit", str(root / "list.csv"), "--json"]) == 1
+    kinds = by_kind(json.loads(capsys.readouterr().out))
+    assert list(kinds) == ["identical_across_splits"]
+    assert kinds["identical_across_splits"][0]["message"] == "2 identical images in test and train (leakage)"
+
+
 def test_near_pairs_band_search_matches_brute_force():
     rng = np.random.default_rng(0)
     base = [int(h) for h in rng.integers(0, 2**63, size=200, dtype=np.int64)]

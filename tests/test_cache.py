@@ -174,7 +174,9 @@ def test_train_with_classes_flag_and_manifest(tmp_path):
     root = photo_tree(tmp_path / "imgs", n=4)
     (tmp_path / "m.csv").write_text("".join(f"imgs/{c}/{i}.jpg,{c}\n" for c in ("ants", "bees") for i in range(4)))
     result = train({"data": str(tmp_path / "m.csv"), "classes": "bees,ants", "img_size": 16, "epochs": 1,
-                    "workers": 0, "out": str(tmp_path / "r"), "val_split": 0.25, "augment": "none"}, progress=False)
+                    "workers": 0, "out": str(tmp_path / "r"), "val_split": 0.25, "augment": "none", "cache": False},
+                   progress=False)
+    assert result.summary["files"]["decoded_now"] == 8
     assert result.classifier.classes == ["bees", "ants"]
     assert "classes:\n- bees\n- ants" in (result.run_dir / "config.yaml").read_text()
     m = result.classifier.evaluate(root)  # held-out val of the folder, as in training
