@@ -35,7 +35,7 @@ from imgcls.data.prepare import decode_data
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import _to_nchw_uint8, load_data, with_classes
 from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, BatchResizedCrop,
-                                    Preprocessing, augment_preset, photo_train_transform)
+                                    Preprocessing, augment_preset, photo_tensor_transform, photo_train_transform)
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
@@ -147,7 +147,7 @@ class Classifier:
 
     def _batches(self, split: Split, batch_size: int, *, train: bool = False, seed: int = 0,
                  aug: AugmentSpec | None = None, workers: int | None = None, device=None,
-                 crop: bool = True, order=None) -> Batches:
+                 crop: bool = True, order=None, sample_transform=None) -> Batches:
         pre = self.preprocessing
         pin = device is not None and device.type == "cuda"
         if split.in_memory:
@@ -155,7 +155,8 @@ class Classifier:
             # (training with the photo preset crops at random on the device instead)
             big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
             return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin,
-                           order=order, center_crop=pre.img_size if (big and crop) else None)
+                           order=order, center_crop=pre.img_size if (big and crop) else None,
+                           transform=sample_transform, workers=workers)
         transform = photo_train_transform(pre, aug) if (train and aug) else pre.pil_transform()
         spec = CacheSpec.for_preprocessing(pre)  # same reduced JPEG decode as the cache
         return Batches(split, batch_size, shuffle=train, seed=seed, transform=transform, channels=pre.in_chans,
@@ -203,11 +204,17 @@ class Classifier:
         if plan.mode != "none" or plan.ratio >= 3:
             print(f"imgcls: {plan.describe()}", file=sys.stderr)
         order = BalancedOrder(data.train.labels, seed) if plan.mode == "sampler" else None
+        # photos from the decode cache: random resized crops per image in loader workers on a
+        # CPU (in parallel with the training step), per batch on the device elsewhere
         photo_crop = files is not None and aug.preset == "photo"
+        in_workers = photo_crop and dev.type == "cpu"
         train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev,
-                                crop=not photo_crop, order=order)
+                                crop=not photo_crop, order=order,
+                                sample_transform=photo_tensor_transform(pre, aug) if in_workers else None)
         val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
-        if photo_crop:
+        if in_workers:
+            batch_aug = None
+        elif photo_crop:
             batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
         else:
             batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None

@@ -132,6 +132,31 @@ class FileDataset(Dataset):
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), label, exc.oneline()
 
 
+class TensorItems(Dataset):
+    """Items of an in-memory (e.g. decoded-once, memory-mapped) uint8 split through a
+    per-image tensor transform, for DataLoader workers. Yields ``(x, y, "")`` like
+    :class:`FileDataset` (these items cannot fail)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), int(self.labels[i]), ""
+
+
+def _collate_channels_last(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack in the worker straight into channels_last, the layout the model runs in."""
+    first = items[0][0]
+    x = torch.empty(len(items), *first.shape[1:], first.shape[0], dtype=first.dtype)  # (B, H, W, C)
+    x = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels_last strides
+    for i, item in enumerate(items):
+        x[i] = item[0]
+    return x, torch.tensor([item[1] for item in items]), [item[2] for item in items]
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode workers must not fight the training threads on few cores
 
@@ -142,7 +167,11 @@ class Batches:
     ``order`` replaces the default (shuffled when ``shuffle``) epoch order, e.g. a
     :class:`BalancedOrder`. ``center_crop``: in-memory images larger than that are
     centre-cropped to it (decoded-once images are stored a little larger than the model
-    input; training crops them at random instead)."""
+    input; training crops them at random instead).
+
+    ``transform``: for image files, the per-image PIL -> uint8 tensor transform; for an
+    in-memory split, an optional per-image uint8 tensor transform (random resized crop of
+    decoded-once images), run in ``workers`` processes like file decoding."""
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  transform: Callable | None = None, channels: int = 3, size: int = 224,
@@ -157,13 +186,16 @@ class Batches:
         self.pin_memory = pin_memory
         self.center_crop = center_crop
         self._loader = None
-        if not split.in_memory:
+        if not split.in_memory or transform is not None:
             workers = default_workers() if workers is None else workers
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
             self._sampler = EpochSampler(self.order)
+            if split.in_memory:
+                items, collate = TensorItems(split.images, split.labels, transform), _collate_channels_last
+            else:
+                items, collate = FileDataset(split.paths, split.labels, channels, transform, size, min_side), None
             self._loader = DataLoader(
-                FileDataset(split.paths, split.labels, channels, transform, size, min_side),
-                batch_size=batch_size, sampler=self._sampler, num_workers=workers,
+                items, batch_size=batch_size, sampler=self._sampler, num_workers=workers, collate_fn=collate,
                 pin_memory=pin_memory, drop_last=self.drop_last, worker_init_fn=_worker_init,
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
                 prefetch_factor=4 if workers > 0 else None,

@@ -67,7 +67,7 @@ class Preprocessing:
     def normalize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """uint8 (N,C,H,W) on any device -> float, channels converted, resized if needed,
         normalised. Also accepts float input already in [0, 1]."""
-        # one pass to float, one in-place affine at the end: (x/255 - mean)/std is folded into
+        # one pass to float, one fused in-place affine at the end: (x/255 - mean)/std is folded into
         # (x - 255 mean) / (255 std) (channel mixing and resizing are linear, so the /255 can wait)
         k = 255.0 if x.dtype == torch.uint8 else 1.0
         own = x.dtype != torch.float32  # .float() below makes a new tensor we may modify in place
@@ -87,7 +87,8 @@ class Preprocessing:
             own = True
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * k
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * k
-        x = x.sub_(mean).div_(std) if own else (x - mean) / std
+        # one fused pass: x * (1/std) + (-mean/std), written in place when x is ours
+        x = torch.addcmul(-mean / std, x, 1.0 / std, out=x) if own else torch.addcmul(-mean / std, x, 1.0 / std)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -133,6 +134,16 @@ def photo_train_transform(pre: Preprocessing, aug: AugmentSpec) -> v2.Compose:
         return pre.pil_transform()
     ops: list = [v2.PILToTensor(),
                  v2.RandomResizedCrop(pre.img_size, scale=aug.scale, antialias=True)]
+    if aug.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
+
+
+def photo_tensor_transform(pre: Preprocessing, aug: AugmentSpec) -> v2.Compose:
+    """Per-image train transform for decoded-once uint8 tensors (C, S', S') -> (C, S, S):
+    the photo preset in loader workers (the CPU path; on accelerators
+    :class:`BatchResizedCrop` does it per batch on the device)."""
+    ops: list = [v2.RandomResizedCrop(pre.img_size, scale=aug.scale, interpolation=pre._interp(), antialias=True)]
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops)
