@@ -85,6 +85,28 @@ def test_epoch_orders_and_center_crop():
     assert torch.equal(x, images[:2, :, 1:5, 1:5])
 
 
+def test_tensor_items_in_workers_are_random_crops_and_reproducible():
+    from imgcls.data.transforms import AugmentSpec, photo_tensor_transform
+
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    split = Split(labels=torch.arange(12) % 2, images=images)
+    tf = photo_tensor_transform(PRE, AugmentSpec("photo", 0, True, (0.25, 1.0)))
+
+    def epoch(workers):
+        torch.manual_seed(0)
+        b = Batches(split, 4, shuffle=True, seed=1, transform=tf, workers=workers)
+        b.set_epoch(1)
+        return list(b)
+
+    batches = epoch(0)
+    x, y = batches[0]
+    assert x.shape == (4, 3, 28, 28) and x.dtype == torch.uint8
+    assert x.is_contiguous(memory_format=torch.channels_last) and len(batches) == 3
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0] * 6 + [1] * 6
+    again = epoch(2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, epoch(2)))  # same seed, same crops
+
+
 def test_batch_resized_crop():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
