@@ -32,15 +32,21 @@ def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
 class EpochSampler(Sampler[int]):
     def __init__(self, n: int, shuffle: bool, seed: int):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        # maps the epoch's order to what this process reads (rank shard, resume offset)
+        self.select: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self) -> torch.Tensor:
+        order = _epoch_order(self.n, self.shuffle, self.seed, self.epoch)
+        return self.select(order) if self.select is not None else order
+
     def __iter__(self):
-        return iter(_epoch_order(self.n, self.shuffle, self.seed, self.epoch).tolist())
+        return iter(self._order().tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._order()) if self.select is not None else self.n
 
 
 class FileDataset(Dataset):
@@ -80,10 +86,14 @@ class Batches:
         self.drop_last = drop_last and len(split) > batch_size
         self.pin_memory = pin_memory
         self._loader = None
+        self._want_drop_last = drop_last
+        # set by shard() for multi-process training, and by resume (batches to skip once)
+        self.rank, self.world, self.even, self.skip = 0, 1, True, 0
         if not split.in_memory:
             workers = default_workers() if workers is None else workers
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
             self._sampler = EpochSampler(len(split), shuffle, seed)
+            self._sampler.select = self._select
             self._loader = DataLoader(
                 FileDataset(split.paths, split.labels, channels, transform, size),
                 batch_size=batch_size, sampler=self._sampler, num_workers=workers,
@@ -97,14 +107,44 @@ class Batches:
         if self._loader is not None:
             self._sampler.set_epoch(epoch)
 
+    def shard(self, rank: int, world: int, even: bool) -> None:
+        """Read only this process's share (imgcls.engine.distributed). ``batch_size`` is
+        then the per-process batch. even: every rank the same number of batches, each
+        the rank's block of a global batch (training); else a strided, unpadded share
+        (evaluation, every image once)."""
+        self.rank, self.world, self.even = rank, world, even
+        self.drop_last = self._want_drop_last and len(self.split) > self.batch_size * world
+        if self._loader is not None:
+            self._loader.batch_sampler.drop_last = self.drop_last
+
+    def _select(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            from imgcls.engine.distributed import shard_batch_order, shard_eval_order
+
+            order = (shard_batch_order(order, self.batch_size, self.rank, self.world, self.drop_last) if self.even
+                     else order[shard_eval_order(len(order), self.rank, self.world)])
+        return order[self.skip * self.batch_size:] if self.skip else order
+
     def __len__(self) -> int:
         n = len(self.split)
+        if self.world > 1:
+            g = self.batch_size * self.world
+            if self.even:
+                return n // g if self.drop_last else -(-n // g)
+            n = len(range(self.rank, n, self.world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skip, steps = self.skip, len(self)
+        try:
+            yield from self._iter(steps - skip)
+        finally:
+            self.skip = 0  # a resume offset applies to one epoch only
+
+    def _iter(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            order = _epoch_order(len(self.split), self.shuffle, self.seed, self.epoch)
-            for b in range(len(self)):
+            order = self._select(_epoch_order(len(self.split), self.shuffle, self.seed, self.epoch))
+            for b in range(steps):
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
                 x, y = self.split.images[idx], self.split.labels[idx]
                 yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
