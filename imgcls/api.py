@@ -216,6 +216,8 @@ class Classifier:
         t0 = time.perf_counter()
         state = trainer.fit(train_b, val_b)
         train_time = time.perf_counter() - t0
+        if ctx.enabled:
+            scale["weights_sha256_all_ranks"] = D.check_in_sync(self.model, ctx)
         self.model.to("cpu").to(memory_format=torch.contiguous_format)
         summary = {
             "data": data.name, "data_notes": data.notes, "train_images": len(data.train),

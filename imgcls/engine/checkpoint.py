@@ -219,6 +219,7 @@ class Checkpoint(Callback):
         if self.path is None or not self.trainer.dist.is_main:
             return
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, lambda p: torch.save(ckpt, p))
         except OSError as exc:
             raise ImgclsError(f"cannot write checkpoint {self.path}: {exc.strerror or exc}",
