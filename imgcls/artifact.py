@@ -146,10 +146,12 @@ def pickle_kind(path: Path) -> str | None:
     """'a pickle' / 'a PyTorch (zip + pickle)' file by its first bytes, else None.
     Such files can run arbitrary code when loaded, so imgcls never opens them as models."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return None
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode + version
         return "a pickle"
-    if head == b"PK\x03\x04":  # torch.save's zip archive holds a pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip archive holds a pickle
         return "a PyTorch zip/pickle"
     return None
 

@@ -228,7 +228,7 @@ def test_ctrl_c_saves_checkpoint_and_stops_cleanly(npz, tmp_path):
 
 @pytest.mark.slow
 def test_cli_sigterm_then_resume_finishes_the_run(npz, tmp_path):
-    cmd = [PY, "-m", "imgcls", "train", "--data", str(npz), "--epochs", "60", "--batch-size", "16",
+    cmd = [PY, "-m", "imgcls", "train", "--data", str(npz), "--epochs", "12", "--batch-size", "16",
            "--deterministic", "--precision", "fp32", "--out", str(tmp_path), "--name", "run"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "run" / CHECKPOINT
@@ -242,18 +242,24 @@ def test_cli_sigterm_then_resume_finishes_the_run(npz, tmp_path):
     assert f"imgcls train --resume {tmp_path / 'run'}" in err
     assert err.strip().splitlines()[-1].startswith("imgcls train: training stopped")  # one clean line, no traceback
     stopped_at = load_checkpoint(ckpt)["epoch"]
-    assert stopped_at < 60
+    assert stopped_at < 12
     res = subprocess.run([PY, "-m", "imgcls", "train", "--resume", str(tmp_path / "run")], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "test accuracy" in res.stdout
     hist = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()
-    assert len(hist) == 1 + 60 and [int(r.split(",")[0]) for r in hist[1:]] == list(range(1, 61))
+    assert len(hist) == 1 + 12 and [int(r.split(",")[0]) for r in hist[1:]] == list(range(1, 13))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["training"]["resumed_from_epoch"] == stopped_at
-    bad = subprocess.run([PY, "-m", "imgcls", "train", "--resume", str(tmp_path / "run"), "--epochs", "3"],
-                         env=_env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "--epochs cannot be combined with --resume" in bad.stderr
+
+
+def test_resume_keeps_the_runs_config(tmp_path, capsys):
+    from imgcls.cli import main
+
+    assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 1
+    assert "--epochs cannot be combined with --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 1
+    assert "is not a run folder" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_data(npz, tmp_path):
