@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from typing import Any
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=getattr(args, "resume", None))
     except TrainingInterrupted as exc:
-        if D.current().is_main or not D.launched_by_torchrun():
+        if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
             print(f"imgcls train: {exc.oneline()}", file=sys.stderr)
         return 128 + exc.signum
     if not result.metrics:  # ranks other than 0 under torchrun: rank 0 reports
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """--devices N: the same command, once per process, under torchrun."""
-    import os
     import tempfile
 
     from imgcls.engine import distributed as D

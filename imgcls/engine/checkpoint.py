@@ -160,6 +160,7 @@ class Checkpoint(Callback):
         self.last_save = 0.0
         self.saves = 0
         self._signal: int | None = None
+        self._signal_at = 0.0
         self._old_handlers: dict[int, Any] = {}
 
     def attach(self, trainer) -> Checkpoint:
@@ -172,9 +173,12 @@ class Checkpoint(Callback):
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
-        self._signal = signum
+        # a second Ctrl-C stops at once, without the checkpoint. Not within 2 s of the first:
+        # under torchrun the launcher forwards the terminal's SIGINT again right away.
+        if self._signal is not None and signum == signal.SIGINT and time.monotonic() - self._signal_at > 2:
+            raise KeyboardInterrupt
+        if self._signal is None:
+            self._signal, self._signal_at = signum, time.monotonic()
 
     def _install(self) -> None:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():

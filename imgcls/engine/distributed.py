@@ -16,6 +16,7 @@ Only rank 0 writes the run folder and prints progress; metrics are summed across
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -220,9 +221,16 @@ def launch(nproc: int, train_args: list[str]) -> int:
     if not (torch.cuda.is_available() and torch.cuda.device_count() >= nproc):
         # CPU processes share the cores: split them instead of oversubscribing
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # on SIGTERM / Ctrl-C torchrun waits this long for the workers' checkpoint before SIGKILL
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
     proc = subprocess.Popen(cmd, env=env)
+    # a scheduler's SIGTERM reaches this process only: pass it on so the workers checkpoint
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # the terminal sent SIGINT to the workers too; wait for their checkpoint and exit
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # the terminal sent SIGINT to the workers too: wait for their checkpoint
+    finally:
+        signal.signal(signal.SIGTERM, old)
