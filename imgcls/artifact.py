@@ -126,13 +126,15 @@ def _card_problem(card: dict[str, Any]) -> str | None:
             return f"'preprocessing.{key}' must be a list of {pre['in_chans']} numbers"
     if any(x <= 0 for x in pre["std"]):
         return "'preprocessing.std' must be positive"
-    if pre.get("resize", "squash") not in ("squash", "shorter_side"):
-        return "'preprocessing.resize' must be squash or shorter_side"
+    if not isinstance(pre.get("resize", "squash"), str):
+        return "'preprocessing.resize' must be a resize mode name"
     crop = pre.get("crop_pct", 1.0)
     if not _is_num(crop) or not 0 < crop <= 1:
         return "'preprocessing.crop_pct' must be in (0, 1]"
-    if pre.get("interpolation", "bilinear") not in ("nearest", "nearest-exact", "bilinear", "bicubic", "box",
-                                                    "hamming", "lanczos"):
+    from torchvision.transforms import InterpolationMode
+
+    interp = pre.get("interpolation", "bilinear")
+    if not isinstance(interp, str) or interp not in {m.value for m in InterpolationMode}:
         return "'preprocessing.interpolation' is not a known interpolation"
     for key, typ in (("model_kwargs", dict), ("weights_file", str), ("weights_sha256", str)):
         if key in card and not isinstance(card[key], typ):

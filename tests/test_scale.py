@@ -43,12 +43,8 @@ def _restore_determinism():
 
 
 @pytest.fixture
-def npz(tmp_path: Path) -> Path:
-    x, y = pattern_images(36, size=16)
-    xt, yt = pattern_images(8, size=16, seed=1)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
-    return path
+def npz(tiny_npz: Path) -> Path:
+    return tiny_npz  # 3 classes x 40 (108 train after the held-out 10%: 6 steps of 16) + 30 test
 
 
 def _weights_equal(a: dict, b: dict) -> bool:
@@ -199,7 +195,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(npz, tmp_
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt = load_checkpoint(run / CHECKPOINT)
-    # 97 training images, batch 16: 6 steps per epoch; killed at step 9 -> last checkpoint at step 8
+    # 6 steps per epoch; killed at step 9 -> last checkpoint at step 8 (epoch 2, 2 batches done)
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (2, 2, 8)
     resumed = _fit(npz, run, resume=ckpt)
     straight = _fit(npz, tmp_path / "straight")
@@ -287,7 +283,7 @@ def test_deterministic_runs_repeat_exactly_and_record_environment(npz, tmp_path)
     rep = card["training"]["reproducibility"]
     assert rep["deterministic"] and rep["seed"] == 11
     assert rep["environment"]["device"] == "cpu" and rep["environment"]["deterministic_algorithms"]
-    assert len(rep["data_fingerprint"]["sha256"]) == 64 and rep["data_fingerprint"]["images"]["test"] == 24
+    assert len(rep["data_fingerprint"]["sha256"]) == 64 and rep["data_fingerprint"]["images"]["test"] == 30
     assert card["versions"]["torch"] == torch.__version__
     card1 = json.loads((results[1].run_dir / "model.json").read_text())
     assert card1["training"]["reproducibility"]["data_fingerprint"] == rep["data_fingerprint"]
