@@ -209,6 +209,10 @@ class Classifier:
         scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
                  "per_process_batch": local_batch, "lr": lr,
                  "lr_scaling": "none: --lr applies to the global batch, which does not change with the process count"}
+        if resume is not None and ctx.is_main and progress:
+            _stderr_console().print(f"resuming {run_dir} at epoch {resume['epoch']}, batch {resume['batch_in_epoch']}"
+                                    f"/{resume['steps_per_epoch']} (checkpoint of {resume.get('created', '?')})",
+                                    highlight=False, soft_wrap=True)
         if ctx.enabled and ctx.is_main and progress:
             _stderr_console().print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch "
                                     f"{batch_size} = {ctx.world_size} x {local_batch}, lr {lr:g} (for the global batch)",

@@ -175,7 +175,7 @@ def mutated_images(draw) -> bytes:
     return bytes(data)
 
 
-@fuzz_settings(300)
+@fuzz_settings(600)
 @given(data=st.one_of(mutated_images(), st.binary(max_size=512)), channels=st.sampled_from([1, 3]),
        suffix=st.sampled_from([".png", ".jpg", ".gif", ".bmp", ".tif", ".webp", ".ppm"]))
 def test_fuzz_load_image_only_raises_imgcls_error(data, channels, suffix, monkeypatch_session_pixels):
