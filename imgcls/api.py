@@ -208,7 +208,7 @@ class Classifier:
             ckpt.attach(trainer)
         scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
                  "per_process_batch": local_batch, "lr": lr,
-                 "lr_scaling": "none: --lr applies to the global batch, which does not change with the process count"}
+                 "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
         if resume is not None and ctx.is_main and progress:
             _stderr_console().print(f"resuming {run_dir} at epoch {resume['epoch']}, batch {resume['batch_in_epoch']}"
                                     f"/{resume['steps_per_epoch']} (checkpoint of {resume.get('created', '?')})",

@@ -228,8 +228,8 @@ def mutated_cards(draw) -> dict:
 
 
 @fuzz_settings(250)
-@given(content=st.one_of(mutated_cards().map(lambda c: json.dumps(c).encode()), JSON.map(lambda v: json.dumps(v).encode()),
-                         st.binary(max_size=200)))
+@given(content=st.one_of(mutated_cards().map(lambda c: json.dumps(c).encode()),
+                         JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200)))
 def test_fuzz_read_card_only_raises_imgcls_error(content):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "model.json").write_bytes(content)

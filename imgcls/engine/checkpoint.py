@@ -200,7 +200,8 @@ class Checkpoint(Callback):
         t = self.trainer
         ctx = t.dist
         rng = D.gather_object(rng_state(t.gen), ctx)  # every process's generators, by rank
-        sums = [float(state.loss_sum), int(state.correct)] if not epoch_done and state.loss_sum is not None else [0.0, 0]
+        mid_epoch = not epoch_done and state.loss_sum is not None
+        sums = [float(state.loss_sum), int(state.correct)] if mid_epoch else [0.0, 0]
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # where to continue: the next epoch, or the batches already done in this one

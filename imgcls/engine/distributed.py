@@ -88,7 +88,7 @@ def setup(device_spec: str = "auto") -> DistContext:
         raise ImgclsError(f"--device {device_spec} cannot be used for multi-process training",
                           "use --device auto, cpu or cuda")
     try:
-        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("IMGCLS_DIST_TIMEOUT_MIN", 30))),
+        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("IMGCLS_DIST_TIMEOUT_MIN", "30"))),
                                 device_id=device if backend == "nccl" else None)
     except (RuntimeError, ValueError) as exc:
         raise ImgclsError(f"cannot join the {backend} process group: {exc}".splitlines()[0],
@@ -206,7 +206,8 @@ def local_batch_size(global_batch: int, ctx: DistContext) -> int:
     if global_batch % ctx.world_size:
         raise ImgclsError(f"--batch-size {global_batch} is the global batch and must divide evenly over "
                           f"{ctx.world_size} processes",
-                          f"use a multiple of {ctx.world_size}, e.g. {ctx.world_size * max(1, global_batch // ctx.world_size)}")
+                          f"use a multiple of {ctx.world_size}, "
+                          f"e.g. {ctx.world_size * max(1, global_batch // ctx.world_size)}")
     return global_batch // ctx.world_size
 
 

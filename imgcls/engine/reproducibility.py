@@ -49,7 +49,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _hash_split(h: "hashlib._Hash", name: str, split: Split | None) -> int:
+def _hash_split(h, name: str, split: Split | None) -> int:
     if split is None:
         return 0
     h.update(f"{name}:{len(split)}\n".encode())
