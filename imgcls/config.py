@@ -50,6 +50,10 @@ class TrainConfig(BaseModel):
     workers: int | None = None  # data-loading processes for image files; None: automatic
     out: str = "runs"
     name: str | None = None
+    # scale and survive (engine/distributed.py, engine/checkpoint.py)
+    devices: int = 1  # processes on this machine; >1 starts them through torchrun (DDP)
+    deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
+    checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (one per epoch always)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -62,7 +66,7 @@ class TrainConfig(BaseModel):
             raise ValueError("needs at least two classes")
         return v
 
-    @field_validator("epochs", "batch_size")
+    @field_validator("epochs", "batch_size", "devices")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -74,6 +78,13 @@ class TrainConfig(BaseModel):
     def _lr_positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("must be greater than 0")
+        return v
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _minutes_positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be greater than 0 (minutes)")
         return v
 
     @field_validator("val_split")

@@ -6,8 +6,8 @@ there. Shuffling is reproducible: the order of epoch ``e`` depends only on (seed
 
 Which images an epoch visits, in which order, is an *epoch order*: any object with
 ``indices(epoch) -> LongTensor`` and ``__len__`` (:class:`ShuffledOrder`,
-:class:`BalancedOrder`). A distributed sampler is one more: wrap an order and keep every
-``world``-th index from ``rank`` (:class:`ShardedOrder`).
+:class:`BalancedOrder`). :meth:`Batches.shard` (distributed training) and resuming then
+select this process's part of whatever order the epoch has.
 """
 
 from __future__ import annotations
@@ -76,39 +76,26 @@ class BalancedOrder:
         return self.n
 
 
-class ShardedOrder:
-    """One process's share of another order (distributed data parallel): the same
-    epoch order on every rank (same seed), every ``world``-th index from ``rank``,
-    padded by wrapping so all ranks run the same number of steps."""
-
-    def __init__(self, inner: EpochOrder, rank: int, world: int):
-        self.inner, self.rank, self.world = inner, rank, world
-
-    def indices(self, epoch: int) -> torch.Tensor:
-        idx = self.inner.indices(epoch)
-        per_rank = -(-len(idx) // self.world)
-        if len(idx) < per_rank * self.world:
-            idx = torch.cat([idx, idx[: per_rank * self.world - len(idx)]])
-        return idx[self.rank::self.world]
-
-    def __len__(self) -> int:
-        return -(-len(self.inner) // self.world)
-
-
 class EpochSampler(Sampler[int]):
-    """An epoch order as a DataLoader sampler."""
+    """An epoch order as a DataLoader sampler; ``select`` maps the epoch's order to what
+    this process reads (rank shard, resume offset: set by :class:`Batches`)."""
 
     def __init__(self, order: EpochOrder):
         self.order, self.epoch = order, 0
+        self.select: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self) -> torch.Tensor:
+        order = self.order.indices(self.epoch)
+        return self.select(order) if self.select is not None else order
+
     def __iter__(self):
-        return iter(self.order.indices(self.epoch).tolist())
+        return iter(self._order().tolist())
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self._order()) if self.select is not None else len(self.order)
 
 
 class FileDataset(Dataset):
@@ -186,10 +173,14 @@ class Batches:
         self.pin_memory = pin_memory
         self.center_crop = center_crop
         self._loader = None
+        self._want_drop_last = drop_last
+        # set by shard() for multi-process training, and by resume (batches to skip once)
+        self.rank, self.world, self.even, self.skip = 0, 1, True, 0
         if not split.in_memory or transform is not None:
             workers = default_workers() if workers is None else workers
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
             self._sampler = EpochSampler(self.order)
+            self._sampler.select = self._select
             if split.in_memory:
                 items, collate = TensorItems(split.images, split.labels, transform), _collate_channels_last
             else:
@@ -206,14 +197,44 @@ class Batches:
         if self._loader is not None:
             self._sampler.set_epoch(epoch)
 
+    def shard(self, rank: int, world: int, even: bool) -> None:
+        """Read only this process's share (imgcls.engine.distributed). ``batch_size`` is
+        then the per-process batch. even: every rank the same number of batches, each
+        the rank's block of a global batch (training); else a strided, unpadded share
+        (evaluation, every image once)."""
+        self.rank, self.world, self.even = rank, world, even
+        self.drop_last = self._want_drop_last and len(self.order) > self.batch_size * world
+        if self._loader is not None:
+            self._loader.batch_sampler.drop_last = self.drop_last
+
+    def _select(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            from imgcls.engine.distributed import shard_batch_order, shard_eval_order
+
+            order = (shard_batch_order(order, self.batch_size, self.rank, self.world, self.drop_last) if self.even
+                     else order[shard_eval_order(len(order), self.rank, self.world)])
+        return order[self.skip * self.batch_size:] if self.skip else order
+
     def __len__(self) -> int:
         n = len(self.order)
+        if self.world > 1:
+            g = self.batch_size * self.world
+            if self.even:
+                return n // g if self.drop_last else -(-n // g)
+            n = len(range(self.rank, n, self.world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skip, steps = self.skip, len(self)
+        try:
+            yield from self._iter(steps - skip)
+        finally:
+            self.skip = 0  # a resume offset applies to one epoch only
+
+    def _iter(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            order = self.order.indices(self.epoch)
-            for b in range(len(self)):
+            order = self._select(self.order.indices(self.epoch))
+            for b in range(steps):
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
                 x = self.split.images
                 if self.center_crop:
