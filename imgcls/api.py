@@ -33,10 +33,11 @@ from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, Ba
                                     augment_preset, photo_train_transform)
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
+from imgcls.engine.finetune import fit_head_cached, plan_finetune
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.models import MODEL_DEFAULTS, count_params, create_model
+from imgcls.models import MODEL_DEFAULTS, count_params, create_model, model_from_config
 
 
 def _stderr_console():
@@ -124,6 +125,27 @@ class Classifier:
         pre = Preprocessing(img_size=img_size, in_chans=in_chans, mean=mean, std=std)
         return cls(model, architecture=architecture, classes=classes, preprocessing=pre, model_kwargs=model_kwargs)
 
+    @classmethod
+    def from_pretrained(cls, architecture: str, num_classes: int | None = None, classes: list[str] | None = None,
+                        weights: str | Path | None = None, in_chans: int = 3, img_size: int | None = None,
+                        seed: int | None = None, **model_kwargs: Any) -> Classifier:
+        """A timm architecture with pretrained weights (from ``weights``, a local .safetensors /
+        .pth state dict, else timm's hub download) and a new head for ``classes``. The
+        pretrained mean/std, input size, interpolation and crop become the preprocessing."""
+        from imgcls.models.pretrained import create_pretrained
+
+        if seed is not None:
+            seed_everything(seed)  # the new head's initial weights
+        if classes is None:
+            if num_classes is None:
+                raise ImgclsError("Classifier.from_pretrained needs num_classes or classes", "e.g. num_classes=2")
+            classes = [str(i) for i in range(num_classes)]
+        model, info = create_pretrained(architecture, len(classes), in_chans=in_chans, weights=weights, **model_kwargs)
+        pre = Preprocessing(img_size=img_size or info.input_size, in_chans=in_chans, mean=info.mean, std=info.std,
+                            resize="shorter_side", crop_pct=info.crop_pct, interpolation=info.interpolation)
+        return cls(model, architecture=architecture, classes=classes, preprocessing=pre, model_kwargs=model_kwargs,
+                   card={"pretrained": info.to_card()})
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -153,9 +175,16 @@ class Classifier:
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
             val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
-            callbacks: list[Callback] | None = None) -> dict[str, Any]:
+            callbacks: list[Callback] | None = None, freeze: str = "none", unfreeze_at: int | None = None,
+            unfreeze: str = "gradual", backbone_lr: float | None = None, layer_decay: float | None = None,
+            feature_cache: str = "auto") -> dict[str, Any]:
         """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
-        weights of the best validation epoch. Returns a summary (history, best epoch, time)."""
+        weights of the best validation epoch. Returns a summary (history, best epoch, time).
+
+        Fine-tuning (engine/finetune.py): ``freeze="backbone"`` trains only the classifier
+        (on features cached once, unless ``feature_cache="off"``); ``unfreeze_at`` unfreezes
+        the backbone from that epoch (``unfreeze`` "gradual" or "all"); ``backbone_lr`` and
+        ``layer_decay`` give the backbone lower learning rates."""
         seed_everything(seed)
         data = load_data(data, val_split=val_split, seed=seed)
         self._check_classes(data)
@@ -165,7 +194,7 @@ class Classifier:
         # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
         if data.train.in_memory and not self.card.get("pretrained"):
             pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
-        if not data.train.in_memory:
+        if not data.train.in_memory and not self.card.get("pretrained"):
             pre.resize, pre.crop_pct = "shorter_side", 0.875
         aug = augment_preset(augment, data.kind, hflip)
         train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
@@ -185,9 +214,27 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs)
+        say = _stderr_console().print if progress else None
+        plan = plan_finetune(self.model, pretrained=bool(self.card.get("pretrained")), freeze=freeze,
+                             unfreeze_at=unfreeze_at, unfreeze=unfreeze, backbone_lr=backbone_lr,
+                             layer_decay=layer_decay, feature_cache=feature_cache, lr=lr,
+                             weight_decay=weight_decay, epochs=epochs, log=say)
         t0 = time.perf_counter()
-        state = trainer.fit(train_b, val_b)
+        cached = None
+        try:
+            if plan is not None and plan.use_cache:
+                eval_train = self._batches(data.train, max(256, batch_size), workers=workers, device=dev)
+                cached = fit_head_cached(self.model, eval_train, val_b, pre, settings, dev, amp, cbs,
+                                         batch_size=batch_size, flip=aug.hflip, log=say)
+                state = cached.state
+            else:
+                trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug,
+                                  callbacks=cbs + (plan.callbacks if plan else []),
+                                  param_groups=plan.param_groups if plan else None)
+                state = trainer.fit(train_b, val_b)
+        finally:
+            if plan is not None:
+                plan.finish()
         train_time = time.perf_counter() - t0
         self.model.to("cpu").to(memory_format=torch.contiguous_format)
         summary = {
@@ -199,6 +246,11 @@ class Classifier:
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
             "val_split": val_split, "seed": seed,
         }
+        if plan is not None:
+            summary["finetune"] = dict(plan.settings)
+        if cached is not None:
+            summary["finetune"].update({"extract_s": round(cached.extract_s, 2), "head_train_s": round(cached.head_s, 2),
+                                        "cached_views": cached.views, "feature_dim": cached.feature_dim})
         self.card["training"] = summary
         self.history = state.history
         return summary
@@ -376,13 +428,19 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
-    if not isinstance(cfg.model, str):
-        raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
+    arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
-    defaults = MODEL_DEFAULTS.get(cfg.model, {})
+    defaults = MODEL_DEFAULTS.get(arch, {})
     in_chans = cfg.in_chans or data.channels
-    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
-    clf = Classifier.create(cfg.model, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed)
+    if cfg.pretrained or cfg.weights:
+        clf = Classifier.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
+                                         img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
+        img_size = clf.preprocessing.img_size
+    else:
+        img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or \
+            defaults.get("img_size", 224)
+        clf = Classifier.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
+                                **model_kwargs)
     run_dir = next_run_dir(cfg.out, cfg.name)
     try:
         run_dir.mkdir(parents=True, exist_ok=bool(cfg.name))
@@ -395,7 +453,8 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
                       warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
-                      progress=progress)
+                      progress=progress, freeze=cfg.freeze, unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze,
+                      backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache)
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
     clf.save(run_dir)

@@ -63,13 +63,14 @@ class Trainer:
     def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, param_groups: list[dict] | None = None):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
         self.callbacks = CallbackList(callbacks or [])
         self.channels_last = channels_last
         self.class_weights = class_weights.to(device) if class_weights is not None else None
+        self.param_groups = param_groups  # optional per-group lr / weight decay (fine-tuning)
 
     def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
         s, model, dev = self.s, self.model, self.device
@@ -77,7 +78,7 @@ class Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         steps = len(train)
-        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum)
+        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
         sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
         scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
         gen = torch.Generator().manual_seed(s.seed)  # augmentation draws: reproducible per seed
