@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import models as _models
 from imgcls.cli import predict as _predict
+from imgcls.cli import summary as _summary
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models]
+COMMANDS = [_train, _evaluate, _predict, _models, _summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

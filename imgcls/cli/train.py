@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.default
         helptext = f"{_HELP.get(name, name.replace('_', ' '))} (default: {default})"
-        if name == "hflip":
+        if field.annotation in (bool, bool | None):  # --flag / --no-flag
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
             continue
         typ, choices = _flag_type(field.annotation)

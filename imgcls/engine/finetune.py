@@ -259,7 +259,7 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((out.argmax(1) == y).sum())
             state.step += 1
             state.batch_in_epoch += 1
