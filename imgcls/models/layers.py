@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from imgcls.errors import ImgclsError, did_you_mean
+from imgcls.models.base import FeaturesHeadNet
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
@@ -225,7 +225,7 @@ def build_layers(spec: list[Any], num_classes: int, in_chans: int, img_size: int
     return modules, shapes, flat_at
 
 
-class LayerListNet(nn.Module):
+class LayerListNet(FeaturesHeadNet):
     """A Sequential network from a layer list, split the timm way: ``features`` (the
     image-shaped part), ``pre_logits`` (flatten / pooling / hidden dense layers), ``fc``."""
 
@@ -239,21 +239,3 @@ class LayerListNet(nn.Module):
         self.pre_logits = nn.Sequential(*modules[flat_at:-1])
         self.fc = modules[-1]
         self.num_features = shapes[-2][0]  # what the classifier sees (always flat: dense needs flat input)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pre_logits(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        lin = self.fc[0] if isinstance(self.fc, nn.Sequential) else self.fc
-        self.num_classes = num_classes
-        self.fc = nn.Linear(lin.in_features, num_classes, bias=lin.bias is not None)
