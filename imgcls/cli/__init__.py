@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from imgcls.cli import audit as _audit
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import models as _models
 from imgcls.cli import predict as _predict
@@ -18,7 +19,7 @@ from imgcls.cli import summary as _summary
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models, _summary]
+COMMANDS = [_train, _evaluate, _predict, _models, _audit, _summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

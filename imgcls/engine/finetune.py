@@ -211,7 +211,7 @@ class CachedHeadResult:
 def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre: Preprocessing, settings: Any,
                     device: torch.device, amp_dtype: torch.dtype | None, callbacks: list[Callback],
                     batch_size: int = 128, flip: bool = True, log: Callable[[str], None] | None = None,
-                    channels_last: bool = True) -> CachedHeadResult:
+                    channels_last: bool = True, class_weights: torch.Tensor | None = None) -> CachedHeadResult:
     """Linear probe on cached features: the frozen backbone runs once over the training
     (and validation) images, then only the classifier trains, for ``settings.epochs``
     epochs of mini-batches, with the usual optimizer, schedule and callbacks."""
@@ -237,6 +237,7 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     opt = build_optimizer(head, s.optimizer, s.lr, s.weight_decay, s.momentum)
     sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
     drop = float(getattr(model, "drop_rate", 0.0) or 0.0)  # the head dropout the cache skipped
+    weights = class_weights.to(device) if class_weights is not None else None  # class balancing
     cbs = CallbackList(callbacks)
     state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
     t1 = time.perf_counter()
@@ -254,7 +255,7 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
             if drop:
                 f = F.dropout(f, drop, training=True)
             out = head(f)
-            loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            loss = F.cross_entropy(out, y, weight=weights, label_smoothing=s.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
