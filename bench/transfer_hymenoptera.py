@@ -1,5 +1,6 @@
 """Little data: hymenoptera (245 training photos, 2 classes) on the CPU, whole `imgcls train`
-processes timed from launch to exit (start-up, JPEG decoding, training, final evaluation).
+processes timed from launch to exit (start-up, JPEG decoding into a fresh decode cache,
+training, final evaluation).
 
 Configurations are run interleaved (A B C A B C ...) so load from other jobs on a shared
 machine spreads over all of them. Prints one JSON object.
@@ -43,7 +44,8 @@ def configs(weights: Path) -> dict[str, list[str]]:
 
 def run_once(name: str, args: list[str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "imgcls", "train", "--data", str(DATA), "--out", str(out), "--name", name, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a fresh decode cache per run: every process decodes the JPEGs itself (a cold first run)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGCLS_DECODE_CACHE_DIR": str(out / f"{name}-decoded")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
