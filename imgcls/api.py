@@ -299,12 +299,17 @@ class Classifier:
         cached = None
         try:
             if ft is not None and ft.use_cache:
-                # seconds of head training: no checkpoints; the features come from eval-view batches
+                # seconds of head training: no checkpoints and no model file per improved epoch (those
+                # writes took longer than the training); the run folder gets the best model when fit returns
+                best.on_improve = None
+                # the features come from eval-view batches
                 eval_train = self._batches(data.train, max(256, local_batch), workers=workers, device=dev)
                 cached = fit_head_cached(self.model, eval_train, val_b, pre, settings, dev, amp,
                                          [c for c in cbs if c is not ckpt], batch_size=local_batch,
                                          flip=aug.hflip, log=say, class_weights=plan.weight_tensor())
                 state = cached.state
+                if writer:
+                    self._save_to(writer, best_metrics=state.best)
             else:
                 trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug,
                                   callbacks=cbs + (ft.callbacks if ft else []), dist=ctx,
