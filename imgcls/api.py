@@ -39,11 +39,12 @@ from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, preflight_run_dir
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
+from imgcls.engine.finetune import fit_head_cached, plan_finetune
 from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.models import MODEL_DEFAULTS, count_params, create_model
+from imgcls.models import MODEL_DEFAULTS, count_params, create_model, model_from_config
 
 
 def _stderr_console():
@@ -126,6 +127,27 @@ class Classifier:
         pre = Preprocessing(img_size=img_size, in_chans=in_chans, mean=mean, std=std)
         return cls(model, architecture=architecture, classes=classes, preprocessing=pre, model_kwargs=model_kwargs)
 
+    @classmethod
+    def from_pretrained(cls, architecture: str, num_classes: int | None = None, classes: list[str] | None = None,
+                        weights: str | Path | None = None, in_chans: int = 3, img_size: int | None = None,
+                        seed: int | None = None, **model_kwargs: Any) -> Classifier:
+        """A timm architecture with pretrained weights (from ``weights``, a local .safetensors /
+        .pth state dict, else timm's hub download) and a new head for ``classes``. The
+        pretrained mean/std, input size, interpolation and crop become the preprocessing."""
+        from imgcls.models.pretrained import create_pretrained
+
+        if seed is not None:
+            seed_everything(seed)  # the new head's initial weights
+        if classes is None:
+            if num_classes is None:
+                raise ImgclsError("Classifier.from_pretrained needs num_classes or classes", "e.g. num_classes=2")
+            classes = [str(i) for i in range(num_classes)]
+        model, info = create_pretrained(architecture, len(classes), in_chans=in_chans, weights=weights, **model_kwargs)
+        pre = Preprocessing(img_size=img_size or info.input_size, in_chans=in_chans, mean=info.mean, std=info.std,
+                            resize="shorter_side", crop_pct=info.crop_pct, interpolation=info.interpolation)
+        return cls(model, architecture=architecture, classes=classes, preprocessing=pre, model_kwargs=model_kwargs,
+                   card={"pretrained": info.to_card()})
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -169,7 +191,9 @@ class Classifier:
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
             callbacks: list[Callback] | None = None, deterministic: bool = False,
             checkpoint_every: float | None = None, resume: dict[str, Any] | None = None,
-            strict: bool = False, balance: str = "auto", cache: bool = True) -> dict[str, Any]:
+            strict: bool = False, balance: str = "auto", cache: bool = True, freeze: str = "none",
+            unfreeze_at: int | None = None, unfreeze: str = "gradual", backbone_lr: float | None = None,
+            layer_decay: float | None = None, feature_cache: str = "auto") -> dict[str, Any]:
         """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
         ImageData); keeps the weights of the best validation epoch. Returns a summary
         (history, best epoch, time).
@@ -182,7 +206,12 @@ class Classifier:
         Under torchrun every process calls this: ``batch_size`` is the global batch, split
         evenly over the processes. With ``run_dir``, ``run_dir/checkpoint.pt`` is written
         every epoch (and every ``checkpoint_every`` minutes); ``resume`` (a loaded checkpoint)
-        continues from it."""
+        continues from it.
+
+        Fine-tuning (engine/finetune.py): ``freeze="backbone"`` trains only the classifier
+        (on features cached once, unless ``feature_cache="off"``); ``unfreeze_at`` unfreezes
+        the backbone from that epoch (``unfreeze`` "gradual" or "all"); ``backbone_lr`` and
+        ``layer_decay`` give the backbone lower learning rates."""
         ctx = D.setup(device)
         (set_deterministic if deterministic else seed_everything)(seed)
         data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
@@ -201,7 +230,8 @@ class Classifier:
         writer = run_dir if ctx.is_main else None  # only rank 0 writes files and prints
         files = None
         if not data.train.in_memory:
-            pre.resize, pre.crop_pct = "shorter_side", 0.875
+            if not self.card.get("pretrained"):  # pretrained: the crop of its pretrained config
+                pre.resize, pre.crop_pct = "shorter_side", 0.875
             files = decode_data(data, pre, strict=strict, cache=cache, workers=workers,
                                 progress=progress and ctx.is_main, report_dir=writer, announce=ctx.is_main)
             data = files.data
@@ -250,10 +280,11 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, dist=ctx,
-                          class_weights=plan.weight_tensor())
-        if ckpt is not None:
-            ckpt.attach(trainer)
+        say = _stderr_console().print if progress and ctx.is_main else None
+        ft = plan_finetune(self.model, pretrained=bool(self.card.get("pretrained")), freeze=freeze,
+                             unfreeze_at=unfreeze_at, unfreeze=unfreeze, backbone_lr=backbone_lr,
+                             layer_decay=layer_decay, feature_cache="off" if ctx.enabled and feature_cache == "auto" else feature_cache, lr=lr,
+                             weight_decay=weight_decay, epochs=epochs, log=say)
         scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
                  "per_process_batch": local_batch, "lr": lr,
                  "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
@@ -266,7 +297,30 @@ class Classifier:
                                     f"{batch_size} = {ctx.world_size} x {local_batch}, lr {lr:g} (for the global batch)",
                                     highlight=False, soft_wrap=True)
         t0 = time.perf_counter()
-        state = trainer.fit(train_b, val_b)
+        cached = None
+        try:
+            if ft is not None and ft.use_cache:
+                # seconds of head training: no checkpoints and no model file per improved epoch (those
+                # writes took longer than the training); the run folder gets the best model when fit returns
+                best.on_improve = None
+                # the features come from eval-view batches
+                eval_train = self._batches(data.train, max(256, local_batch), workers=workers, device=dev)
+                cached = fit_head_cached(self.model, eval_train, val_b, pre, settings, dev, amp,
+                                         [c for c in cbs if c is not ckpt], batch_size=local_batch,
+                                         flip=aug.hflip, log=say, class_weights=plan.weight_tensor())
+                state = cached.state
+                if writer:
+                    self._save_to(writer, best_metrics=state.best)
+            else:
+                trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug,
+                                  callbacks=cbs + (ft.callbacks if ft else []), dist=ctx,
+                                  class_weights=plan.weight_tensor(), param_groups=ft.param_groups if ft else None)
+                if ckpt is not None:
+                    ckpt.attach(trainer)
+                state = trainer.fit(train_b, val_b)
+        finally:
+            if ft is not None:
+                ft.finish()
         train_time = time.perf_counter() - t0
         if ctx.enabled:
             scale["weights_sha256_all_ranks"] = D.check_in_sync(self.model, ctx)
@@ -281,6 +335,11 @@ class Classifier:
             "val_split": val_split, "seed": seed, "distributed": scale,
             "resumed_from_epoch": int(resume["epoch"]) if resume else None, "balance": plan.to_dict(),
         }
+        if ft is not None:
+            summary["finetune"] = dict(ft.settings)
+        if cached is not None:
+            summary["finetune"].update({"extract_s": round(cached.extract_s, 2), "head_train_s": round(cached.head_s, 2),
+                                        "cached_views": cached.views, "feature_dim": cached.feature_dim})
         if files is not None:
             summary["files"] = files.to_dict(files.csv_path)
         if deterministic:
@@ -496,8 +555,6 @@ def train(config: TrainConfig | dict[str, Any] | None = None, progress: bool = T
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
-    if not isinstance(cfg.model, str):
-        raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
     joined_here = D.launched_by_torchrun() and not D.current().enabled
     ctx = D.setup(cfg.device)
     try:
@@ -537,11 +594,19 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if cfg.deterministic:
         set_deterministic(cfg.seed)
     ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
+    arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
-    defaults = MODEL_DEFAULTS.get(cfg.model, {})
+    defaults = MODEL_DEFAULTS.get(arch, {})
     in_chans = cfg.in_chans or data.channels
-    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
-    clf = Classifier.create(cfg.model, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed)
+    if cfg.pretrained or cfg.weights:
+        clf = Classifier.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
+                                         img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
+        img_size = clf.preprocessing.img_size
+    else:
+        img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or \
+            defaults.get("img_size", 224)
+        clf = Classifier.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
+                                **model_kwargs)
     resolved = cfg.model_copy(update={"img_size": img_size, "in_chans": in_chans})
 
     def make_run_dir() -> str:
@@ -562,7 +627,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
                       progress=progress, deterministic=cfg.deterministic, checkpoint_every=cfg.checkpoint_every,
-                      resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache)
+                      resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache,
+                      freeze=cfg.freeze, unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze,
+                      backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache)
     if not ctx.is_main:
         return TrainResult(run_dir=run_dir, classifier=clf, metrics={}, summary=summary)
     # unreadable files were reported by fit already

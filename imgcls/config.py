@@ -43,6 +43,15 @@ class TrainConfig(BaseModel):
     augment: Literal["auto", "none", "light", "standard", "photo"] = "auto"
     hflip: bool | None = None  # None: on for colour images, off for grayscale (digits)
     patience: int | None = None  # early stopping on validation accuracy
+    # transfer learning (timm architectures): see docs/transfer.md
+    pretrained: bool = False  # start from timm's pretrained weights (Hugging Face hub)
+    weights: str | None = None  # local .safetensors / .pth state dict instead of the hub (implies pretrained)
+    freeze: Literal["none", "backbone"] = "none"  # backbone: train only the classifier (linear probe)
+    unfreeze_at: int | None = None  # with freeze=backbone: epoch from which the backbone unfreezes
+    unfreeze: Literal["gradual", "all"] = "gradual"  # gradual: one more stage per epoch, from the top
+    backbone_lr: float | None = None  # backbone learning rate as a fraction of lr (None: 0.1 if pretrained)
+    layer_decay: float | None = None  # each backbone stage below the top gets this factor less again
+    feature_cache: Literal["auto", "on", "off"] = "auto"  # auto: on when the backbone stays frozen
     # machinery
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -99,6 +108,20 @@ class TrainConfig(BaseModel):
     def _smoothing(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("unfreeze_at")
+    @classmethod
+    def _epoch_opt(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be an epoch number, at least 1")
+        return v
+
+    @field_validator("backbone_lr", "layer_decay")
+    @classmethod
+    def _scale(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError("must be a fraction in [0, 1]")
         return v
 
     @field_validator("img_size", "in_chans")

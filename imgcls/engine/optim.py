@@ -18,8 +18,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    groups = _param_groups(model, weight_decay)
+                    momentum: float = 0.9, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """``groups`` (optional) are ready-made parameter groups with their own lr / weight
+    decay (discriminative learning rates, engine/finetune.py)."""
+    groups = _param_groups(model, weight_decay) if groups is None else groups
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":

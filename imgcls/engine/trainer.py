@@ -64,7 +64,8 @@ class Trainer:
     def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
-                 class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None):
+                 class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None,
+                 param_groups: list[dict] | None = None):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
@@ -72,6 +73,7 @@ class Trainer:
         self.channels_last = channels_last
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
+        self.param_groups = param_groups  # optional per-group lr / weight decay (fine-tuning)
 
     def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
         s, model, dev = self.s, self.model, self.device
@@ -80,7 +82,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         net = D.wrap(model, self.dist)  # DDP when several processes; callbacks see the plain model
         steps = len(train)
-        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum)
+        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
         sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
         scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
         # augmentation draws: reproducible per seed (and independent per process)

@@ -22,6 +22,36 @@ def reference_cnn(num_classes: int, in_chans: int = 1, img_size: int = 28, **_: 
     return ReferenceCNN(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
 
 
+@MODELS.register("layers")
+def layer_list(num_classes: int, in_chans: int = 3, img_size: int = 32, layers: list | None = None,
+               **_: Any) -> nn.Module:
+    """A network written as a list of layers (models/layers.py); the reference network if none is given."""
+    from imgcls.models.layers import REFERENCE_LAYERS, LayerListNet
+
+    return LayerListNet(layers if layers is not None else REFERENCE_LAYERS, num_classes, in_chans, img_size)
+
+
+def model_from_config(model: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A config's ``model`` value -> (architecture, keyword arguments).
+
+    ``"resnet18"``; ``{layers: [...]}`` (a custom CNN, models/layers.py); or
+    ``{name: resnet18, drop_rate: 0.2, ...}`` (an architecture with options)."""
+    if isinstance(model, str):
+        return model, {}
+    if not isinstance(model, dict):
+        raise ImgclsError(f"model must be a name or a mapping, got {model!r}", "e.g. model: resnet18")
+    if "layers" in model:
+        extra = [k for k in model if k != "layers"]
+        if extra:
+            raise ImgclsError(f"model: unknown key '{extra[0]}' next to layers", "model: {layers: [...]} takes only layers")
+        return "layers", {"layers": model["layers"]}
+    if "name" in model:
+        kwargs = {k: v for k, v in model.items() if k != "name"}
+        return str(model["name"]), kwargs
+    raise ImgclsError(f"model mapping needs 'layers' or 'name', got keys {sorted(model)}",
+                      "e.g. model: {layers: [...]} or model: {name: resnet18}")
+
+
 def _timm_names() -> list[str]:
     import timm
 
@@ -43,6 +73,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
             return MODELS.get(name)(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
         except ValueError as exc:
             raise ImgclsError(f"cannot build {name}: {exc}", "change --img-size") from None
+        except TypeError as exc:  # an option the architecture does not take
+            raise ImgclsError(f"cannot build {name}: {exc}", "check the model options in the config") from None
     if is_timm_model(name):
         import timm
 
@@ -62,12 +94,19 @@ def _accepts_img_size(name: str) -> bool:
     return any(name.startswith(p) for p in ("vit", "deit", "beit", "swin", "eva", "cait", "xcit", "levit"))
 
 
-def list_models(pattern: str = "") -> dict[str, list[str]]:
+def list_models(pattern: str = "", pretrained: bool = False) -> dict[str, list[str]]:
+    """Architecture names matching ``pattern``; with ``pretrained`` only timm ones that have
+    pretrained weights (imgcls built-ins have none)."""
     import fnmatch
 
+    import timm
+
     pat = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
-    return {"imgcls": [n for n in MODELS.names() if fnmatch.fnmatch(n, pat)],
-            "timm": [n for n in _timm_names() if fnmatch.fnmatch(n, pat)]}
+    timm_names = timm.list_models(pretrained=True) if pretrained else _timm_names()
+    if pretrained:  # 'resnet18.a1_in1k' -> 'resnet18': the architecture name is what --model takes
+        timm_names = list(dict.fromkeys(n.split(".")[0] for n in timm_names))
+    return {"imgcls": [] if pretrained else [n for n in MODELS.names() if fnmatch.fnmatch(n, pat)],
+            "timm": [n for n in timm_names if fnmatch.fnmatch(n, pat)]}
 
 
 def count_params(model: nn.Module) -> int:

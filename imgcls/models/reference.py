@@ -8,11 +8,12 @@ out), as usual in PyTorch.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from imgcls.models.base import FeaturesHeadNet
 
-class ReferenceCNN(nn.Module):
+
+class ReferenceCNN(FeaturesHeadNet):
     """Same interface as timm models: forward_features / forward_head / reset_classifier."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28):
@@ -27,21 +28,4 @@ class ReferenceCNN(nn.Module):
             raise ValueError(f"reference_cnn needs inputs of at least 10x10 pixels, got {img_size}")
         self.num_features = 64
         self.pre_logits = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(inplace=True))
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, 64, h, w): the last conv block (Grad-CAM's default layer)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pre_logits(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
         self.fc = nn.Linear(64, num_classes)
