@@ -153,9 +153,10 @@ class Classifier:
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
             val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
-            callbacks: list[Callback] | None = None) -> dict[str, Any]:
+            callbacks: list[Callback] | None = None, log: str | list[str] | None = None) -> dict[str, Any]:
         """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
-        weights of the best validation epoch. Returns a summary (history, best epoch, time)."""
+        weights of the best validation epoch. Returns a summary (history, best epoch, time).
+        ``log``: extra experiment logs, e.g. "tensorboard" or "tensorboard,mlflow"."""
         seed_everything(seed)
         data = load_data(data, val_split=val_split, seed=seed)
         self._check_classes(data)
@@ -185,6 +186,13 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
+        if log:  # experiment loggers (tensorboard, mlflow) are callbacks too
+            from dataclasses import asdict
+
+            from imgcls.engine.loggers import build_loggers
+
+            cbs += build_loggers(log, run_dir, {"architecture": self.architecture, "data": data.name,
+                                                "batch_size": batch_size, "augment": aug.preset, **asdict(settings)})
         trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs)
         t0 = time.perf_counter()
         state = trainer.fit(train_b, val_b)
@@ -386,6 +394,10 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
     if not isinstance(cfg.model, str):
         raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
+    if cfg.log:  # a typo in --log should fail before anything is trained or written
+        from imgcls.engine.loggers import parse_log
+
+        parse_log(cfg.log)
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
     defaults = MODEL_DEFAULTS.get(cfg.model, {})
     in_chans = cfg.in_chans or data.channels
@@ -403,7 +415,7 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
                       warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
-                      progress=progress)
+                      progress=progress, log=cfg.log)
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
     clf.save(run_dir)

@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     workers: int | None = None  # data-loading processes for image files; None: automatic
     out: str = "runs"
     name: str | None = None
+    log: str | None = None  # extra experiment logs, comma-separated: tensorboard, mlflow (history.csv always)
 
     @field_validator("epochs", "batch_size")
     @classmethod

@@ -27,6 +27,7 @@ _HELP = {
     "workers": "image-decoding processes (default: automatic)",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
+    "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 
 
