@@ -165,3 +165,25 @@ def test_report_without_validation_split(trained_run, tmp_path, tiny_npz):
     r = build_report(run, str(tiny_npz), out_dir=tmp_path / "rep")
     assert r.calibration["fitted_on"] is None and "no validation split" in r.calibration["note"]
     assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_mistake_gallery_for_image_files(split_folder, tmp_path):
+    """Photo folders: the gallery explains the files themselves (centre-cropped like predict)."""
+    from imgcls import train
+    from imgcls.data.sources import load_data
+    from imgcls.evaluation.report import confident_mistakes
+
+    r = train({"data": str(split_folder), "epochs": 1, "img_size": 24, "batch_size": 8, "out": str(tmp_path),
+               "name": "p"}, progress=False)
+    part = load_data(str(split_folder)).test
+    labels = part.labels.numpy()
+    probs = np.full((len(labels), 3), 0.1)
+    probs[np.arange(len(labels)), (labels + 1) % 3] = 0.8  # every prediction wrong, equally sure
+    probs[0, (labels[0] + 1) % 3] = 0.9  # ... except the first, which is surest
+    gallery = confident_mistakes(r.classifier, part, probs, labels, n=3)
+    assert [g["index"] for g in gallery][0] == 0 and len(gallery) == 3
+    for g in gallery:
+        assert g["source"] == str(part.paths[g["index"]])
+        pic = Image.open(io.BytesIO(g["png"]))
+        assert pic.height == 128 and pic.width > 2 * 128
+        assert 0 <= g["faithfulness"]["deletion_auc"] <= 1
