@@ -167,3 +167,16 @@ def test_explanation_files_and_cli(digits_run, digits_test, tmp_path, capsys):
         assert a.shape == (48, 56) and np.isfinite(a).all()
     assert main(["explain", str(digits_run), str(folder / "d0.png"), "--target", "nine"]) == 1
     assert "unknown target class 'nine'" in capsys.readouterr().err
+
+
+def test_cli_option_errors(digits_run, tmp_path, capsys):
+    from imgcls.cli import main
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    assert main(["explain", str(digits_run), str(img), "--samples", "50"]) == 1
+    assert "--samples applies to lime and shap" in capsys.readouterr().err
+    assert main(["explain", str(digits_run), str(tmp_path / "missing.png")]) == 1
+    assert "image not found" in capsys.readouterr().err
+    assert main(["explain", str(digits_run), str(img), "--layer", "feature.4"]) == 1
+    assert "did you mean 'features.4'" in capsys.readouterr().err
