@@ -233,10 +233,9 @@ class Classifier:
                 bar.stop()
             self.model.to("cpu")
 
-    def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
-                 precision: str = "auto") -> dict[str, Any]:
-        """Metrics on the data's test split (else its validation split, held out as in
-        training); ``split`` picks one explicitly."""
+    def eval_data(self, data: Any, split: str | None = None) -> tuple[ImageData, str, Split]:
+        """The data (validation split held out exactly as in training), the split's name and
+        the split to evaluate on: test if there is one, else validation, or ``split``."""
         training = self.card.get("training", {})
         data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
         self._check_classes(data)
@@ -246,6 +245,13 @@ class Classifier:
             part = getattr(data, split, None)
             if part is None or not len(part):
                 raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+        return data, split, part
+
+    def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
+                 precision: str = "auto") -> dict[str, Any]:
+        """Metrics on the data's test split (else its validation split, held out as in
+        training); ``split`` picks one explicitly."""
+        data, split, part = self.eval_data(data, split)
         logits, labels = self._logits(part, batch_size, device, precision)
         m = classification_metrics(logits / self.temperature, labels, self.classes)
         m["split"], m["data"] = split, data.name

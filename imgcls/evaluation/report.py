@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgcls.artifact import CARD, atomic_write
-from imgcls.data.sources import load_data
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.calibration import calibration_summary, fit_temperature
 from imgcls.evaluation.metrics import classification_metrics
@@ -137,15 +136,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     clf = Classifier.load(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    training = clf.card.get("training", {})
-    data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
-    clf._check_classes(data)
-    if split is None:
-        split, part = data.eval_split()
-    else:
-        part = getattr(data, split, None)
-        if part is None or not len(part):
-            raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+    data, split, part = clf.eval_data(data, split)
 
     logits, labels = clf._logits(part, batch_size, device)
     calibration: dict[str, Any] = {"fitted_on": None, "temperature": clf.temperature}
