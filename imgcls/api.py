@@ -257,6 +257,18 @@ class Classifier:
         m["split"], m["data"] = split, data.name
         return m
 
+    def calibrate(self, data: Any, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+        """Temperature scaling: fit ``self.temperature`` on the data's validation split (held
+        out as in training) so probabilities match accuracy; ``save()`` stores it in
+        model.json. Predicted classes do not change. Returns ECE/NLL before and after."""
+        from imgcls.evaluation.calibration import temperature_scaling
+
+        _, _, part = self.eval_data(data, "val")
+        logits, labels = self._logits(part, batch_size, device)
+        self.temperature, info = temperature_scaling(logits, labels)
+        self.card["calibration"] = info
+        return info
+
     def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
                       workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[str]]:
         """Class probabilities ``(N, num_classes)`` and the source name of each image."""

@@ -187,3 +187,18 @@ def test_mistake_gallery_for_image_files(split_folder, tmp_path):
         pic = Image.open(io.BytesIO(g["png"]))
         assert pic.height == 128 and pic.width > 2 * 128
         assert 0 <= g["faithfulness"]["deletion_auc"] <= 1
+
+
+def test_classifier_calibrate_api(digits_run, tmp_path):
+    clf = Classifier.load(digits_run)
+    with torch.no_grad():
+        clf.model.fc.weight.mul_(20.0)
+        clf.model.fc.bias.mul_(20.0)
+    p_before = clf.predict_proba(np.zeros((28, 28), np.uint8))[0]
+    info = clf.calibrate("digits")
+    assert clf.temperature == pytest.approx(info["temperature"], rel=1e-3) and clf.temperature > 5
+    assert info["val_ece_after"] < info["val_ece_before"]
+    p_after = clf.predict_proba(np.zeros((28, 28), np.uint8))[0]
+    assert p_after.argmax() == p_before.argmax() and p_after.max() < p_before.max()
+    clf.save(tmp_path / "c")
+    assert Classifier.load(tmp_path / "c").temperature == pytest.approx(clf.temperature)
