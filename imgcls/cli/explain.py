@@ -27,10 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
+    from imgcls.errors import ImgclsError
     from imgcls.explain import explain
     from imgcls.explain.render import faithfulness_line
-
-    from imgcls.errors import ImgclsError
 
     if args.samples is not None and args.method not in ("lime", "shap"):
         raise ImgclsError(f"--samples applies to lime and shap, not {args.method}", "drop --samples")
