@@ -11,14 +11,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from imgcls.cli import audit as _audit
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import explain as _explain
+from imgcls.cli import export as _export
 from imgcls.cli import models as _models
 from imgcls.cli import predict as _predict
+from imgcls.cli import serve as _serve
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models, _explain]
+COMMANDS = [_train, _evaluate, _predict, _models, _audit, _explain, _export, _serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

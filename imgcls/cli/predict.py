@@ -1,33 +1,89 @@
-"""imgcls predict RUN IMAGE_OR_FOLDER..."""
+"""imgcls predict RUN IMAGE_OR_FOLDER... [--backend auto|torch|onnx] [--output FILE.csv|json]"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import sys
+from pathlib import Path
 
 NAME = "predict"
-HELP = "predict the class of images (files or folders)"
+HELP = "predict the class of images (files or folders), on the fastest available backend"
+FORMATS = ("text", "csv", "json", "jsonl")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder written by `imgcls train`")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto: ONNX Runtime on a CPU when the run has an up-to-date `imgcls export`, else torch")
+    p.add_argument("--int8", action="store_true", help="run the int8 export (model.int8.onnx)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: from --output's extension, else text)")
+    p.add_argument("--output", "-o", default=None, help="write the predictions to this file (.csv, .json, .jsonl)")
+    p.add_argument("--json", action="store_true", help="same as --format jsonl: one JSON object per image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
 
 
+def _format(args: argparse.Namespace) -> str:
+    from imgcls.errors import ImgclsError
+
+    if args.json:
+        return "jsonl"
+    if args.format:
+        return args.format
+    if args.output:
+        ext = Path(args.output).suffix.lower().lstrip(".")
+        if ext in ("csv", "json", "jsonl"):
+            return ext
+        raise ImgclsError(f"cannot tell the format of --output {args.output}",
+                          "use a .csv, .json or .jsonl name, or pass --format")
+    return "text"
+
+
+def render(preds, fmt: str, top_k: int) -> str:
+    if fmt == "json":
+        return "[\n" + ",\n".join(json.dumps(p.to_dict()) for p in preds) + "\n]\n"  # one image a line
+    if fmt == "jsonl":
+        return "".join(json.dumps(p.to_dict()) + "\n" for p in preds)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        k = max((len(p.top) for p in preds), default=top_k)
+        w.writerow(["source", "label", "probability"]
+                   + [f"{col}_{i}" for i in range(2, k + 1) for col in ("class", "probability")])
+        for p in preds:
+            w.writerow([p.source] + [v for c, prob in p.top for v in (c, f"{prob:.6f}")])
+        return buf.getvalue()
+    return "".join(f"{p.source}: " + "  ".join(f"{c} {prob:.4f}" for c, prob in p.top) + "\n" for p in preds)
+
+
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
+    from imgcls.errors import ImgclsError
 
+    fmt = _format(args)
+    if args.batch_size < 1:
+        raise ImgclsError(f"--batch-size {args.batch_size} is not positive", "e.g. --batch-size 64")
     clf = Classifier.load(args.run)
+    if args.int8 and args.backend == "torch":
+        raise ImgclsError("--int8 runs the int8 ONNX export", "drop --backend torch")
+    backend = "onnx-int8" if args.int8 else args.backend
     preds = clf.predict(args.images, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
-                        workers=args.workers, progress=True)
-    for p in preds:
-        if args.json:
-            print(json.dumps(p.to_dict()))
-        else:
-            print(f"{p.source}: " + "  ".join(f"{c} {prob:.4f}" for c, prob in p.top))
+                        workers=args.workers, progress=True, backend=backend)
+    text = render(preds, fmt, args.top_k)
+    if args.output:
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            raise ImgclsError(f"cannot write {args.output}: {exc.strerror}", "choose another --output") from None
+        print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
+

@@ -32,9 +32,13 @@ def cpu_has_fast_bf16() -> bool:
     if cap not in ("AVX512", "AMX"):
         return False
     try:
-        return bool(torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: read the CPU flags
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from imgcls.data.loaders import Batches
 from imgcls.data.transforms import BatchAugment, Preprocessing
+from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import Callback, CallbackList, TrainState
 from imgcls.engine.device import autocast
 from imgcls.engine.optim import build_optimizer, build_scheduler
@@ -63,42 +64,55 @@ class Trainer:
     def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
         self.callbacks = CallbackList(callbacks or [])
         self.channels_last = channels_last
         self.class_weights = class_weights.to(device) if class_weights is not None else None
+        self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
 
     def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
         s, model, dev = self.s, self.model, self.device
         model.to(dev)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        net = D.wrap(model, self.dist)  # DDP when several processes; callbacks see the plain model
         steps = len(train)
         opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum)
         sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
         scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        gen = torch.Generator().manual_seed(s.seed)  # augmentation draws: reproducible per seed
+        # augmentation draws: reproducible per seed (and independent per process)
+        gen = torch.Generator().manual_seed(s.seed + 1_000_003 * self.dist.rank)
+        # exposed for callbacks that save / restore the whole training state (engine/checkpoint.py)
+        self.opt, self.sched, self.scaler, self.gen = opt, sched, scaler, gen
 
         state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
-        self.callbacks.on_fit_start(state, model)
-        for epoch in range(1, s.epochs + 1):
-            state.epoch, state.batch_in_epoch, state.seen = epoch, 0, 0
+        self.callbacks.on_fit_start(state, model)  # a resumed run restores epoch, position and sums here
+        first_epoch, skip = max(1, state.epoch), state.batch_in_epoch
+        for epoch in range(first_epoch, s.epochs + 1):
+            if state.stop:  # a resumed run that had already stopped early
+                break
+            resumed = epoch == first_epoch and skip > 0
+            if not resumed:
+                state.batch_in_epoch, state.seen = 0, 0
+                state.loss_sum = torch.zeros((), device=dev)
+                state.correct = torch.zeros((), device=dev, dtype=torch.long)
+            state.epoch = epoch
             state.epoch_start = time.perf_counter()
             train.set_epoch(epoch)
+            train.skip = skip if resumed else 0
             self.callbacks.on_epoch_start(state)
             model.train()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
+            loss_sum, correct = state.loss_sum, state.correct  # updated in place below
             for x, y in train:
                 x, y = _to_device(x, dev), _to_device(y, dev)
                 if self.augment is not None:
                     x = self.augment(x, gen)
                 x = self.pre.normalize(x, self.channels_last)  # (B, C, S, S) float
                 with autocast(dev, self.amp_dtype):
-                    out = model(x)
+                    out = net(x)
                     loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
                                            label_smoothing=s.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -116,12 +130,21 @@ class Trainer:
                     if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
                 self.callbacks.on_batch_end(state)
             train_time = time.perf_counter() - state.epoch_start
-            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(state.seen, 1),
-                       "train_acc": float(correct) / max(state.seen, 1), "lr": opt.param_groups[0]["lr"]}
+            seen = state.seen
+            if self.dist.enabled:  # epoch metrics over all processes' images
+                loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, dev)
+            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
+                       "train_acc": float(correct) / max(seen, 1), "lr": opt.param_groups[0]["lr"]}
             if val is not None and len(val.split):
                 logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last)
-                metrics["val_loss"] = float(F.cross_entropy(logits, labels))
-                metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
+                if self.dist.enabled:  # each process saw its share of the validation images
+                    mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+                            len(labels)] if len(labels) else [0.0, 0, 0]
+                    vloss, vcorrect, vn = D.sum_across(mine, self.dist, dev)
+                    metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
+                else:
+                    metrics["val_loss"] = float(F.cross_entropy(logits, labels))
+                    metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
             metrics["epoch_time"] = time.perf_counter() - state.epoch_start
             metrics["img_per_s"] = state.seen / max(train_time, 1e-9)
             state.metrics = metrics

@@ -127,7 +127,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     clf = Classifier.load(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    data, split, part = clf.eval_data(data, split)
+    data, split, part, _ = clf.eval_data(data, split)
 
     logits, labels = clf._logits(part, batch_size, device)
     calibration: dict[str, Any] = {"fitted_on": None, "temperature": clf.temperature}

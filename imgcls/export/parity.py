@@ -1,0 +1,88 @@
+"""Parity checks: the exported model must agree with the PyTorch model it came from.
+
+The reference is the PyTorch module in fp32 on the CPU, run on the run's own validation
+split (rebuilt from config.yaml / model.json with the same val_split and seed), or on a
+seeded sample of it. Float exports must agree on top-1 for >= 99.9% of the images; int8
+exports are judged by their accuracy change against the labels instead (int8 is allowed
+to flip a few borderline images, not to lose accuracy beyond ``max_drop`` points).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from imgcls.data.records import ImageData, Split
+from imgcls.data.sources import load_data
+from imgcls.errors import ImgclsError
+from imgcls.export.runtime import TorchBackend, run_backend, softmax, split_batches
+
+MIN_AGREEMENT = 0.999
+
+
+def data_spec(run_dir: Path | None, card: dict[str, Any], override: str | None) -> str:
+    """Where the run's data is: --data, else config.yaml's data, else the card's data name."""
+    if override:
+        return override
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+        if isinstance(cfg, dict) and cfg.get("data"):
+            return str(cfg["data"])
+    name = card.get("training", {}).get("data")
+    if name:
+        return str(name)
+    raise ImgclsError(f"{run_dir or 'the model'} does not record its training data",
+                      "pass --data with the validation data for the parity check")
+
+
+def load_run_data(run_dir: Path | None, card: dict[str, Any], override: str | None) -> ImageData:
+    spec = data_spec(run_dir, card, override)
+    training = card.get("training", {})
+    try:
+        return load_data(spec, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
+    except ImgclsError as exc:
+        raise ImgclsError(f"cannot load the data for the parity check ({exc.message})",
+                          "pass --data FOLDER|FILE.npz|NAME with the run's data") from None
+
+
+def sample(split: Split, n: int | None, seed: int = 0) -> Split:
+    """A seeded random sample of ``n`` images (all of them when n is None or larger)."""
+    if n is None or n >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return split.subset(idx.sort().values)
+
+
+def check_split(data: ImageData) -> tuple[str, Split]:
+    if data.val is not None and len(data.val):
+        return "val", data.val
+    return data.eval_split()
+
+
+def reference_logits(clf, split: Split, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 PyTorch logits on the CPU: the ground truth an export is compared with."""
+    be = TorchBackend(clf.model, clf.preprocessing, device="cpu", precision="fp32")
+    try:
+        return run_backend(be, split_batches(split, clf.preprocessing, batch_size))
+    finally:
+        be.close()
+
+
+def compare(ref_logits: np.ndarray, other_logits: np.ndarray, labels: np.ndarray,
+            temperature: float = 1.0) -> dict[str, Any]:
+    p_ref, p_other = softmax(ref_logits, temperature), softmax(other_logits, temperature)
+    agree = float((p_ref.argmax(1) == p_other.argmax(1)).mean())
+    diff = np.abs(p_ref - p_other)
+    acc_ref = float((p_ref.argmax(1) == labels).mean())
+    acc_other = float((p_other.argmax(1) == labels).mean())
+    return {"images": int(len(labels)), "top1_agreement": round(agree, 6),
+            "max_prob_diff": float(f"{diff.max():.3g}"), "mean_prob_diff": float(f"{diff.mean():.3g}"),
+            "accuracy_torch": round(acc_ref, 6), "accuracy_export": round(acc_other, 6),
+            "accuracy_change_points": round(100 * (acc_other - acc_ref), 3)}
