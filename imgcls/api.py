@@ -191,9 +191,14 @@ class Classifier:
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
             callbacks: list[Callback] | None = None, deterministic: bool = False,
             checkpoint_every: float | None = None, resume: dict[str, Any] | None = None,
+<<<<<<< HEAD
             strict: bool = False, balance: str = "auto", cache: bool = True, freeze: str = "none",
             unfreeze_at: int | None = None, unfreeze: str = "gradual", backbone_lr: float | None = None,
             layer_decay: float | None = None, feature_cache: str = "auto") -> dict[str, Any]:
+=======
+            strict: bool = False, balance: str = "auto", cache: bool = True,
+            log: str | list[str] | None = None) -> dict[str, Any]:
+>>>>>>> issue-6-trust
         """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
         ImageData); keeps the weights of the best validation epoch. Returns a summary
         (history, best epoch, time).
@@ -206,12 +211,17 @@ class Classifier:
         Under torchrun every process calls this: ``batch_size`` is the global batch, split
         evenly over the processes. With ``run_dir``, ``run_dir/checkpoint.pt`` is written
         every epoch (and every ``checkpoint_every`` minutes); ``resume`` (a loaded checkpoint)
+<<<<<<< HEAD
         continues from it.
 
         Fine-tuning (engine/finetune.py): ``freeze="backbone"`` trains only the classifier
         (on features cached once, unless ``feature_cache="off"``); ``unfreeze_at`` unfreezes
         the backbone from that epoch (``unfreeze`` "gradual" or "all"); ``backbone_lr`` and
         ``layer_decay`` give the backbone lower learning rates."""
+=======
+        continues from it. ``log``: extra experiment logs, e.g. "tensorboard" or "tensorboard,mlflow"
+        (written by the main process only)."""
+>>>>>>> issue-6-trust
         ctx = D.setup(device)
         (set_deterministic if deterministic else seed_everything)(seed)
         data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
@@ -280,11 +290,25 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
+<<<<<<< HEAD
         say = _stderr_console().print if progress and ctx.is_main else None
         ft = plan_finetune(self.model, pretrained=bool(self.card.get("pretrained")), freeze=freeze,
                              unfreeze_at=unfreeze_at, unfreeze=unfreeze, backbone_lr=backbone_lr,
                              layer_decay=layer_decay, feature_cache="off" if ctx.enabled and feature_cache == "auto" else feature_cache, lr=lr,
                              weight_decay=weight_decay, epochs=epochs, log=say)
+=======
+        if log and ctx.is_main:  # experiment loggers (tensorboard, mlflow) are callbacks too
+            from dataclasses import asdict
+
+            from imgcls.engine.loggers import build_loggers
+
+            cbs += build_loggers(log, writer, {"architecture": self.architecture, "data": data.name,
+                                               "batch_size": batch_size, "augment": aug.preset, **asdict(settings)})
+        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, dist=ctx,
+                          class_weights=plan.weight_tensor())
+        if ckpt is not None:
+            ckpt.attach(trainer)
+>>>>>>> issue-6-trust
         scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
                  "per_process_batch": local_batch, "lr": lr,
                  "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
@@ -371,12 +395,11 @@ class Classifier:
                 bar.stop()
             self.model.to("cpu")
 
-    def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
-                 precision: str = "auto", strict: bool = False, cache: bool = True,
-                 announce: bool = True) -> dict[str, Any]:
-        """Metrics on the data's test split (else its validation split, held out as in
-        training); ``split`` picks one explicitly. Unreadable image files are skipped and
-        counted in ``skipped_files`` (``strict``: an error)."""
+    def eval_data(self, data: Any, split: str | None = None, strict: bool = False, cache: bool = True,
+                  announce: bool = True) -> tuple[ImageData, str, Split, list]:
+        """The data (validation split held out exactly as in training), the split's name, the
+        split to evaluate on (test if there is one, else validation, or ``split``), decoded,
+        and the files that could not be read."""
         training = self.card.get("training", {})
         data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
         data = self._check_classes(data)
@@ -391,6 +414,27 @@ class Classifier:
             only = dataclasses.replace(data, **({"train": None, "val": None, "test": None} | {split: part}))
             files = decode_data(only, self.preprocessing, strict=strict, cache=cache, splits=(split,), announce=announce)
             part, skipped = getattr(files.data, split), files.skipped
+        return data, split, part, skipped
+
+    def calibrate(self, data: Any, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+        """Temperature scaling: fit ``self.temperature`` on the data's validation split (held
+        out as in training) so probabilities match accuracy; ``save()`` stores it in
+        model.json. Predicted classes do not change. Returns ECE/NLL before and after."""
+        from imgcls.evaluation.calibration import temperature_scaling
+
+        _, _, part, _ = self.eval_data(data, "val")
+        logits, labels = self._logits(part, batch_size, device)
+        self.temperature, info = temperature_scaling(logits, labels)
+        self.card["calibration"] = info
+        return info
+
+    def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
+                 precision: str = "auto", strict: bool = False, cache: bool = True,
+                 announce: bool = True) -> dict[str, Any]:
+        """Metrics on the data's test split (else its validation split, held out as in
+        training); ``split`` picks one explicitly. Unreadable image files are skipped and
+        counted in ``skipped_files`` (``strict``: an error)."""
+        data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
         logits, labels = self._logits(part, batch_size, device, precision)
         m = classification_metrics(logits / self.temperature, labels, self.classes)
         m["split"], m["data"] = split, data.name
@@ -594,7 +638,14 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if cfg.deterministic:
         set_deterministic(cfg.seed)
     ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
+<<<<<<< HEAD
     arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
+=======
+    if cfg.log:  # a typo in --log should fail before anything is trained or written
+        from imgcls.engine.loggers import parse_log
+
+        parse_log(cfg.log)
+>>>>>>> issue-6-trust
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
     defaults = MODEL_DEFAULTS.get(arch, {})
     in_chans = cfg.in_chans or data.channels
@@ -627,9 +678,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
                       progress=progress, deterministic=cfg.deterministic, checkpoint_every=cfg.checkpoint_every,
+<<<<<<< HEAD
                       resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache,
                       freeze=cfg.freeze, unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze,
                       backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache)
+=======
+                      resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache, log=cfg.log)
+>>>>>>> issue-6-trust
     if not ctx.is_main:
         return TrainResult(run_dir=run_dir, classifier=clf, metrics={}, summary=summary)
     # unreadable files were reported by fit already

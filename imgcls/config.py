@@ -63,6 +63,7 @@ class TrainConfig(BaseModel):
     devices: int = 1  # processes on this machine; >1 starts them through torchrun (DDP)
     deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
     checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (one per epoch always)
+    log: str | None = None  # extra experiment logs, comma-separated: tensorboard, mlflow (history.csv always)
 
     @field_validator("classes", mode="before")
     @classmethod

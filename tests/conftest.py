@@ -92,3 +92,15 @@ def trained_run(tmp_path_factory) -> Path:
     result = train({"data": str(npz), "epochs": 4, "batch_size": 16, "out": str(root / "runs"), "seed": 0},
                    progress=False)
     return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """A reference CNN trained for 2 epochs on the embedded 8x8 `digits` set (shown at
+    28x28): real enough for explanations and calibration to mean something, ~10 s on CPU."""
+    from imgcls import train
+
+    root = tmp_path_factory.mktemp("digits")
+    result = train({"data": "digits", "epochs": 2, "batch_size": 64, "out": str(root), "name": "run", "seed": 0},
+                   progress=False)
+    return result.run_dir

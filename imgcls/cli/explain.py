@@ -27,11 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
+    from imgcls.errors import ImgclsError
     from imgcls.explain import explain
     from imgcls.explain.render import faithfulness_line
 
+    if args.samples is not None and args.method not in ("lime", "shap"):
+        raise ImgclsError(f"--samples applies to lime and shap, not {args.method}", "drop --samples")
+    if args.samples is not None and args.samples < 10:
+        raise ImgclsError(f"--samples {args.samples} is too few for a meaningful fit", "use at least 10 (default 300/500)")
     clf = Classifier.load(args.run)
-    opts = {"samples": args.samples} if args.samples and args.method in ("lime", "shap") else {}
+    opts = {"samples": args.samples} if args.samples else {}
     exps = explain(clf, args.images, method=args.method, target=args.target, layer=args.layer,
                    top_k=args.top_k, faithfulness=not args.no_faithfulness, device=args.device, **opts)
     out = Path(args.out)

@@ -38,6 +38,7 @@ _HELP = {
                "through torchrun; --batch-size stays the global batch",
     "deterministic": "seed everything, use deterministic kernels, record environment and data fingerprint",
     "checkpoint_every": "also checkpoint every N minutes inside an epoch (always at each epoch end)",
+    "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 
 

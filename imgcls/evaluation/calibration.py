@@ -73,3 +73,13 @@ def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature:
             "mean_confidence": round(float(probs.max(1).mean()), 5),
             "accuracy": round(float((probs.argmax(1) == y).mean()), 5),
             "reliability": reliability_bins(probs, y, bins)}
+
+
+def temperature_scaling(val_logits: torch.Tensor, val_labels: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    """Fit the temperature on validation logits; ECE/NLL on that split before and after."""
+    t = fit_temperature(val_logits, val_labels)
+    before = calibration_summary(val_logits, val_labels, 1.0)
+    after = calibration_summary(val_logits, val_labels, t)
+    return t, {"fitted_on": "val", "num_images": int(len(val_labels)), "temperature": round(t, 4),
+               "val_ece_before": before["ece"], "val_ece_after": after["ece"],
+               "val_nll_before": before["nll"], "val_nll_after": after["nll"]}

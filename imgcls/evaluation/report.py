@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgcls.artifact import CARD, atomic_write
-from imgcls.data.sources import load_data
 from imgcls.errors import ImgclsError
-from imgcls.evaluation.calibration import calibration_summary, fit_temperature
+from imgcls.evaluation.calibration import calibration_summary, temperature_scaling
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
 
@@ -66,15 +65,6 @@ def save_temperature(folder: Path, temperature: float, calibration: dict[str, An
     card["temperature"] = round(float(temperature), 6)
     card["calibration"] = calibration
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
-
-
-def calibrate(clf: Any, val_logits: torch.Tensor, val_labels: torch.Tensor) -> tuple[float, dict[str, Any]]:
-    """Fit the temperature on validation logits; ECE/NLL before and after on that split."""
-    t = fit_temperature(val_logits, val_labels)
-    before, after = calibration_summary(val_logits, val_labels, 1.0), calibration_summary(val_logits, val_labels, t)
-    return t, {"fitted_on": "val", "num_images": int(len(val_labels)), "temperature": round(t, 4),
-               "val_ece_before": before["ece"], "val_ece_after": after["ece"],
-               "val_nll_before": before["nll"], "val_nll_after": after["nll"]}
 
 
 def _thumb(e: Any, height: int = 128) -> bytes:
@@ -137,22 +127,14 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     clf = Classifier.load(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    training = clf.card.get("training", {})
-    data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
-    clf._check_classes(data)
-    if split is None:
-        split, part = data.eval_split()
-    else:
-        part = getattr(data, split, None)
-        if part is None or not len(part):
-            raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+    data, split, part, _ = clf.eval_data(data, split)
 
     logits, labels = clf._logits(part, batch_size, device)
     calibration: dict[str, Any] = {"fitted_on": None, "temperature": clf.temperature}
     has_val = data.val is not None and len(data.val) > 0
     if calibrate_on_val and has_val:
         val_logits, val_labels = (logits, labels) if split == "val" else clf._logits(data.val, batch_size, device)
-        t, calibration = calibrate(clf, val_logits, val_labels)
+        t, calibration = temperature_scaling(val_logits, val_labels)
         clf.temperature = t
         save_temperature(run_dir, t, calibration)
     elif calibrate_on_val:

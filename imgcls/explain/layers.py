@@ -94,7 +94,7 @@ def find_target_layer(model: nn.Module, example: torch.Tensor, name: str | None 
             return TargetLayer(norm, modules[norm], _reshape_for(model, shapes[norm]))
     nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
     pooled: set[str] = set()  # pooling layers and the containers that end with one
-    for i, (lname, shape) in enumerate(seen):
+    for i, (lname, _) in enumerate(seen):
         mod = modules[lname]
         if isinstance(mod, _POOLS) or (i and seen[i - 1][0] in pooled and seen[i - 1][0].startswith(lname + ".")):
             pooled.add(lname)
