@@ -191,14 +191,10 @@ class Classifier:
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
             callbacks: list[Callback] | None = None, deterministic: bool = False,
             checkpoint_every: float | None = None, resume: dict[str, Any] | None = None,
-<<<<<<< HEAD
             strict: bool = False, balance: str = "auto", cache: bool = True, freeze: str = "none",
             unfreeze_at: int | None = None, unfreeze: str = "gradual", backbone_lr: float | None = None,
-            layer_decay: float | None = None, feature_cache: str = "auto") -> dict[str, Any]:
-=======
-            strict: bool = False, balance: str = "auto", cache: bool = True,
+            layer_decay: float | None = None, feature_cache: str = "auto",
             log: str | list[str] | None = None) -> dict[str, Any]:
->>>>>>> issue-6-trust
         """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
         ImageData); keeps the weights of the best validation epoch. Returns a summary
         (history, best epoch, time).
@@ -211,17 +207,13 @@ class Classifier:
         Under torchrun every process calls this: ``batch_size`` is the global batch, split
         evenly over the processes. With ``run_dir``, ``run_dir/checkpoint.pt`` is written
         every epoch (and every ``checkpoint_every`` minutes); ``resume`` (a loaded checkpoint)
-<<<<<<< HEAD
-        continues from it.
+        continues from it. ``log``: extra experiment logs, e.g. "tensorboard" or "tensorboard,mlflow"
+        (written by the main process only).
 
         Fine-tuning (engine/finetune.py): ``freeze="backbone"`` trains only the classifier
         (on features cached once, unless ``feature_cache="off"``); ``unfreeze_at`` unfreezes
         the backbone from that epoch (``unfreeze`` "gradual" or "all"); ``backbone_lr`` and
         ``layer_decay`` give the backbone lower learning rates."""
-=======
-        continues from it. ``log``: extra experiment logs, e.g. "tensorboard" or "tensorboard,mlflow"
-        (written by the main process only)."""
->>>>>>> issue-6-trust
         ctx = D.setup(device)
         (set_deterministic if deterministic else seed_everything)(seed)
         data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
@@ -290,13 +282,6 @@ class Classifier:
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed)
-<<<<<<< HEAD
-        say = _stderr_console().print if progress and ctx.is_main else None
-        ft = plan_finetune(self.model, pretrained=bool(self.card.get("pretrained")), freeze=freeze,
-                             unfreeze_at=unfreeze_at, unfreeze=unfreeze, backbone_lr=backbone_lr,
-                             layer_decay=layer_decay, feature_cache="off" if ctx.enabled and feature_cache == "auto" else feature_cache, lr=lr,
-                             weight_decay=weight_decay, epochs=epochs, log=say)
-=======
         if log and ctx.is_main:  # experiment loggers (tensorboard, mlflow) are callbacks too
             from dataclasses import asdict
 
@@ -304,11 +289,12 @@ class Classifier:
 
             cbs += build_loggers(log, writer, {"architecture": self.architecture, "data": data.name,
                                                "batch_size": batch_size, "augment": aug.preset, **asdict(settings)})
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, dist=ctx,
-                          class_weights=plan.weight_tensor())
-        if ckpt is not None:
-            ckpt.attach(trainer)
->>>>>>> issue-6-trust
+        say = _stderr_console().print if progress and ctx.is_main else None
+        ft = plan_finetune(self.model, pretrained=bool(self.card.get("pretrained")), freeze=freeze,
+                           unfreeze_at=unfreeze_at, unfreeze=unfreeze, backbone_lr=backbone_lr,
+                           layer_decay=layer_decay,
+                           feature_cache="off" if ctx.enabled and feature_cache == "auto" else feature_cache,
+                           lr=lr, weight_decay=weight_decay, epochs=epochs, log=say)
         scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
                  "per_process_batch": local_batch, "lr": lr,
                  "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
@@ -638,14 +624,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if cfg.deterministic:
         set_deterministic(cfg.seed)
     ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
-<<<<<<< HEAD
     arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
-=======
     if cfg.log:  # a typo in --log should fail before anything is trained or written
         from imgcls.engine.loggers import parse_log
 
         parse_log(cfg.log)
->>>>>>> issue-6-trust
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
     defaults = MODEL_DEFAULTS.get(arch, {})
     in_chans = cfg.in_chans or data.channels
@@ -678,13 +661,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
                       progress=progress, deterministic=cfg.deterministic, checkpoint_every=cfg.checkpoint_every,
-<<<<<<< HEAD
                       resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache,
                       freeze=cfg.freeze, unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze,
-                      backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache)
-=======
-                      resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache, log=cfg.log)
->>>>>>> issue-6-trust
+                      backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache,
+                      log=cfg.log)
     if not ctx.is_main:
         return TrainResult(run_dir=run_dir, classifier=clf, metrics={}, summary=summary)
     # unreadable files were reported by fit already
