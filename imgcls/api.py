@@ -33,6 +33,9 @@ from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, Ba
                                     augment_preset, photo_train_transform)
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
+from imgcls.engine.lr_find import LRFindResult, lr_find
+from imgcls.engine.recipes import RecipeContext, resolve_recipe
+from imgcls.engine.speed import EMA, configure_threads
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
@@ -147,34 +150,37 @@ class Classifier:
                        size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train)
 
     # ------------------------------------------------------------------ training
-    def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3,
+    def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float | str = 3e-3,
             optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
             schedule: str = "onecycle", warmup_epochs: float = 0.3, label_smoothing: float = 0.0,
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
             val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
-            callbacks: list[Callback] | None = None) -> dict[str, Any]:
+            callbacks: list[Callback] | None = None, mixup: float = 0.0, cutmix: float = 0.0,
+            randaugment: str | None = None, ema: float = 0.0, tta: str = "auto", compile: bool = False,
+            threads: int | None = None) -> dict[str, Any]:
         """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
-        weights of the best validation epoch. Returns a summary (history, best epoch, time)."""
+        weights of the best validation epoch. Returns a summary (history, best epoch, time).
+        ``lr="auto"`` runs the learning-rate finder first (:meth:`find_lr`)."""
         seed_everything(seed)
-        data = load_data(data, val_split=val_split, seed=seed)
-        self._check_classes(data)
-        dev = resolve_device(device)
-        amp = resolve_precision(precision, dev)
+        data, dev, amp, aug, train_b, val_b, batch_aug = self._setup(
+            data, batch_size, augment=augment, hflip=hflip, randaugment=randaugment, val_split=val_split,
+            seed=seed, device=device, precision=precision, workers=workers, threads=threads)
         pre = self.preprocessing
-        # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
-        if data.train.in_memory and not self.card.get("pretrained"):
-            pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
-        if not data.train.in_memory:
-            pre.resize, pre.crop_pct = "shorter_side", 0.875
-        aug = augment_preset(augment, data.kind, hflip)
-        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
-        val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
-        batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None
+        lr_found = None
+        if lr == "auto":
+            lr_found = lr_find(self.model, pre, train_b, dev, amp, optimizer=optimizer, weight_decay=weight_decay,
+                               momentum=momentum, label_smoothing=label_smoothing, batch_augment=batch_aug,
+                               seed=seed)
+            lr = lr_found.suggestion
+        # flip TTA by default only for small colour images trained with flips (cheap there)
+        tta = ("flip" if aug.hflip and data.kind == "small-colour" else "none") if tta == "auto" else tta
 
         run_dir = Path(run_dir) if run_dir else None
         best = BestModel(on_improve=(lambda m, b: self._save_to(run_dir, best_metrics=b)) if run_dir else None)
         cbs: list[Callback] = [best]
+        if ema:
+            cbs.insert(0, EMA(ema))
         if patience:
             cbs.append(EarlyStopping(patience))
         if run_dir:
@@ -184,8 +190,10 @@ class Classifier:
         cbs += callbacks or []
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
-                               label_smoothing=label_smoothing, seed=seed)
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs)
+                               label_smoothing=label_smoothing, seed=seed, compile=compile, mixup=mixup,
+                               cutmix=cutmix)
+        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, tta=tta)
+        self.card["tta"] = tta
         t0 = time.perf_counter()
         state = trainer.fit(train_b, val_b)
         train_time = time.perf_counter() - t0
@@ -197,11 +205,54 @@ class Classifier:
             "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(train_time, 2),
             "device": str(dev), "precision": precision_name(amp), "augment": aug.to_dict(),
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
-            "val_split": val_split, "seed": seed,
+            "val_split": val_split, "seed": seed, "lr": lr, "tta": tta,
         }
+        if lr_found is not None:
+            summary["lr_find"] = {"suggestion": lr_found.suggestion, "min_loss_lr": lr_found.min_loss_lr}
         self.card["training"] = summary
         self.history = state.history
         return summary
+
+    def _setup(self, data: Any, batch_size: int, *, augment: str = "auto", hflip: bool | None = None,
+               randaugment: str | None = None, val_split: float = 0.1, seed: int = 0, device: str = "auto",
+               precision: str = "auto", workers: int | None = None, threads: int | None = None):
+        """Data, device, precision, augmentation and batches for training (fit, find_lr)."""
+        data = load_data(data, val_split=val_split, seed=seed)
+        self._check_classes(data)
+        dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
+        configure_threads(threads)
+        pre = self.preprocessing
+        # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
+        if data.train.in_memory and not self.card.get("pretrained"):
+            pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
+        if not data.train.in_memory:
+            pre.resize, pre.crop_pct = "shorter_side", 0.875
+        aug = augment_preset(augment, data.kind, hflip)
+        aug.randaugment = randaugment
+        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
+        val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
+        batch_aug = BatchAugment(aug.translate, aug.hflip, randaugment) \
+            if data.train.in_memory and (aug.preset != "none" or randaugment) else None
+        return data, dev, amp, aug, train_b, val_b, batch_aug
+
+    def find_lr(self, data: Any, *, batch_size: int = 128, optimizer: str = "adam", weight_decay: float = 0.0,
+                momentum: float = 0.9, label_smoothing: float = 0.0, augment: str = "auto",
+                hflip: bool | None = None, val_split: float = 0.1, seed: int = 0, device: str = "auto",
+                precision: str = "auto", workers: int | None = None, threads: int | None = None,
+                steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+        """Learning-rate range test on a copy of this model (its weights stay as they are)."""
+        seed_everything(seed)
+        data, dev, amp, aug, train_b, _, batch_aug = self._setup(
+            data, batch_size, augment=augment, hflip=hflip, val_split=val_split, seed=seed, device=device,
+            precision=precision, workers=workers, threads=threads)
+        try:
+            return lr_find(self.model, self.preprocessing, train_b, dev, amp, optimizer=optimizer,
+                           weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
+                           batch_augment=batch_aug, start_lr=start_lr, end_lr=end_lr, steps=steps, seed=seed,
+                           channels_last=dev.type != "mps")
+        except ValueError as exc:
+            raise ImgclsError(f"learning-rate finder: {exc}", "check --start-lr / --end-lr / --steps") from None
 
     # ------------------------------------------------------------------ inference
     def _logits(self, split: Split, batch_size: int = 256, device: str = "auto", precision: str = "auto",
@@ -219,7 +270,8 @@ class Classifier:
         try:
             return predict_logits(self.model, self._batches(split, batch_size, workers=workers, device=dev),
                                   self.preprocessing, dev, amp, channels_last=dev.type != "mps",
-                                  on_batch=(lambda n: bar.advance(task, n)) if bar else None)
+                                  on_batch=(lambda n: bar.advance(task, n)) if bar else None,
+                                  tta=self.card.get("tta", "none"))
         finally:
             if bar is not None:
                 bar.stop()
@@ -379,10 +431,8 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
     if not isinstance(cfg.model, str):
         raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
-    defaults = MODEL_DEFAULTS.get(cfg.model, {})
-    in_chans = cfg.in_chans or data.channels
-    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
-    clf = Classifier.create(cfg.model, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed)
+    cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    clf, in_chans, img_size = _new_classifier(cfg, data)
     run_dir = next_run_dir(cfg.out, cfg.name)
     try:
         run_dir.mkdir(parents=True, exist_ok=bool(cfg.name))
@@ -395,12 +445,46 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
                       warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
-                      progress=progress)
+                      progress=progress, mixup=cfg.mixup, cutmix=cfg.cutmix, randaugment=cfg.randaugment,
+                      ema=cfg.ema, tta=cfg.tta, compile=cfg.compile, threads=cfg.threads)
+    summary["recipe"] = cfg.recipe
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
     clf.save(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({"training": summary, "evaluation": metrics}, indent=2) + "\n")
     return TrainResult(run_dir=run_dir, classifier=clf, metrics=metrics, summary=summary)
+
+
+def _new_classifier(cfg: TrainConfig, data: ImageData) -> tuple[Classifier, int, int]:
+    defaults = MODEL_DEFAULTS.get(cfg.model, {})
+    in_chans = cfg.in_chans or data.channels
+    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
+    clf = Classifier.create(cfg.model, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed)
+    return clf, in_chans, img_size
+
+
+def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
+    return RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
+                         in_memory=bool(data.train is not None and data.train.in_memory),
+                         device_type=resolve_device(cfg.device).type)
+
+
+def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: float = 1e-7,
+            end_lr: float = 10.0) -> tuple[LRFindResult, TrainConfig]:
+    """What ``imgcls lr-find`` does: the model and data of a training config (recipe
+    resolved), then the learning-rate range test. Returns the result and resolved config."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    clf, in_chans, img_size = _new_classifier(cfg, data)
+    res = clf.find_lr(data, batch_size=cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                      momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+                      hflip=cfg.hflip, val_split=cfg.val_split, seed=cfg.seed, device=cfg.device,
+                      precision=cfg.precision, workers=cfg.workers, threads=cfg.threads, steps=steps,
+                      start_lr=start_lr, end_lr=end_lr)
+    return res, cfg
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:

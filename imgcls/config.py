@@ -26,24 +26,33 @@ class TrainConfig(BaseModel):
     img_size: int | None = None  # None: the data's native size (arrays) or 224 (photo folders)
     in_chans: int | None = None  # None: the data's channels (1 grayscale, 3 colour)
     val_split: float = 0.1  # held out (stratified) when the data has no validation split
-    # recipe
+    # recipe: a named preset (imgcls/engine/recipes.py) fills every field not given explicitly;
+    # auto picks one from the data (fast for in-memory small images, else default)
+    recipe: Literal["auto", "fast", "accurate", "reference", "default"] = "auto"
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float | Literal["auto"] = 3e-3  # auto: run the learning-rate finder first
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "linear", "constant"] = "onecycle"
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.0
     augment: Literal["auto", "none", "light", "standard", "photo"] = "auto"
     hflip: bool | None = None  # None: on for colour images, off for grayscale (digits)
     patience: int | None = None  # early stopping on validation accuracy
+    mixup: float = 0.0  # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0  # timm CutMix alpha (0 = off)
+    randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5
+    ema: float = 0.0  # per-step decay of an exponential moving average of the weights (0 = off)
+    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation; auto: flip when trained with flips
     # machinery
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     workers: int | None = None  # data-loading processes for image files; None: automatic
+    threads: int | None = None  # CPU compute threads; None: the cores this process may use
+    compile: bool = False  # torch.compile the model (pays off on long runs / GPUs)
     out: str = "runs"
     name: str | None = None
 
@@ -56,9 +65,30 @@ class TrainConfig(BaseModel):
 
     @field_validator("lr")
     @classmethod
-    def _lr_positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be greater than 0")
+    def _lr_positive(cls, v: float | str) -> float | str:
+        if v != "auto" and v <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return v
+
+    @field_validator("mixup", "cutmix")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be at least 0")
+        return v
+
+    @field_validator("ema")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1), e.g. 0.999")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
         return v
 
     @field_validator("val_split")

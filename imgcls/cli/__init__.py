@@ -12,12 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from imgcls.cli import evaluate as _evaluate
+from imgcls.cli import lr_find as _lr_find
 from imgcls.cli import models as _models
 from imgcls.cli import predict as _predict
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models]
+COMMANDS = [_train, _evaluate, _predict, _models, _lr_find]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,15 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
     "workers": "image-decoding processes (default: automatic)",
+    "recipe": "preset of the fields below (fast, accurate, reference, default); explicit flags override it",
+    "lr": "learning rate, or auto to pick one with the learning-rate finder",
+    "mixup": "mixup alpha (timm), e.g. 0.2; 0 = off",
+    "cutmix": "cutmix alpha (timm), e.g. 1.0; 0 = off",
+    "randaugment": "timm RandAugment config, e.g. rand-m9-mstd0.5 (natural images)",
+    "ema": "keep an exponential moving average of the weights with this per-step decay, e.g. 0.999",
+    "tta": "test-time augmentation at evaluation (auto: flips when trained with flips)",
+    "threads": "CPU compute threads (default: the cores this process may use)",
+    "compile": "torch.compile the model (warm-up costs tens of seconds on a CPU)",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
 }
@@ -32,6 +41,8 @@ _HELP = {
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) > 1 and any(typing.get_origin(a) is typing.Literal for a in args):
+        return str, None  # e.g. a number or "auto": pydantic converts
     if typing.get_origin(annotation) is typing.Literal:
         return str, list(typing.get_args(annotation))
     if annotation in (int, float, str):
@@ -51,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.default
         helptext = f"{_HELP.get(name, name.replace('_', ' '))} (default: {default})"
-        if name == "hflip":
+        if name == "hflip" or field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
             continue
         typ, choices = _flag_type(field.annotation)

@@ -1,0 +1,186 @@
+"""The performance path of training: data on the device, thread budget, EMA of weights,
+flip test-time augmentation, mixup/cutmix, torch.compile and data-dependent model init.
+
+The training loop (trainer.py) calls into here through a few one-line hooks, so the loop
+stays readable and each technique can be measured on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgcls.data.loaders import Batches, _epoch_order
+from imgcls.data.transforms import Preprocessing
+from imgcls.engine.callbacks import Callback, TrainState
+
+# Move an in-memory training set to the GPU once when it takes at most this share of the
+# free device memory (CIFAR-10 as uint8 is 150 MB; the rest is left for activations).
+DEVICE_DATA_SHARE = 0.25
+
+
+# ---------------------------------------------------------------------- threads
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None, decode_workers: int = 0) -> int:
+    """Set torch's intra-op threads to the cores this process may use (minus decode
+    workers that run alongside), never more: oversubscribed OpenMP threads on a small
+    machine spin against each other and can halve throughput. Returns the count."""
+    n = threads or max(1, usable_cores() - decode_workers)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------- data on device
+class DeviceBatches:
+    """An in-memory split held on the training device as uint8 (moved once), batched by
+    indexing there: no per-step host-to-device copies, no pinned staging buffers. Same
+    epoch order as :class:`Batches` for the same seed."""
+
+    def __init__(self, batches: Batches, device: torch.device):
+        self.split = batches.split
+        self.batch_size, self.shuffle, self.seed = batches.batch_size, batches.shuffle, batches.seed
+        self.drop_last, self.epoch = batches.drop_last, batches.epoch
+        self.images = batches.split.images.to(device)
+        self.labels = batches.split.labels.to(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = _epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch).to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def maybe_on_device(batches: Batches | None, device: torch.device):
+    """``batches`` as :class:`DeviceBatches` on a GPU when the split is in memory and fits;
+    unchanged otherwise (on a CPU the images already are where the model is)."""
+    if batches is None or device.type != "cuda" or not batches.split.in_memory:
+        return batches
+    free, _ = torch.cuda.mem_get_info(device)
+    if batches.split.images.numel() > DEVICE_DATA_SHARE * free:
+        return batches
+    return DeviceBatches(batches, device)
+
+
+# ---------------------------------------------------------------------- model hooks
+@torch.no_grad()
+def init_from_data(model: nn.Module, batches: Batches, pre: Preprocessing, device: torch.device,
+                   max_images: int = 5000) -> None:
+    """Call the model's ``init_from_data(x)`` hook (e.g. airbench's whitening layer) with up
+    to ``max_images`` normalised training images, if the model has one."""
+    hook = getattr(model, "init_from_data", None)
+    if not callable(hook):
+        return
+    split = batches.split
+    if split.in_memory:
+        x = split.images[:max_images]
+    else:  # image files: the first few batches
+        xs, n = [], 0
+        for x, _ in batches:
+            xs.append(x)
+            n += len(x)
+            if n >= max_images:
+                break
+        x = torch.cat(xs)[:max_images]
+    hook(pre.normalize(x.to(device)))
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """The module to call in the loop: ``torch.compile(model)`` when asked (weights stay
+    shared with ``model``, so state_dict / saving are unaffected), else ``model``."""
+    if not enabled:
+        return model
+    return torch.compile(model)
+
+
+# ---------------------------------------------------------------------- mixup / cutmix
+class MixLoss:
+    """timm's Mixup/CutMix on a normalised float batch, with the soft-target cross-entropy
+    that goes with it (timm folds label smoothing into the soft targets)."""
+
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                         num_classes=num_classes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) % 2:  # timm mixes a batch with its flip: needs an even batch
+            x, y = x[:-1], y[:-1]
+        return self.mix(x, y)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def mix_loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> MixLoss | None:
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    return MixLoss(mixup, cutmix, label_smoothing, num_classes)
+
+
+def num_outputs(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if n:
+        return int(n)
+    return int(model.get_classifier().out_features)
+
+
+# ---------------------------------------------------------------------- TTA
+def tta_forward(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits for ``x``; with ``tta='flip'`` the mean of the image's and its mirror's."""
+    out = model(x)
+    if tta == "flip":
+        out = (out.float() + model(x.flip(-1)).float()) / 2
+    return out
+
+
+# ---------------------------------------------------------------------- EMA
+class EMA(Callback):
+    """Exponential moving average of the weights (timm's ModelEmaV3, BatchNorm statistics
+    included). Validation, best-model keeping and the final weights use the average: it is
+    swapped into the model when an epoch's training ends and the live weights are swapped
+    back when the next epoch starts. Decay warms up (timm's schedule) so short runs are
+    not dominated by the random initial weights."""
+
+    def __init__(self, decay: float = 0.999):
+        self.decay = decay
+        self.ema = None
+        self.model: nn.Module | None = None
+        self._live: dict[str, torch.Tensor] | None = None
+
+    def on_fit_start(self, state: TrainState, model: nn.Module) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=self.decay, use_warmup=True)
+
+    def on_batch_end(self, state: TrainState) -> None:
+        self.ema.update(self.model, step=state.step)
+
+    def on_train_epoch_end(self, state: TrainState, model: nn.Module) -> None:
+        self._live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.ema.module.state_dict())
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        if self._live is not None:
+            self.model.load_state_dict(self._live)
+            self._live = None
