@@ -205,7 +205,7 @@ class Classifier:
             "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(train_time, 2),
             "device": str(dev), "precision": precision_name(amp), "augment": aug.to_dict(),
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
-            "val_split": val_split, "seed": seed, "lr": lr, "tta": tta,
+            "val_split": val_split, "seed": seed, "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
         }
         if lr_found is not None:
             summary["lr_find"] = {"suggestion": lr_found.suggestion, "min_loss_lr": lr_found.min_loss_lr}

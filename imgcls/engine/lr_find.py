@@ -72,7 +72,7 @@ def lr_find(model: nn.Module, pre: Preprocessing, batches, device: torch.device,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = float(loss)
+            value = float(loss.detach())
             step += 1
             if not math.isfinite(value):
                 res.stopped_early = True

@@ -1,7 +1,8 @@
 """Recipes: named presets of TrainConfig values, chosen per data kind and device.
 
 A recipe fills only the fields the user did not give (pydantic's ``model_fields_set``), so
-``--recipe fast --epochs 5`` is the fast recipe with five epochs. The resolved values, the
+``--recipe fast --epochs 5`` is the fast recipe with five epochs. A batch size given without
+a learning rate moves the recipe's rate with it (:func:`scale_lr`). The resolved values, the
 recipe's name included, are what a run saves in ``config.yaml``; loading that file back
 reproduces the run without consulting the registry again.
 
@@ -108,4 +109,14 @@ def resolve_recipe(cfg, ctx: RecipeContext):
     values = RECIPES.get(name)(ctx)
     explicit = cfg.model_fields_set
     update = {k: v for k, v in values.items() if k not in explicit}
+    if "batch_size" in explicit and "lr" in update and "batch_size" in values:
+        update["lr"] = scale_lr(update["lr"], values["batch_size"], cfg.batch_size,
+                                update.get("optimizer", cfg.optimizer))
     return cfg.model_copy(update={**update, "recipe": name})
+
+
+def scale_lr(lr: float, from_batch: int, to_batch: int, optimizer: str) -> float:
+    """The recipe's rate moved to another batch size: linearly for SGD (Goyal et al. 2017),
+    by the square root for Adam-type optimisers (Malladi et al. 2022)."""
+    ratio = to_batch / from_batch
+    return float(f"{lr * (ratio if optimizer == 'sgd' else ratio ** 0.5):.4g}")

@@ -8,6 +8,7 @@ stays readable and each technique can be measured on its own.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import torch
@@ -31,14 +32,41 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cores(interval: float = 0.25) -> float | None:
+    """How many cores sat idle over the next ``interval`` seconds (Linux /proc/stat), or
+    None where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return vals[3] + vals[4], sum(vals[:8])  # idle + iowait, total (without guest time)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
 def configure_threads(threads: int | None, decode_workers: int = 0) -> int:
-    """Set torch's intra-op threads to the cores this process may use (minus decode
-    workers that run alongside), never more: oversubscribed OpenMP threads on a small
-    machine spin against each other and can halve throughput. Returns the count."""
-    n = threads or max(1, usable_cores() - decode_workers)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+    """Set torch's intra-op threads; returns the count.
+
+    Default: the cores this process may use (minus decode workers running alongside),
+    lowered to the cores actually idle right now. OpenMP threads that must share a busy
+    core spin against each other: measured on the shared 2-core machine with other jobs
+    running, the reference CNN trained at 342 img/s with 2 threads and 1,257 with 1.
+    """
+    if threads is None:
+        threads = max(1, usable_cores() - decode_workers)
+        free = idle_cores()
+        if free is not None:
+            threads = max(1, min(threads, int(free + 0.5)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 # ---------------------------------------------------------------------- data on device

@@ -24,9 +24,12 @@ from torch import nn
 
 
 class _BatchNorm(nn.BatchNorm2d):
-    """BatchNorm with a frozen unit scale: only the bias (shift) is trained."""
+    """BatchNorm with a frozen unit scale: only the bias (shift) is trained.
 
-    def __init__(self, num_features: int, momentum: float = 0.6, eps: float = 1e-12):
+    eps is PyTorch's 1e-5, not airbench's 1e-12: under CPU bf16 autocast a channel's
+    variance can round to slightly below zero and 1e-12 then gives NaN (seen in tests)."""
+
+    def __init__(self, num_features: int, momentum: float = 0.6, eps: float = 1e-5):
         super().__init__(num_features, eps=eps, momentum=1 - momentum)  # torch counts momentum the other way
         self.weight.requires_grad = False
 
