@@ -70,7 +70,7 @@ def main() -> None:
                           seed=cfg.seed, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
                           run_dir=Path(tmp), progress=False, callbacks=cbs, mixup=cfg.mixup, cutmix=cfg.cutmix,
                           randaugment=cfg.randaugment, ema=cfg.ema, tta=cfg.tta, compile=cfg.compile,
-                          threads=cfg.threads)
+                          threads=cfg.threads, lookahead=cfg.lookahead)
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     eval_time = cbs[0].eval_time if cbs else 0.0
     out = {"tool": "imgcls", "recipe": cfg.recipe, "model": cfg.model, "epochs": summary["epochs_run"],

@@ -35,7 +35,7 @@ from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryC
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
-from imgcls.engine.speed import EMA, configure_threads
+from imgcls.engine.speed import EMA, Lookahead, configure_threads
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
@@ -158,7 +158,7 @@ class Classifier:
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
             callbacks: list[Callback] | None = None, mixup: float = 0.0, cutmix: float = 0.0,
             randaugment: str | None = None, ema: float = 0.0, tta: str = "auto", compile: bool = False,
-            threads: int | None = None) -> dict[str, Any]:
+            threads: int | None = None, lookahead: bool = False) -> dict[str, Any]:
         """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
         weights of the best validation epoch. Returns a summary (history, best epoch, time).
         ``lr="auto"`` runs the learning-rate finder first (:meth:`find_lr`)."""
@@ -181,6 +181,8 @@ class Classifier:
         cbs: list[Callback] = [best]
         if ema:
             cbs.insert(0, EMA(ema))
+        if lookahead:
+            cbs.insert(0, Lookahead())
         if patience:
             cbs.append(EarlyStopping(patience))
         if run_dir:
@@ -446,7 +448,8 @@ def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainR
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
                       progress=progress, mixup=cfg.mixup, cutmix=cfg.cutmix, randaugment=cfg.randaugment,
-                      ema=cfg.ema, tta=cfg.tta, compile=cfg.compile, threads=cfg.threads)
+                      ema=cfg.ema, tta=cfg.tta, compile=cfg.compile, threads=cfg.threads,
+                      lookahead=cfg.lookahead)
     summary["recipe"] = cfg.recipe
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}

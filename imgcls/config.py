@@ -45,7 +45,8 @@ class TrainConfig(BaseModel):
     cutmix: float = 0.0  # timm CutMix alpha (0 = off)
     randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5
     ema: float = 0.0  # per-step decay of an exponential moving average of the weights (0 = off)
-    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation; auto: flip when trained with flips
+    lookahead: bool = False  # lookahead of weights every 5 steps (airbench's schedule)
+    tta: Literal["auto", "none", "flip", "flip-shift"] = "auto"  # test-time augmentation at evaluation
     # machinery
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -16,7 +16,7 @@ from imgcls.engine.callbacks import TrainState
 from imgcls.engine.lr_find import lr_find
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.engine.recipes import RECIPES, RecipeContext, choose_recipe, resolve_recipe
-from imgcls.engine.speed import EMA, configure_threads, tta_forward
+from imgcls.engine.speed import EMA, Lookahead, configure_threads, tta_forward
 from imgcls.errors import ImgclsError
 from imgcls.models import create_model
 from tests.conftest import pattern_images
@@ -162,11 +162,35 @@ def test_flip_tta_is_mirror_invariant():
     assert not torch.allclose(tta_forward(model, x, "none"), tta_forward(model, x.flip(-1), "none"))
 
 
+def test_lookahead_pulls_live_weights_to_slow_ones():
+    model = torch.nn.Linear(2, 2)
+    la = Lookahead(every=1, max_decay=0.5)
+    state = TrainState(epochs=1, steps_per_epoch=4)
+    la.on_fit_start(state, model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    state.step = 4  # the last step: decay = max_decay
+    la.on_batch_end(state)
+    assert torch.allclose(model.weight, start + 0.5)  # halfway between slow and live
+
+
+def test_flip_shift_tta_matches_its_definition():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    x = torch.randn(2, 3, 8, 8)
+    out = tta_forward(model, x, "flip-shift")
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [tta_forward(model, v, "flip") for v in (p[..., :8, :8], p[..., 2:, 2:])]
+    assert torch.allclose(out, tta_forward(model, x, "flip") / 2 + (views[0] + views[1]) / 4, atol=1e-5)
+
+
 def test_fit_with_ema_mixup_tta(colour_npz):
     clf = Classifier.create("airbench", num_classes=3, in_chans=3, img_size=16, seed=0)
     summary = clf.fit(colour_npz, epochs=4, batch_size=16, lr=0.2, optimizer="sgd", schedule="linear",
-                      ema=0.9, mixup=0.2, cutmix=1.0, tta="flip", progress=False, precision="fp32")
-    assert summary["tta"] == "flip" and clf.card["tta"] == "flip"
+                      ema=0.9, mixup=0.2, cutmix=1.0, tta="flip-shift", lookahead=True, progress=False,
+                      precision="bf16")
+    assert summary["tta"] == "flip-shift" and clf.card["tta"] == "flip-shift"
     assert clf.history[-1]["train_loss"] < clf.history[0]["train_loss"]
     assert clf.evaluate(colour_npz)["accuracy"] > 0.6
 

@@ -55,7 +55,7 @@ def fast_recipe(ctx: RecipeContext) -> dict[str, Any]:
     digits: the reference CNN, 2 one-cycle epochs of Adam at batch 128 with light shifts;
     small colour images: the airbench network with its hyper-parameters (Nesterov SGD,
     momentum 0.85, label smoothing 0.2, linear warm-up/decay, batch 512 on a CPU / 1024 on
-    a GPU with the learning rate scaled with it, lookahead-free EMA, flip TTA);
+    a GPU with the learning rate scaled with it, lookahead, flip + shift TTA);
     photos: one-cycle AdamW, 5 epochs, photo augmentation.
     """
     if ctx.kind == "digits":
@@ -65,7 +65,7 @@ def fast_recipe(ctx: RecipeContext) -> dict[str, Any]:
         batch = 1024 if ctx.device_type == "cuda" else 512
         return {"model": "airbench", "epochs": 10, "batch_size": batch, **_airbench_sgd(batch),
                 "schedule": "linear", "warmup_epochs": 2.3, "label_smoothing": 0.2, "augment": "light",
-                "hflip": True, "tta": "flip", "ema": 0.0}
+                "hflip": True, "tta": "flip-shift", "lookahead": True}
     return {"epochs": 5, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05,
             "schedule": "onecycle", "augment": "photo"}
 
@@ -82,7 +82,7 @@ def accurate_recipe(ctx: RecipeContext) -> dict[str, Any]:
         batch = 1024 if ctx.device_type == "cuda" else 512
         return {"model": "airbench", "epochs": 30, "batch_size": batch, **_airbench_sgd(batch),
                 "schedule": "linear", "warmup_epochs": 6.0, "label_smoothing": 0.2, "augment": "standard",
-                "hflip": True, "tta": "flip", "ema": 0.999}
+                "hflip": True, "tta": "flip-shift", "lookahead": True}
     return {"epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05,
             "schedule": "cosine", "warmup_epochs": 2.0, "augment": "photo", "label_smoothing": 0.1,
             "randaugment": "rand-m9-mstd0.5", "mixup": 0.2, "cutmix": 1.0, "ema": 0.999, "tta": "flip"}

@@ -174,10 +174,19 @@ def num_outputs(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------- TTA
 def tta_forward(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Logits for ``x``; with ``tta='flip'`` the mean of the image's and its mirror's."""
-    out = model(x)
-    if tta == "flip":
-        out = (out.float() + model(x.flip(-1)).float()) / 2
+    """Logits for ``x``. ``flip``: the mean over the image and its mirror; ``flip-shift``:
+    half that, half the same for copies shifted by one pixel up-left and down-right
+    (reflect-padded), airbench's test-time augmentation."""
+    if tta == "none":
+        return model(x)
+    out = (model(x).float() + model(x.flip(-1)).float()) / 2
+    if tta == "flip-shift":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        shifted = [t.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) else t for t in shifted]
+        out = out / 2 + sum((model(t).float() + model(t.flip(-1)).float()) / 2 for t in shifted) / 4
     return out
 
 
@@ -212,3 +221,36 @@ class EMA(Callback):
         if self._live is not None:
             self.model.load_state_dict(self._live)
             self._live = None
+
+
+class Lookahead(Callback):
+    """Lookahead (Zhang et al. 2019) with airbench's schedule: every ``every`` steps the slow
+    weights move toward the live ones, ``slow = decay*slow + (1-decay)*live``, and training
+    continues from the slow weights. ``decay`` rises as ``max_decay * (t/T)^3`` over the run
+    (t: step, T: all steps), so early training moves freely and late training averages."""
+
+    def __init__(self, every: int = 5, max_decay: float = 0.95 ** 5):
+        self.every, self.max_decay = every, max_decay
+        self.model: nn.Module | None = None
+        self.slow: list[torch.Tensor] = []
+        self.total = 1
+
+    def _tensors(self) -> list[torch.Tensor]:
+        # float parameters and BatchNorm running statistics (not the integer step counters)
+        return [t for t in self.model.state_dict().values() if t.is_floating_point()]
+
+    def on_fit_start(self, state: TrainState, model: nn.Module) -> None:
+        self.model = model
+        self.total = max(1, state.epochs * state.steps_per_epoch)
+        self.slow = [t.detach().clone() for t in self._tensors()]
+
+    @torch.no_grad()
+    def _sync(self, decay: float) -> None:
+        live = self._tensors()
+        torch._foreach_lerp_(self.slow, live, 1.0 - decay)
+        for t, s in zip(live, self.slow):
+            t.copy_(s)
+
+    def on_batch_end(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self._sync(self.max_decay * (state.step / self.total) ** 3)
