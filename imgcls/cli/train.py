@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     m = result.metrics
     s = result.summary
     print(f"trained {result.classifier.architecture} on {s['data']} for {s['epochs_run']} epoch(s) in "
-          f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}); best epoch {s['best_epoch']}")
+          f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}, recipe {s.get('recipe', '?')}); "
+          f"best epoch {s['best_epoch']}")
     print(f"{m['split']} accuracy: {m['accuracy']:.4f} on {m['num_images']} images")
     print(f"model saved to {result.run_dir}")
     sys.stdout.flush()
