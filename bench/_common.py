@@ -35,12 +35,12 @@ def machine() -> dict:
 
 
 def run_json(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[dict, float]:
-    """Run a command whose last stdout line is JSON; returns (that object, wall seconds)."""
+    """Run a command whose last stdout line is JSON; returns (that object, wall seconds).
+    Its stderr (progress, per-epoch lines) passes straight through."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
