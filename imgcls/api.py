@@ -35,7 +35,7 @@ from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryC
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
-from imgcls.engine.speed import EMA, Lookahead, configure_threads
+from imgcls.engine.speed import EMA, AdaptiveThreads, Lookahead, configure_threads
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
@@ -183,6 +183,8 @@ class Classifier:
             cbs.insert(0, EMA(ema))
         if lookahead:
             cbs.insert(0, Lookahead())
+        if threads is None and dev.type == "cpu":
+            cbs.append(AdaptiveThreads())
         if patience:
             cbs.append(EarlyStopping(patience))
         if run_dir:

@@ -236,6 +236,24 @@ def test_configure_threads_explicit_and_bounded():
         torch.set_num_threads(old)
 
 
+def test_adaptive_threads_only_after_long_epochs(monkeypatch):
+    import imgcls.engine.speed as speed
+
+    calls = []
+    monkeypatch.setattr(speed, "configure_threads", lambda threads: calls.append(threads) or 1)
+    cb = speed.AdaptiveThreads(min_epoch_s=10)
+    state = TrainState(epochs=3, steps_per_epoch=1)
+    state.metrics = {"epoch_time": 2.0}
+    cb.on_epoch_end(state, None)
+    state.epoch = 2
+    cb.on_epoch_start(state)
+    assert calls == []  # short epochs: no probe
+    state.metrics = {"epoch_time": 30.0}
+    cb.on_epoch_end(state, None)
+    cb.on_epoch_start(state)
+    assert calls == [None]
+
+
 def test_config_lr_auto_and_bool_flags():
     from imgcls.cli import build_parser
     from imgcls.cli.train import config_from_args

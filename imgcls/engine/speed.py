@@ -69,6 +69,25 @@ def configure_threads(threads: int | None, decode_workers: int = 0) -> int:
     return threads
 
 
+class AdaptiveThreads(Callback):
+    """Re-check the idle cores at each epoch start (from the second on) and resize torch's
+    thread pool to them: other jobs on a shared machine come and go during a long run
+    (seen here: a CIFAR-10 run started beside other jobs kept 1 thread after the machine
+    went idle). Between epochs this process computes nothing, so the idle count is what
+    the others leave. Skipped for short epochs, where the 0.25 s probe would show."""
+
+    def __init__(self, min_epoch_s: float = 10.0):
+        self.min_epoch_s = min_epoch_s
+        self.last_epoch_s = 0.0
+
+    def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
+        self.last_epoch_s = state.metrics.get("epoch_time", 0.0)
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        if state.epoch > 1 and self.last_epoch_s >= self.min_epoch_s:
+            configure_threads(None)
+
+
 # ---------------------------------------------------------------------- data on device
 class DeviceBatches:
     """An in-memory split held on the training device as uint8 (moved once), batched by
