@@ -23,7 +23,7 @@ install: $(STAMP)
 
 # Train the reference CNN on the digits that ship inside scikit-learn (no download).
 demo: $(STAMP)
-	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 12 --batch-size 64 --out runs --name demo
+	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 8 --batch-size 32 --out runs --name demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

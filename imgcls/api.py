@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
-import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,23 @@ import torch.nn.functional as F
 from imgcls import __version__
 from imgcls.artifact import load_weights, read_card, save_model
 from imgcls.config import TrainConfig
+from imgcls.data.balance import plan_balance
+from imgcls.data.cache import CacheSpec
 from imgcls.data.decode import is_image_file
-from imgcls.data.loaders import Batches
+from imgcls.data.loaders import BalancedOrder, Batches
+from imgcls.data.prepare import decode_data
 from imgcls.data.records import ImageData, Split
-from imgcls.data.sources import _to_nchw_uint8, load_data
-from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, Preprocessing,
-                                    augment_preset, photo_train_transform)
+from imgcls.data.sources import _to_nchw_uint8, load_data, with_classes
+from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, BatchResizedCrop,
+                                    Preprocessing, augment_preset, photo_tensor_transform, photo_train_transform)
+from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
+from imgcls.engine.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, preflight_run_dir
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
 from imgcls.engine.speed import EMA, AdaptiveThreads, Lookahead, configure_threads
+from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
@@ -46,12 +53,6 @@ def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def library_versions() -> dict[str, str]:
@@ -132,22 +133,34 @@ class Classifier:
         return len(self.classes)
 
     # ------------------------------------------------------------------ data plumbing
-    def _check_classes(self, data: ImageData) -> None:
+    def _check_classes(self, data: ImageData) -> ImageData:
+        """``data`` relabelled to the model's class order (its classes may be a subset)."""
+        if data.classes != self.classes and set(data.classes) <= set(self.classes):
+            return with_classes(data, self.classes)
         if data.classes != self.classes:
             raise ImgclsError(
                 f"the data's classes {data.classes[:6]}{'…' if len(data.classes) > 6 else ''} differ from the "
                 f"model's {self.classes[:6]}{'…' if len(self.classes) > 6 else ''}",
-                "use data with the same class names in the same order")
+                "use data with the same class names")
+        return data
 
     def _batches(self, split: Split, batch_size: int, *, train: bool = False, seed: int = 0,
-                 aug: AugmentSpec | None = None, workers: int | None = None, device=None) -> Batches:
+                 aug: AugmentSpec | None = None, workers: int | None = None, device=None,
+                 crop: bool = True, order=None, sample_transform=None) -> Batches:
         pre = self.preprocessing
         pin = device is not None and device.type == "cuda"
         if split.in_memory:
-            return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin)
+            # decoded-once photos are stored img_size / crop_pct square: centre-crop them
+            # (training with the photo preset crops at random on the device instead)
+            big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
+            return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin,
+                           order=order, center_crop=pre.img_size if (big and crop) else None,
+                           transform=sample_transform, workers=workers)
         transform = photo_train_transform(pre, aug) if (train and aug) else pre.pil_transform()
+        spec = CacheSpec.for_preprocessing(pre)  # same reduced JPEG decode as the cache
         return Batches(split, batch_size, shuffle=train, seed=seed, transform=transform, channels=pre.in_chans,
-                       size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train)
+                       size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train, order=order,
+                       min_side=spec.side if pre.resize == "shorter_side" else None)
 
     # ------------------------------------------------------------------ training
     def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float | str = 3e-3,
@@ -156,17 +169,80 @@ class Classifier:
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
             val_split: float = 0.1, seed: int = 0, device: str = "auto", precision: str = "auto",
             workers: int | None = None, run_dir: str | Path | None = None, progress: bool = True,
-            callbacks: list[Callback] | None = None, mixup: float = 0.0, cutmix: float = 0.0,
-            randaugment: str | None = None, ema: float = 0.0, tta: str = "auto", compile: bool = False,
-            threads: int | None = None, lookahead: bool = False) -> dict[str, Any]:
-        """Train on ``data`` (a folder, .npz, dataset name, arrays or ImageData); keeps the
-        weights of the best validation epoch. Returns a summary (history, best epoch, time).
-        ``lr="auto"`` runs the learning-rate finder first (:meth:`find_lr`)."""
-        seed_everything(seed)
-        data, dev, amp, aug, train_b, val_b, batch_aug = self._setup(
-            data, batch_size, augment=augment, hflip=hflip, randaugment=randaugment, val_split=val_split,
-            seed=seed, device=device, precision=precision, workers=workers, threads=threads)
+            callbacks: list[Callback] | None = None, deterministic: bool = False,
+            checkpoint_every: float | None = None, resume: dict[str, Any] | None = None,
+            strict: bool = False, balance: str = "auto", cache: bool = True, mixup: float = 0.0,
+            cutmix: float = 0.0, randaugment: str | None = None, ema: float = 0.0, tta: str = "auto",
+            compile: bool = False, threads: int | None = None, lookahead: bool = False) -> dict[str, Any]:
+        """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
+        ImageData); keeps the weights of the best validation epoch. Returns a summary
+        (history, best epoch, time).
+
+        Image files are decoded once, before the first epoch, into a disk cache
+        (``cache=False``: in memory only); unreadable files are skipped and listed in
+        ``run_dir/skipped.csv`` (``strict=True``: an error). ``balance``: auto | none |
+        weights | sampler, see :mod:`imgcls.data.balance`.
+
+        Under torchrun every process calls this: ``batch_size`` is the global batch, split
+        evenly over the processes. With ``run_dir``, ``run_dir/checkpoint.pt`` is written
+        every epoch (and every ``checkpoint_every`` minutes); ``resume`` (a loaded checkpoint)
+        continues from it.
+
+        Speed options (docs/speed.md): ``lr="auto"`` runs the learning-rate finder first;
+        ``mixup``/``cutmix``/``randaugment`` (timm), ``ema`` (decay per step), ``lookahead``,
+        ``tta`` (auto | none | flip | flip-shift), ``compile`` (torch.compile), ``threads``."""
+        ctx = D.setup(device)
+        (set_deterministic if deterministic else seed_everything)(seed)
+        data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
+        fingerprint = data_fingerprint(data) if deterministic or (resume or {}).get("data_fingerprint") else None
+        if resume is not None and resume.get("data_fingerprint") and resume["data_fingerprint"] != fingerprint:
+            raise ImgclsError("the data changed since the checkpoint was written (its fingerprint differs)",
+                              "resume with the same data, or start a new run")
+        dev = ctx.device if ctx.enabled else resolve_device(device)
+        local_batch = D.local_batch_size(batch_size, ctx)
+        amp = resolve_precision(precision, dev)
+        configure_threads(threads)
         pre = self.preprocessing
+        # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
+        if data.train.in_memory and not self.card.get("pretrained"):
+            pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
+        run_dir = Path(run_dir) if run_dir else None
+        writer = run_dir if ctx.is_main else None  # only rank 0 writes files and prints
+        files = None
+        if not data.train.in_memory:
+            pre.resize, pre.crop_pct = "shorter_side", 0.875
+            files = decode_data(data, pre, strict=strict, cache=cache, workers=workers,
+                                progress=progress and ctx.is_main, report_dir=writer, announce=ctx.is_main)
+            data = files.data
+            empty = [c for c, n in zip(self.classes, data.train.class_counts(self.num_classes)) if n == 0]
+            if empty:
+                raise ImgclsError(f"class '{empty[0]}' has no readable training images",
+                                  "add images to it, or leave it out with --classes")
+        aug = augment_preset(augment, data.kind, hflip)
+        aug.randaugment = randaugment
+        plan = plan_balance(data.train.labels, self.classes, balance)
+        if (plan.mode != "none" or plan.ratio >= 3) and ctx.is_main:
+            print(f"imgcls: {plan.describe()}", file=sys.stderr)
+        order = BalancedOrder(data.train.labels, seed) if plan.mode == "sampler" else None
+        # photos from the decode cache: random resized crops per image in loader workers on a
+        # CPU (in parallel with the training step), per batch on the device elsewhere
+        photo_crop = files is not None and aug.preset == "photo"
+        in_workers = photo_crop and dev.type == "cpu"
+        train_b = self._batches(data.train, local_batch, train=True, seed=seed, aug=aug, workers=workers, device=dev,
+                                crop=not photo_crop, order=order,
+                                sample_transform=photo_tensor_transform(pre, aug) if in_workers else None)
+        val_b = self._batches(data.val, max(256, local_batch), workers=workers, device=dev) if data.val is not None else None
+        if ctx.enabled:  # each process reads its share (engine/distributed.py)
+            train_b.shard(ctx.rank, ctx.world_size, even=True)
+            if val_b is not None:
+                val_b.shard(ctx.rank, ctx.world_size, even=False)
+        if in_workers:
+            batch_aug = None
+        elif photo_crop:
+            batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
+        else:
+            batch_aug = BatchAugment(aug.translate, aug.hflip, randaugment) \
+                if data.train.in_memory and (aug.preset != "none" or randaugment) else None
         lr_found = None
         if lr == "auto":
             lr_found = lr_find(self.model, pre, train_b, dev, amp, optimizer=optimizer, weight_decay=weight_decay,
@@ -176,8 +252,7 @@ class Classifier:
         # flip TTA by default only for small colour images trained with flips (cheap there)
         tta = ("flip" if aug.hflip and data.kind == "small-colour" else "none") if tta == "auto" else tta
 
-        run_dir = Path(run_dir) if run_dir else None
-        best = BestModel(on_improve=(lambda m, b: self._save_to(run_dir, best_metrics=b)) if run_dir else None)
+        best = BestModel(on_improve=(lambda m, b: self._save_to(writer, best_metrics=b)) if writer else None)
         cbs: list[Callback] = [best]
         if ema:
             cbs.insert(0, EMA(ema))
@@ -187,20 +262,41 @@ class Classifier:
             cbs.append(AdaptiveThreads())
         if patience:
             cbs.append(EarlyStopping(patience))
-        if run_dir:
-            cbs.append(HistoryCSV(run_dir / "history.csv"))
-        if progress:
+        if writer:
+            cbs.append(HistoryCSV(writer / "history.csv"))
+        if progress and ctx.is_main:
             cbs.append(ProgressBar())
         cbs += callbacks or []
+        ckpt = None
+        if run_dir is not None:
+            ckpt = Checkpoint(run_dir, checkpoint_every, resume=resume,
+                              extra={"data_fingerprint": fingerprint} if fingerprint else None)
+            cbs.append(ckpt)
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
                                label_smoothing=label_smoothing, seed=seed, compile=compile, mixup=mixup,
                                cutmix=cutmix)
-        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, tta=tta)
+        trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug, callbacks=cbs, dist=ctx,
+                          class_weights=plan.weight_tensor(), tta=tta)
         self.card["tta"] = tta
+        if ckpt is not None:
+            ckpt.attach(trainer)
+        scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": batch_size,
+                 "per_process_batch": local_batch, "lr": lr,
+                 "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
+        if resume is not None and ctx.is_main and progress:
+            _stderr_console().print(f"resuming {run_dir} at epoch {resume['epoch']}, batch {resume['batch_in_epoch']}"
+                                    f"/{resume['steps_per_epoch']} (checkpoint of {resume.get('created', '?')})",
+                                    highlight=False, soft_wrap=True)
+        if ctx.enabled and ctx.is_main and progress:
+            _stderr_console().print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch "
+                                    f"{batch_size} = {ctx.world_size} x {local_batch}, lr {lr:g} (for the global batch)",
+                                    highlight=False, soft_wrap=True)
         t0 = time.perf_counter()
         state = trainer.fit(train_b, val_b)
         train_time = time.perf_counter() - t0
+        if ctx.enabled:
+            scale["weights_sha256_all_ranks"] = D.check_in_sync(self.model, ctx)
         self.model.to("cpu").to(memory_format=torch.contiguous_format)
         summary = {
             "data": data.name, "data_notes": data.notes, "train_images": len(data.train),
@@ -209,10 +305,17 @@ class Classifier:
             "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(train_time, 2),
             "device": str(dev), "precision": precision_name(amp), "augment": aug.to_dict(),
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
-            "val_split": val_split, "seed": seed, "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
+            "val_split": val_split, "seed": seed, "distributed": scale,
+            "resumed_from_epoch": int(resume["epoch"]) if resume else None, "balance": plan.to_dict(),
+            "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
         }
         if lr_found is not None:
             summary["lr_find"] = {"suggestion": lr_found.suggestion, "min_loss_lr": lr_found.min_loss_lr}
+        if files is not None:
+            summary["files"] = files.to_dict(files.csv_path)
+        if deterministic:
+            summary["reproducibility"] = {"deterministic": True, "seed": seed, "environment": environment(dev),
+                                          "data_fingerprint": fingerprint}
         self.card["training"] = summary
         self.history = state.history
         return summary
@@ -221,8 +324,7 @@ class Classifier:
                randaugment: str | None = None, val_split: float = 0.1, seed: int = 0, device: str = "auto",
                precision: str = "auto", workers: int | None = None, threads: int | None = None):
         """Data, device, precision, augmentation and batches for training (fit, find_lr)."""
-        data = load_data(data, val_split=val_split, seed=seed)
-        self._check_classes(data)
+        data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
         dev = resolve_device(device)
         amp = resolve_precision(precision, dev)
         configure_threads(threads)
@@ -282,21 +384,30 @@ class Classifier:
             self.model.to("cpu")
 
     def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
-                 precision: str = "auto") -> dict[str, Any]:
+                 precision: str = "auto", strict: bool = False, cache: bool = True,
+                 announce: bool = True) -> dict[str, Any]:
         """Metrics on the data's test split (else its validation split, held out as in
-        training); ``split`` picks one explicitly."""
+        training); ``split`` picks one explicitly. Unreadable image files are skipped and
+        counted in ``skipped_files`` (``strict``: an error)."""
         training = self.card.get("training", {})
         data = load_data(data, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
-        self._check_classes(data)
+        data = self._check_classes(data)
         if split is None:
             split, part = data.eval_split()
         else:
             part = getattr(data, split, None)
             if part is None or not len(part):
                 raise ImgclsError(f"the data has no '{split}' split", "use --split train, val or test")
+        skipped = []
+        if not part.in_memory:
+            only = dataclasses.replace(data, **({"train": None, "val": None, "test": None} | {split: part}))
+            files = decode_data(only, self.preprocessing, strict=strict, cache=cache, splits=(split,), announce=announce)
+            part, skipped = getattr(files.data, split), files.skipped
         logits, labels = self._logits(part, batch_size, device, precision)
         m = classification_metrics(logits / self.temperature, labels, self.classes)
         m["split"], m["data"] = split, data.name
+        if skipped:
+            m["skipped_files"] = [{"path": str(p), "reason": r} for _, p, r in skipped]
         return m
 
     def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
@@ -426,34 +537,94 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def train(config: TrainConfig | dict[str, Any], progress: bool = True) -> TrainResult:
+def train(config: TrainConfig | dict[str, Any] | None = None, progress: bool = True,
+          resume: str | Path | None = None) -> TrainResult:
     """Everything ``imgcls train`` does: data, model, fit, evaluate, and a run folder with
-    model.safetensors, model.json, config.yaml, history.csv and metrics.json."""
+    model.safetensors, model.json, config.yaml, history.csv, metrics.json and
+    checkpoint.pt. ``resume``: a run folder to continue from its checkpoint (with its own
+    config.yaml unless ``config`` is given). Under torchrun every process calls this;
+    rank 0 alone writes the run folder."""
+    if resume is not None and config is None:
+        config = resume_config(resume)
+    if config is None:
+        raise ImgclsError("no training config given", "pass a TrainConfig, a dict, or resume=RUN_FOLDER")
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
     if not isinstance(cfg.model, str):
         raise ImgclsError("model must be an architecture name", "e.g. --model reference_cnn or --model resnet18")
-    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
-    cfg = resolve_recipe(cfg, recipe_context(cfg, data))
-    clf, in_chans, img_size = _new_classifier(cfg, data)
-    run_dir = next_run_dir(cfg.out, cfg.name)
+    joined_here = D.launched_by_torchrun() and not D.current().enabled
+    ctx = D.setup(cfg.device)
     try:
-        run_dir.mkdir(parents=True, exist_ok=bool(cfg.name))
-    except OSError as exc:
-        raise ImgclsError(f"cannot create run folder {run_dir}: {exc.strerror}", "choose another --out") from None
+        result = _train(cfg, ctx, progress, Path(resume) if resume is not None else None)
+        D.barrier(ctx)  # rank 0 evaluates and saves while the others wait, then all leave together
+        return result
+    finally:
+        if joined_here:
+            D.cleanup()
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder was trained with (its config.yaml)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ImgclsError(f"{run_dir} is not a run folder (no config.yaml)",
+                          "give the folder `imgcls train` printed, e.g. --resume runs/train")
+    return TrainConfig.from_yaml(path)
+
+
+def _on_rank0(ctx: D.DistContext, fn):
+    """Run ``fn`` on rank 0 and hand its result - or its ImgclsError - to every rank,
+    so a refusal (bad folder, full disk) stops all processes with the same message."""
+    out, err = None, None
+    if ctx.is_main:
+        try:
+            out = fn()
+        except ImgclsError as exc:
+            err = (exc.message, exc.hint)
+    out, err = D.broadcast_object((out, err), ctx)
+    if err:
+        raise ImgclsError(*err)
+    return out
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | None) -> TrainResult:
+    if cfg.deterministic:
+        set_deterministic(cfg.seed)
+    ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    if resume is None:  # a resumed run keeps the values its config.yaml already holds
+        cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    clf, in_chans, img_size = _new_classifier(cfg, data)
     resolved = cfg.model_copy(update={"img_size": img_size, "in_chans": in_chans})
-    resolved.to_yaml(run_dir / "config.yaml")
+
+    def make_run_dir() -> str:
+        run_dir = resume if resume is not None else next_run_dir(cfg.out, cfg.name)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=bool(cfg.name) or resume is not None)
+        except OSError as exc:
+            raise ImgclsError(f"cannot create run folder {run_dir}: {exc.strerror}", "choose another --out") from None
+        preflight_run_dir(run_dir, clf.model)  # unwritable or full: fail now, not after hours of training
+        if resume is None:
+            resolved.to_yaml(run_dir / "config.yaml")
+        return str(run_dir)
+
+    run_dir = Path(_on_rank0(ctx, make_run_dir))
     summary = clf.fit(data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                       weight_decay=cfg.weight_decay, momentum=cfg.momentum, schedule=cfg.schedule,
                       warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split, seed=cfg.seed,
                       device=cfg.device, precision=cfg.precision, workers=cfg.workers, run_dir=run_dir,
-                      progress=progress, mixup=cfg.mixup, cutmix=cfg.cutmix, randaugment=cfg.randaugment,
-                      ema=cfg.ema, tta=cfg.tta, compile=cfg.compile, threads=cfg.threads,
-                      lookahead=cfg.lookahead)
+                      progress=progress, deterministic=cfg.deterministic, checkpoint_every=cfg.checkpoint_every,
+                      resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache, mixup=cfg.mixup,
+                      cutmix=cfg.cutmix, randaugment=cfg.randaugment, ema=cfg.ema, tta=cfg.tta, compile=cfg.compile,
+                      threads=cfg.threads, lookahead=cfg.lookahead)
     summary["recipe"] = cfg.recipe
-    metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
+    if not ctx.is_main:
+        return TrainResult(run_dir=run_dir, classifier=clf, metrics={}, summary=summary)
+    # unreadable files were reported by fit already
+    metrics = clf.evaluate(data, device=str(ctx.device) if ctx.enabled else cfg.device, precision=cfg.precision,
+                           cache=cfg.cache, announce=False)
     clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
     clf.save(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({"training": summary, "evaluation": metrics}, indent=2) + "\n")
@@ -481,9 +652,9 @@ def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: fl
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
-    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
-    clf, in_chans, img_size = _new_classifier(cfg, data)
+    clf, _, _ = _new_classifier(cfg, data)
     res = clf.find_lr(data, batch_size=cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, val_split=cfg.val_split, seed=cfg.seed, device=cfg.device,

@@ -35,10 +35,23 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model(folder: str | Path, model: torch.nn.Module, card: dict[str, Any]) -> dict[str, Any]:
@@ -69,19 +82,102 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in card]
     if missing:
         raise ImgclsError(f"{path} lacks '{missing[0]}'", "the model card is incomplete; retrain or restore it")
-    if int(card.get("format_version", 0)) > FORMAT_VERSION:
+    version = card.get("format_version", 0)
+    if not _is_int(version):
+        raise ImgclsError(f"{path} has an invalid format_version {version!r}", "the model card is damaged; retrain or "
+                          "restore it")
+    if version > FORMAT_VERSION:
         raise ImgclsError(f"{path} was written by a newer imgcls (format {card['format_version']})",
                           "upgrade imgcls to load it")
+    problem = _card_problem(card)
+    if problem:
+        raise ImgclsError(f"{path} is invalid: {problem}", "the model card is damaged; retrain or restore it")
     return card
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
+
+
+def _card_problem(card: dict[str, Any]) -> str | None:
+    """The first field whose type or value cannot be used to rebuild the model, if any:
+    the card is the only input a model folder gives, so it is checked before any use."""
+    if not isinstance(card["architecture"], str) or not card["architecture"]:
+        return "'architecture' must be a model name"
+    n, classes = card["num_classes"], card["classes"]
+    if not _is_int(n) or n < 1:
+        return "'num_classes' must be a positive integer"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) != n:
+        return f"'classes' must be a list of {n} names"
+    pre = card["preprocessing"]
+    if not isinstance(pre, dict):
+        return "'preprocessing' must be a mapping"
+    if not _is_int(pre.get("img_size")) or not 1 <= pre["img_size"] <= 8192:
+        return "'preprocessing.img_size' must be an integer in [1, 8192]"
+    if pre.get("in_chans") not in (1, 3) or isinstance(pre.get("in_chans"), bool):
+        return "'preprocessing.in_chans' must be 1 or 3"
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not isinstance(v, list) or len(v) != pre["in_chans"] or not all(_is_num(x) for x in v):
+            return f"'preprocessing.{key}' must be a list of {pre['in_chans']} numbers"
+    if any(x <= 0 for x in pre["std"]):
+        return "'preprocessing.std' must be positive"
+    if not isinstance(pre.get("resize", "squash"), str):
+        return "'preprocessing.resize' must be a resize mode name"
+    crop = pre.get("crop_pct", 1.0)
+    if not _is_num(crop) or not 0 < crop <= 1:
+        return "'preprocessing.crop_pct' must be in (0, 1]"
+    from torchvision.transforms import InterpolationMode
+
+    interp = pre.get("interpolation", "bilinear")
+    if not isinstance(interp, str) or interp not in {m.value for m in InterpolationMode}:
+        return "'preprocessing.interpolation' is not a known interpolation"
+    for key, typ in (("model_kwargs", dict), ("weights_file", str), ("weights_sha256", str)):
+        if key in card and not isinstance(card[key], typ):
+            return f"'{key}' has the wrong type"
+    if "temperature" in card and (not _is_num(card["temperature"]) or card["temperature"] <= 0):
+        return "'temperature' must be a positive number"
+    return None
+
+
+def pickle_kind(path: Path) -> str | None:
+    """'a pickle' / 'a PyTorch (zip + pickle)' file by its first bytes, else None.
+    Such files can run arbitrary code when loaded, so imgcls never opens them as models."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return None
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode + version
+        return "a pickle"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip archive holds a pickle
+        return "a PyTorch zip/pickle"
+    return None
 
 
 def load_weights(folder: str | Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
     folder = Path(folder) if Path(folder).is_dir() else Path(folder).parent
-    wpath = folder / card.get("weights_file", WEIGHTS)
+    name = card.get("weights_file", WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name or not name:
+        raise ImgclsError(f"{folder / CARD} names an invalid weights file {name!r}",
+                          f"it must be a file name inside the run folder, e.g. {WEIGHTS}")
+    wpath = folder / name
     if not wpath.is_file():
         raise ImgclsError(f"{folder} has no weights ({wpath.name} is missing)", "retrain, or restore the file")
+    kind = pickle_kind(wpath)
+    if kind:
+        raise ImgclsError(f"refused {wpath}: it is {kind} file, not safetensors; imgcls never unpickles model "
+                          "files (loading a pickle can run arbitrary code)",
+                          "save the weights as safetensors (Classifier.save / imgcls train) and load only files "
+                          "from sources you trust")
     expected = card.get("weights_sha256")
-    if expected and sha256sum(wpath) != expected:
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise ImgclsError(f"{folder / CARD} has no valid weights_sha256, so {wpath.name} cannot be verified",
+                          "re-save the model with imgcls (Classifier.save) to record it")
+    if sha256sum(wpath) != expected:
         raise ImgclsError(f"{wpath} does not match the sha256 in {CARD}: it was altered or truncated",
                           "restore the original file or retrain")
     try:

@@ -26,6 +26,10 @@ class TrainConfig(BaseModel):
     img_size: int | None = None  # None: the data's native size (arrays) or 224 (photo folders)
     in_chans: int | None = None  # None: the data's channels (1 grayscale, 3 colour)
     val_split: float = 0.1  # held out (stratified) when the data has no validation split
+    classes: list[str] | None = None  # fix the class list and order ("a,b,c" on the command line)
+    strict: bool = False  # unreadable image files are an error instead of skipped and reported
+    balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
+    cache: bool = True  # keep decoded images on disk (IMGCLS_CACHE_DIR) for later epochs and runs
     # recipe: a named preset (imgcls/engine/recipes.py) fills every field not given explicitly;
     # auto picks one from the data (fast for in-memory small images, else default)
     recipe: Literal["auto", "fast", "accurate", "reference", "default"] = "auto"
@@ -56,8 +60,23 @@ class TrainConfig(BaseModel):
     compile: bool = False  # torch.compile the model (pays off on long runs / GPUs)
     out: str = "runs"
     name: str | None = None
+    # scale and survive (engine/distributed.py, engine/checkpoint.py)
+    devices: int = 1  # processes on this machine; >1 starts them through torchrun (DDP)
+    deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
+    checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (one per epoch always)
 
-    @field_validator("epochs", "batch_size")
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [c.strip() for c in v.split(",") if c.strip()]
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists a class twice")
+        if v is not None and len(v) < 2:
+            raise ValueError("needs at least two classes")
+        return v
+
+    @field_validator("epochs", "batch_size", "devices")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -90,6 +109,13 @@ class TrainConfig(BaseModel):
     def _threads(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _minutes_positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be greater than 0 (minutes)")
         return v
 
     @field_validator("val_split")

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# IMGCLS_SHARED_DATA lets a git worktree elsewhere use the same data
+SHARED = Path(os.environ.get("IMGCLS_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _decode_cache(tmp_path_factory):
+    """Decoded-image caches of test runs go to a temporary folder, not ~/.cache."""
+    if "IMGCLS_DECODE_CACHE_DIR" not in os.environ:
+        os.environ["IMGCLS_DECODE_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded"))
 
 
 def pattern_images(n_per_class: int, size: int = 16, channels: int = 1, classes: int = 3, seed: int = 0):

@@ -128,11 +128,16 @@ def test_config_rejects_unknown_keys_with_hint(tmp_path):
         TrainConfig.from_yaml(p)
 
 
-def test_corrupt_image_in_folder_is_a_clear_error(photo_folder, tmp_path):
+def test_corrupt_image_in_folder_is_skipped_and_reported_or_strict_error(photo_folder, tmp_path, capsys):
     (photo_folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ImgclsError, match="broken.jpg"):
-        train({"data": str(photo_folder), "img_size": 16, "epochs": 1, "workers": 0,
-               "out": str(tmp_path / "r")}, progress=False)
+    cfg = {"data": str(photo_folder), "img_size": 16, "epochs": 1, "workers": 0, "out": str(tmp_path / "r")}
+    result = train(cfg, progress=False)
+    csv_path = result.run_dir / "skipped.csv"
+    assert f"skipped 1 of 37 files: 1 truncated or corrupt (see {csv_path})" in capsys.readouterr().err
+    assert "broken.jpg" in csv_path.read_text()
+    assert result.summary["files"]["skipped"] == 1 and result.summary["train_images"] + result.summary["val_images"] == 36
+    with pytest.raises(ImgclsError, match=r"1 of 37 files cannot be used, e.g. .*broken.jpg.*drop --strict"):
+        train(cfg | {"strict": True}, progress=False)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from imgcls.cli import audit as _audit
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import lr_find as _lr_find
 from imgcls.cli import models as _models
@@ -18,7 +19,7 @@ from imgcls.cli import predict as _predict
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models, _lr_find]
+COMMANDS = [_train, _evaluate, _predict, _models, _audit, _lr_find]
 
 
 def build_parser() -> argparse.ArgumentParser:

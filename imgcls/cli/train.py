@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from typing import Any
 
 from imgcls.config import TrainConfig
+from imgcls.errors import ImgclsError
 
 NAME = "train"
 HELP = "train a classifier and write a run folder (runs/train, runs/train2, ...)"
@@ -35,8 +37,17 @@ _HELP = {
     "lookahead": "lookahead of the weights every 5 steps, averaging more as training ends (airbench)",
     "threads": "CPU compute threads (default: the cores this process may use)",
     "compile": "torch.compile the model (warm-up costs tens of seconds on a CPU)",
+    "classes": "comma-separated class names: fixes the class list and order (default: all, sorted)",
+    "strict": "stop on unreadable image files instead of skipping them (listed in RUN/skipped.csv)",
+    "balance": "class imbalance: weighted loss, balanced sampler, none, or auto (weights when the "
+               "largest class has 3x the images of the smallest)",
+    "cache": "keep decoded images on disk so later epochs and runs skip JPEG decoding",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
+    "devices": "processes on this machine (one per GPU, or CPU processes): >1 runs DistributedDataParallel "
+               "through torchrun; --batch-size stays the global batch",
+    "deterministic": "seed everything, use deterministic kernels, record environment and data fingerprint",
+    "checkpoint_every": "also checkpoint every N minutes inside an epoch (always at each epoch end)",
 }
 
 
@@ -59,6 +70,8 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="load settings from YAML; flags override it")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/checkpoint.pt, with its "
+                   "own config.yaml (only --checkpoint-every and --workers may change)")
     for name, field in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default
@@ -71,8 +84,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        metavar=None if choices else name.upper())
 
 
+RESUME_OVERRIDES = ("checkpoint_every", "workers")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+    if getattr(args, "resume", None):
+        from imgcls.api import resume_config
+
+        fixed = [k for k in overrides if k not in RESUME_OVERRIDES] + (["config"] if args.config else [])
+        if fixed:
+            flag = "--" + fixed[0].replace("_", "-")
+            raise ImgclsError(f"{flag} cannot be combined with --resume: a run continues with its own config.yaml",
+                              "drop the flag, or start a new run")
+        return resume_config(args.resume).model_copy(update=overrides)
     if args.config:
         return TrainConfig.from_yaml(args.config, overrides)
     return TrainConfig.from_dict(overrides, source="command line")
@@ -80,9 +105,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import train
+    from imgcls.engine import distributed as D
+    from imgcls.engine.checkpoint import TrainingInterrupted
 
     cfg = config_from_args(args)
-    result = train(cfg)
+    if cfg.devices > 1 and not D.launched_by_torchrun():
+        return _launch(cfg, args)
+    try:
+        result = train(cfg, resume=getattr(args, "resume", None))
+    except TrainingInterrupted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
+            print(f"imgcls train: {exc.oneline()}", file=sys.stderr)
+        return 128 + exc.signum
+    if not result.metrics:  # ranks other than 0 under torchrun: rank 0 reports
+        return 0
     m = result.metrics
     s = result.summary
     print(f"trained {result.classifier.architecture} on {s['data']} for {s['epochs_run']} epoch(s) in "
@@ -92,3 +128,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"model saved to {result.run_dir}")
     sys.stdout.flush()
     return 0
+
+
+def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """--devices N: the same command, once per process, under torchrun."""
+    import tempfile
+
+    from imgcls.engine import distributed as D
+
+    if getattr(args, "resume", None):
+        extra = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in RESUME_OVERRIDES if hasattr(args, k)]
+        return D.launch(cfg.devices, ["--resume", str(args.resume), *extra])
+    fd, path = tempfile.mkstemp(prefix="imgcls-train-", suffix=".yaml")
+    os.close(fd)
+    try:
+        cfg.to_yaml(path)  # every process reads the full resolved config
+        return D.launch(cfg.devices, ["--config", path])
+    finally:
+        os.unlink(path)

@@ -3,6 +3,11 @@
 Both loaders yield ``(x, y)`` with ``x`` uint8 ``(N, C, H, W)`` on the CPU (pinned when
 the model is on a GPU); the engine moves them to the device, augments and normalises
 there. Shuffling is reproducible: the order of epoch ``e`` depends only on (seed, e).
+
+Which images an epoch visits, in which order, is an *epoch order*: any object with
+``indices(epoch) -> LongTensor`` and ``__len__`` (:class:`ShuffledOrder`,
+:class:`BalancedOrder`). :meth:`Batches.shard` (distributed training) and resuming then
+select this process's part of whatever order the epoch has.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from imgcls.data.cache import center_crop
 from imgcls.data.decode import load_image
 from imgcls.data.records import Split
 from imgcls.errors import ImgclsError
@@ -23,24 +30,72 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     if not shuffle:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch))
+
+
+class EpochOrder(Protocol):
+    def indices(self, epoch: int) -> torch.Tensor: ...
+    def __len__(self) -> int: ...
+
+
+class ShuffledOrder:
+    """Every image once per epoch; shuffled (reproducibly per seed and epoch) or in order."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        return _epoch_order(self.n, self.shuffle, self.seed, epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class BalancedOrder:
+    """Class-balanced sampling: ``num_samples`` draws per epoch (default: the split's
+    size), with replacement, each class equally likely (torch's WeightedRandomSampler
+    recipe, made reproducible per seed and epoch)."""
+
+    def __init__(self, labels: torch.Tensor, seed: int, num_samples: int | None = None):
+        counts = torch.bincount(labels)
+        self.weights = (1.0 / counts.clamp_min(1).double())[labels]
+        self.n = num_samples or len(labels)
+        self.seed = seed
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=_epoch_generator(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+    """An epoch order as a DataLoader sampler; ``select`` maps the epoch's order to what
+    this process reads (rank shard, resume offset: set by :class:`Batches`)."""
+
+    def __init__(self, order: EpochOrder):
+        self.order, self.epoch = order, 0
+        self.select: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _order(self) -> torch.Tensor:
+        order = self.order.indices(self.epoch)
+        return self.select(order) if self.select is not None else order
+
     def __iter__(self):
-        return iter(_epoch_order(self.n, self.shuffle, self.seed, self.epoch).tolist())
+        return iter(self._order().tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._order()) if self.select is not None else len(self.order)
 
 
 class FileDataset(Dataset):
@@ -48,9 +103,9 @@ class FileDataset(Dataset):
     the main process (as a message) instead of killing a worker with a traceback."""
 
     def __init__(self, paths: list[Path], labels: torch.Tensor | None, channels: int,
-                 transform: Callable, size: int):
+                 transform: Callable, size: int, min_side: int | None = None):
         self.paths, self.labels, self.channels = paths, labels, channels
-        self.transform, self.size = transform, size
+        self.transform, self.size, self.min_side = transform, size, min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,10 +113,35 @@ class FileDataset(Dataset):
     def __getitem__(self, i: int):
         label = int(self.labels[i]) if self.labels is not None else -1
         try:
-            x = self.transform(load_image(self.paths[i], self.channels))
+            x = self.transform(load_image(self.paths[i], self.channels, min_side=self.min_side))
             return x, label, ""
         except ImgclsError as exc:
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), label, exc.oneline()
+
+
+class TensorItems(Dataset):
+    """Items of an in-memory (e.g. decoded-once, memory-mapped) uint8 split through a
+    per-image tensor transform, for DataLoader workers. Yields ``(x, y, "")`` like
+    :class:`FileDataset` (these items cannot fail)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), int(self.labels[i]), ""
+
+
+def _collate_channels_last(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack in the worker straight into channels_last, the layout the model runs in."""
+    first = items[0][0]
+    x = torch.empty(len(items), *first.shape[1:], first.shape[0], dtype=first.dtype)  # (B, H, W, C)
+    x = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels_last strides
+    for i, item in enumerate(items):
+        x[i] = item[0]
+    return x, torch.tensor([item[1] for item in items]), [item[2] for item in items]
 
 
 def _worker_init(_: int) -> None:
@@ -69,24 +149,44 @@ def _worker_init(_: int) -> None:
 
 
 class Batches:
-    """An iterable over one split, re-iterable once per epoch (call ``set_epoch``)."""
+    """An iterable over one split, re-iterable once per epoch (call ``set_epoch``).
+
+    ``order`` replaces the default (shuffled when ``shuffle``) epoch order, e.g. a
+    :class:`BalancedOrder`. ``center_crop``: in-memory images larger than that are
+    centre-cropped to it (decoded-once images are stored a little larger than the model
+    input; training crops them at random instead).
+
+    ``transform``: for image files, the per-image PIL -> uint8 tensor transform; for an
+    in-memory split, an optional per-image uint8 tensor transform (random resized crop of
+    decoded-once images), run in ``workers`` processes like file decoding."""
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  transform: Callable | None = None, channels: int = 3, size: int = 224,
-                 workers: int | None = None, pin_memory: bool = False, drop_last: bool = False):
+                 workers: int | None = None, pin_memory: bool = False, drop_last: bool = False,
+                 order: EpochOrder | None = None, center_crop: int | None = None,
+                 min_side: int | None = None):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.epoch = 0
+        self.order = order if order is not None else ShuffledOrder(len(split), shuffle, seed)
         # drop a ragged last batch only when that leaves at least one full batch
-        self.drop_last = drop_last and len(split) > batch_size
+        self.drop_last = drop_last and len(self.order) > batch_size
         self.pin_memory = pin_memory
+        self.center_crop = center_crop
         self._loader = None
-        if not split.in_memory:
+        self._want_drop_last = drop_last
+        # set by shard() for multi-process training, and by resume (batches to skip once)
+        self.rank, self.world, self.even, self.skip = 0, 1, True, 0
+        if not split.in_memory or transform is not None:
             workers = default_workers() if workers is None else workers
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
-            self._sampler = EpochSampler(len(split), shuffle, seed)
+            self._sampler = EpochSampler(self.order)
+            self._sampler.select = self._select
+            if split.in_memory:
+                items, collate = TensorItems(split.images, split.labels, transform), _collate_channels_last
+            else:
+                items, collate = FileDataset(split.paths, split.labels, channels, transform, size, min_side), None
             self._loader = DataLoader(
-                FileDataset(split.paths, split.labels, channels, transform, size),
-                batch_size=batch_size, sampler=self._sampler, num_workers=workers,
+                items, batch_size=batch_size, sampler=self._sampler, num_workers=workers, collate_fn=collate,
                 pin_memory=pin_memory, drop_last=self.drop_last, worker_init_fn=_worker_init,
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
                 prefetch_factor=4 if workers > 0 else None,
@@ -97,16 +197,49 @@ class Batches:
         if self._loader is not None:
             self._sampler.set_epoch(epoch)
 
+    def shard(self, rank: int, world: int, even: bool) -> None:
+        """Read only this process's share (imgcls.engine.distributed). ``batch_size`` is
+        then the per-process batch. even: every rank the same number of batches, each
+        the rank's block of a global batch (training); else a strided, unpadded share
+        (evaluation, every image once)."""
+        self.rank, self.world, self.even = rank, world, even
+        self.drop_last = self._want_drop_last and len(self.order) > self.batch_size * world
+        if self._loader is not None:
+            self._loader.batch_sampler.drop_last = self.drop_last
+
+    def _select(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            from imgcls.engine.distributed import shard_batch_order, shard_eval_order
+
+            order = (shard_batch_order(order, self.batch_size, self.rank, self.world, self.drop_last) if self.even
+                     else order[shard_eval_order(len(order), self.rank, self.world)])
+        return order[self.skip * self.batch_size:] if self.skip else order
+
     def __len__(self) -> int:
-        n = len(self.split)
+        n = len(self.order)
+        if self.world > 1:
+            g = self.batch_size * self.world
+            if self.even:
+                return n // g if self.drop_last else -(-n // g)
+            n = len(range(self.rank, n, self.world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skip, steps = self.skip, len(self)
+        try:
+            yield from self._iter(steps - skip)
+        finally:
+            self.skip = 0  # a resume offset applies to one epoch only
+
+    def _iter(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
-            order = _epoch_order(len(self.split), self.shuffle, self.seed, self.epoch)
-            for b in range(len(self)):
+            order = self._select(self.order.indices(self.epoch))
+            for b in range(steps):
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                x, y = self.split.images[idx], self.split.labels[idx]
+                x = self.split.images
+                if self.center_crop:
+                    x = center_crop(x, self.center_crop)
+                x, y = x[idx], self.split.labels[idx]  # (B, C, H, W) uint8: a copy, also from a memory map
                 yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
             return
         for x, y, errors in self._loader:

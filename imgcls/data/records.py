@@ -70,3 +70,17 @@ class ImageData:
         if self.train is not None:
             return "train", self.train
         raise ValueError("no data")
+
+
+def ordered_classes(found: list[str], classes: list[str] | None, where: str, remedy: str) -> list[str]:
+    """The class list: ``classes`` (``--classes``) when given, else ``found``. Refuses
+    found classes that the given list lacks, naming them and ``where`` they are."""
+    if classes is None:
+        return found
+    extra = [c for c in found if c not in classes]
+    if extra:
+        from imgcls.errors import ImgclsError
+
+        raise ImgclsError(f"{where} {extra[:5]} that --classes does not list",
+                          f"add them to --classes ({','.join(classes)}) or {remedy}")
+    return list(classes)

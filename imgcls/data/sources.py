@@ -4,6 +4,7 @@ the user gave and adds a held-out validation split when the data has none."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 
 from imgcls.data.decode import is_image_file
-from imgcls.data.records import ImageData, Split
+from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
+from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
 from imgcls.errors import ImgclsError, did_you_mean
 
@@ -36,9 +38,10 @@ def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int]
     return paths, labels
 
 
-def from_folder(root: str | Path) -> ImageData:
+def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData:
     """One subfolder per class, optionally inside ``train/`` + ``val/`` (or ``valid``,
-    ``validation``) and/or ``test/`` split folders."""
+    ``validation``) and/or ``test/`` split folders. ``classes`` fixes the class list
+    and order (default: the folder names, sorted)."""
     root = Path(root)
     subdirs = _class_dirs(root)
     split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES}
@@ -46,7 +49,8 @@ def from_folder(root: str | Path) -> ImageData:
         raise ImgclsError(f"{root} has {', '.join(sorted(split_dirs))}/ but no train/ folder",
                           "add train/<class>/ folders, or remove the split folders")
     class_root = split_dirs.get("train", root)
-    classes = [d.name for d in _class_dirs(class_root)]
+    found = [d.name for d in _class_dirs(class_root)]
+    classes = ordered_classes(found, classes, f"{class_root} has class folder(s)", f"move them out of {class_root}")
     if not classes:
         raise ImgclsError(f"no class folders in {class_root}",
                           "put the images in one subfolder per class, e.g. data/cats/1.jpg")
@@ -58,7 +62,8 @@ def from_folder(root: str | Path) -> ImageData:
         extra = sorted(d.name for d in _class_dirs(base) if d.name not in classes)
         if extra:
             raise ImgclsError(f"{base} has class folder(s) {extra} that {class_root} lacks",
-                              "use the same class folders in every split")
+                              "use the same class folders in every split" if len(classes) == len(found)
+                              else "add them to --classes or remove them")
         paths, labels = _scan_classes(base, classes)
         splits[split] = Split(labels=torch.tensor(labels, dtype=torch.long), paths=paths)
     counts = splits["train"].class_counts(len(classes))
@@ -181,8 +186,44 @@ def from_npz(path: str | Path, class_names: list[str] | None = None) -> ImageDat
 
 
 # ----------------------------------------------------------------------------- dispatch
-def resolve(spec: Any) -> ImageData:
-    """Turn what the user gave (path, name, arrays, ImageData) into ImageData."""
+def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
+    """Relabel ``data`` to the class list ``classes`` (same names, new order; or names
+    for data that only has numbers). Refuses data with classes the list lacks."""
+    if classes is None or list(classes) == data.classes:
+        return data
+    classes = [str(c) for c in classes]
+    unnamed = data.classes == [str(i) for i in range(len(data.classes))]
+    if unnamed and len(classes) >= len(data.classes):
+        mapping = None  # numbered classes: the list names them, in label order
+    else:
+        extra = [c for c in data.classes if c not in classes]
+        if extra:
+            raise ImgclsError(f"the data has class(es) {extra[:5]} that the class list {classes[:8]} lacks",
+                              "list every class of the data (--classes), in the order you want")
+        mapping = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.long)
+
+    def relabel(split: Split | None) -> Split | None:
+        if split is None or mapping is None:
+            return split
+        new = mapping[split.labels] if len(split.labels) else split.labels
+        return Split(labels=new, images=split.images, paths=split.paths)
+
+    return dataclasses.replace(data, classes=classes, train=relabel(data.train), val=relabel(data.val),
+                               test=relabel(data.test), notes=list(data.notes))
+
+
+def resolve(spec: Any, classes: list[str] | None = None) -> ImageData:
+    """Turn what the user gave (path, name, arrays, ImageData) into ImageData;
+    ``classes`` fixes the class list and order."""
+    if isinstance(spec, (str, Path)) and Path(str(spec)).expanduser().is_dir():
+        return from_folder(Path(str(spec)).expanduser(), classes)
+    if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
+            and Path(str(spec)).expanduser().is_file():
+        return from_manifest(Path(str(spec)).expanduser(), classes)
+    return with_classes(_resolve(spec), classes)
+
+
+def _resolve(spec: Any) -> ImageData:
     from imgcls.data.datasets import DATASETS
 
     if isinstance(spec, ImageData):
@@ -203,7 +244,7 @@ def resolve(spec: Any) -> ImageData:
         if path.suffix.lower() == ".npz":
             return from_npz(path)
         raise ImgclsError(f"don't know how to read {path}",
-                          "give a folder of class folders, a Keras-style .npz, or a dataset name")
+                          "give a folder of class folders, a CSV/TSV manifest, a Keras-style .npz, or a dataset name")
     if text.lower() in DATASETS:
         return DATASETS.get(text.lower())()
     looks_like_path = any(ch in text for ch in "/\\") or Path(text).suffix != ""
@@ -215,10 +256,11 @@ def resolve(spec: Any) -> ImageData:
                       f"{hint} known datasets: {', '.join(DATASETS.names())}".strip())
 
 
-def load_data(spec: Any, val_split: float = 0.1, seed: int = 0) -> ImageData:
+def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[str] | None = None) -> ImageData:
     """Resolve ``spec`` and make sure there is a validation split (stratified hold-out
-    of ``val_split`` of train when the data brings none)."""
-    data = resolve(spec)
+    of ``val_split`` of train when the data brings none). ``classes`` fixes the class
+    list and order."""
+    data = resolve(spec, classes)
     if data.val is None and data.train is not None and val_split > 0:
         keep, hold = stratified_split(data.train.labels, val_split, seed)
         data.val, data.train = data.train.subset(hold), data.train.subset(keep)

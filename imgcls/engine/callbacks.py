@@ -31,6 +31,9 @@ class TrainState:
     stop_reason: str = ""
     epoch_start: float = 0.0
     fit_start: float = 0.0
+    # this epoch's running sums (device tensors, updated in place), read by checkpoints
+    loss_sum: Any = None
+    correct: Any = None
 
 
 class Callback:
@@ -87,6 +90,14 @@ class BestModel(Callback):
         if self.state_dict is not None:
             model.load_state_dict(self.state_dict)
 
+    # what a checkpoint needs to resume (engine/checkpoint.py); the name `state_dict` is
+    # taken by the kept weights, hence these two
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        return {"best_weights": self.state_dict}
+
+    def load_state_dict_from_checkpoint(self, d: dict[str, Any]) -> None:
+        self.state_dict = d["best_weights"]
+
 
 class EarlyStopping(Callback):
     """Stop when neither validation accuracy rose nor validation loss fell by more than
@@ -110,6 +121,13 @@ class EarlyStopping(Callback):
             state.stop_reason = (f"early stopping: no validation improvement for {self.patience} epoch(s) "
                                  f"(best accuracy {state.best.get('val_acc', self.best_acc):.4f} "
                                  f"at epoch {int(state.best.get('epoch', 0))})")
+
+
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        return {"best_acc": self.best_acc, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict_from_checkpoint(self, d: dict[str, Any]) -> None:
+        self.best_acc, self.best_loss, self.bad_epochs = d["best_acc"], d["best_loss"], d["bad_epochs"]
 
 
 class HistoryCSV(Callback):

@@ -31,14 +31,14 @@ def cpu_has_fast_bf16() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX512", "AMX"):
         return False
-    # torch.cpu has the probes (private, so looked up defensively: older builds kept them
-    # in torch._C._cpu, where torch 2.14 no longer has them)
-    for mod in (torch.cpu, getattr(torch._C, "_cpu", None)):
-        probes = [getattr(mod, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        probes = [p for p in probes if callable(p)]
-        if probes:
-            return any(bool(p()) for p in probes)
-    return False
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: read the CPU flags
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from imgcls.data.loaders import Batches
 from imgcls.data.transforms import BatchAugment, Preprocessing
+from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import Callback, CallbackList, TrainState
 from imgcls.engine.device import autocast
 from imgcls.engine.optim import build_optimizer, build_scheduler
@@ -69,7 +70,8 @@ class Trainer:
     def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
-                 class_weights: torch.Tensor | None = None, tta: str = "none"):
+                 class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None,
+                 tta: str = "none"):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
@@ -77,6 +79,7 @@ class Trainer:
         self.channels_last = channels_last
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.tta = tta  # test-time augmentation for the per-epoch validation
+        self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
 
     def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
         s, model, dev = self.s, self.model, self.device
@@ -85,24 +88,36 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         train = maybe_on_device(train, dev)  # in-memory data on the GPU once, when it fits
         init_from_data(model, train, self.pre, dev)  # data-dependent init (airbench whitening), if any
-        fwd = maybe_compile(model, s.compile)
+        net = D.wrap(model, self.dist)  # DDP when several processes; callbacks see the plain model
+        fwd = maybe_compile(net, s.compile)
         mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model))
         steps = len(train)
         opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum)
         sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
         scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        gen = torch.Generator().manual_seed(s.seed)  # augmentation draws: reproducible per seed
+        # augmentation draws: reproducible per seed (and independent per process)
+        gen = torch.Generator().manual_seed(s.seed + 1_000_003 * self.dist.rank)
+        # exposed for callbacks that save / restore the whole training state (engine/checkpoint.py)
+        self.opt, self.sched, self.scaler, self.gen = opt, sched, scaler, gen
 
         state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
-        self.callbacks.on_fit_start(state, model)
-        for epoch in range(1, s.epochs + 1):
-            state.epoch, state.batch_in_epoch, state.seen = epoch, 0, 0
+        self.callbacks.on_fit_start(state, model)  # a resumed run restores epoch, position and sums here
+        first_epoch, skip = max(1, state.epoch), state.batch_in_epoch
+        for epoch in range(first_epoch, s.epochs + 1):
+            if state.stop:  # a resumed run that had already stopped early
+                break
+            resumed = epoch == first_epoch and skip > 0
+            if not resumed:
+                state.batch_in_epoch, state.seen = 0, 0
+                state.loss_sum = torch.zeros((), device=dev)
+                state.correct = torch.zeros((), device=dev, dtype=torch.long)
+            state.epoch = epoch
             state.epoch_start = time.perf_counter()
             train.set_epoch(epoch)
+            train.skip = skip if resumed else 0
             self.callbacks.on_epoch_start(state)
             model.train()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
+            loss_sum, correct = state.loss_sum, state.correct  # updated in place below
             for x, y in train:
                 x, y = _to_device(x, dev), _to_device(y, dev)
                 if self.augment is not None:
@@ -132,13 +147,22 @@ class Trainer:
                 self.callbacks.on_batch_end(state)
             train_time = time.perf_counter() - state.epoch_start
             self.callbacks.on_train_epoch_end(state, model)
-            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(state.seen, 1),
-                       "train_acc": float(correct) / max(state.seen, 1), "lr": opt.param_groups[0]["lr"]}
+            seen = state.seen
+            if self.dist.enabled:  # epoch metrics over all processes' images
+                loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, dev)
+            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
+                       "train_acc": float(correct) / max(seen, 1), "lr": opt.param_groups[0]["lr"]}
             if val is not None and len(val.split):
-                logits, labels = predict_logits(fwd, val, self.pre, dev, self.amp_dtype, self.channels_last,
+                logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last,
                                                 tta=self.tta)
-                metrics["val_loss"] = float(F.cross_entropy(logits, labels))
-                metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
+                if self.dist.enabled:  # each process saw its share of the validation images
+                    mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+                            len(labels)] if len(labels) else [0.0, 0, 0]
+                    vloss, vcorrect, vn = D.sum_across(mine, self.dist, dev)
+                    metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
+                else:
+                    metrics["val_loss"] = float(F.cross_entropy(logits, labels))
+                    metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
             metrics["epoch_time"] = time.perf_counter() - state.epoch_start
             metrics["img_per_s"] = state.seen / max(train_time, 1e-9)
             state.metrics = metrics

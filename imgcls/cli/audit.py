@@ -1,0 +1,73 @@
+"""imgcls audit: a data set health check before training (exit 0 clean, 1 problems)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+NAME = "audit"
+HELP = "check an image data set: counts, unreadable files, duplicates, leakage, outliers"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="folder of class folders (optionally in train/val/test) "
+                                                "or a CSV/TSV manifest")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--classes", help="comma-separated class names (fixes the class list and order)")
+    p.add_argument("--no-pixels", dest="pixels", action="store_false",
+                   help="headers and content hashes only: faster, but no corrupt-data, near-duplicate "
+                        "or constant-image checks")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--max-listed", type=int, default=10, help="files listed per finding in the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from imgcls.data.audit import audit_files
+    from imgcls.data.sources import load_data
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    data = load_data(args.data, val_split=0.0, classes=classes)
+    report = audit_files(data, pixels=args.pixels, workers=args.workers)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, args.max_listed)
+    sys.stdout.flush()
+    return 0 if report["clean"] else 1
+
+
+def print_report(r: dict, max_listed: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{r['data']}[/bold]: {r['files']} files, {r['readable']} readable, "
+              f"class imbalance {r['imbalance_ratio']}:1 (train)")
+    counts = Table()
+    counts.add_column("class")
+    splits = list(r["counts"])
+    for s in splits:
+        counts.add_column(s, justify="right")
+    for c in r["classes"]:
+        counts.add_row(c, *(str(r["counts"][s].get(c, 0)) for s in splits))
+    con.print(counts)
+    con.print("formats: " + ", ".join(f"{k} {v}" for k, v in r["formats"].items())
+              + " | modes: " + ", ".join(f"{k} {v}" for k, v in r["modes"].items()))
+    con.print("shorter side (px): " + ", ".join(f"{k}: {v}" for k, v in r["shorter_side"].items()))
+    if r["clean"]:
+        con.print("[green]clean: no problems found[/green]")
+        return
+    root = r.get("root") or ""
+    t = Table(title=f"{len(r['findings'])} finding(s)" + (f", paths relative to {root}" if root else ""))
+    for col in ("severity", "kind", "what", "files"):
+        t.add_column(col, overflow="fold")
+    for f in sorted(r["findings"], key=lambda f: (f["severity"] != "error", f["kind"])):
+        files = [os.path.relpath(p, root) if root else p for p in f["files"][:max_listed]]
+        files = files[:max_listed] + ([f"... {len(f['files']) - max_listed} more"]
+                                           if len(f["files"]) > max_listed else [])
+        style = "red" if f["severity"] == "error" else "yellow"
+        t.add_row(f"[{style}]{f['severity']}[/{style}]", f["kind"], f["message"], "\n".join(files))
+    con.print(t)
+    con.print("summary: " + ", ".join(f"{k} {v}" for k, v in r["summary"].items()))

@@ -1,0 +1,297 @@
+"""``imgcls audit DATA``: a health check of an image data set before training.
+
+One pass over the files, in parallel processes, each file read once:
+* its bytes -> sha256 (exact duplicates);
+* its header -> format, mode, size (Pillow reads no pixels for that);
+* unless ``pixels=False``: a reduced decode (JPEG DCT scaling to ~1/8) that still runs
+  through the whole compressed stream, so truncated and corrupt files are caught, and
+  gives a 64 px grayscale thumbnail for the perceptual hash (imagehash's dHash) and the
+  "nearly constant" check.
+
+Findings (each names its files) and their severity:
+* error: unreadable files (and why), identical or near-identical images with different
+  labels (conflicting labels), the same image in two splits (train/val/test leakage);
+* warning: duplicates within a class, tiny images, extreme aspect ratios, nearly
+  constant images, format or mode outliers (the only GIF among hundreds of JPEGs).
+Any finding makes the audit "not clean" (exit code 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgcls.data.balance import imbalance_ratio
+from imgcls.data.decode import DECODE_ERRORS, check_pixels
+from imgcls.data.records import ImageData
+from imgcls.errors import ImgclsError
+
+TINY_SIDE = 32  # shorter side below this: too small to learn much from
+EXTREME_ASPECT = 4.0  # longer / shorter side
+CONSTANT_STD = 3.0  # grayscale standard deviation (0-255) below this: nearly one colour
+NEAR_DUP_BITS = 3  # dHash Hamming distance counted as near-identical (see _near_pairs)
+OUTLIER_SHARE = 0.02  # a format/mode held by at most this share of files ...
+DOMINANT_SHARE = 0.9  # ... while one value covers at least this share is an outlier
+
+
+@dataclass
+class FileInfo:
+    path: str
+    split: str
+    label: str
+    bytes: int = 0
+    sha256: str = ""
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+    error: str = ""
+    dhash: int | None = None
+    std: float | None = None
+
+
+def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
+    """Everything the audit needs from one file (runs in a worker process)."""
+    out: dict[str, Any] = {}
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return {"error": "file not found"}
+    except PermissionError:
+        return {"error": "permission denied"}
+    except OSError as exc:
+        return {"error": f"cannot read ({exc.strerror or exc})"}
+    out["bytes"] = len(raw)
+    out["sha256"] = hashlib.sha256(raw).hexdigest()
+    if not raw:
+        return out | {"error": "empty file"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
+        with im:
+            out.update(format=im.format or "", mode=im.mode, width=im.size[0], height=im.size[1])
+            check_pixels(im, Path(path))
+            if not pixels:
+                return out
+            im.draft("L", (64, 64))  # JPEG only: decode at reduced scale, still reading every byte
+            im.load()
+            thumb = ImageOps.exif_transpose(im) or im
+            if thumb.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(thumb, dtype=np.float64)
+                thumb = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+            gray = thumb.convert("L")
+            gray.thumbnail((64, 64))
+            out["std"] = float(np.asarray(gray, dtype=np.float32).std())
+            out["dhash"] = _dhash(gray)
+            if (thumb.size[0] > thumb.size[1]) != (out["width"] > out["height"]) and thumb.size[0] != thumb.size[1]:
+                out["width"], out["height"] = out["height"], out["width"]  # EXIF-rotated: report as seen
+    except ImgclsError:
+        out["error"] = "too many pixels (a decompression bomb?)"
+    except Image.DecompressionBombError:
+        out["error"] = "too many pixels (a decompression bomb?)"
+    except UnidentifiedImageError:
+        out["error"] = "not an image"
+    except DECODE_ERRORS as exc:
+        out["error"] = f"truncated or corrupt ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _dhash(gray: Image.Image) -> int:
+    import imagehash
+
+    return int(str(imagehash.dhash(gray, hash_size=8)), 16)
+
+
+def _inspect_chunk(args: tuple[list[str], bool]) -> list[dict[str, Any]]:
+    paths, pixels = args
+    return [inspect_file(p, pixels) for p in paths]
+
+
+def _inspect_all(paths: list[str], pixels: bool, workers: int | None) -> list[dict[str, Any]]:
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers <= 1 or len(paths) < 64:
+        return [inspect_file(p, pixels) for p in paths]
+    size = max(16, min(256, len(paths) // (workers * 8)))
+    chunks = [(paths[i:i + size], pixels) for i in range(0, len(paths), size)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return [r for chunk in pool.map(_inspect_chunk, chunks) for r in chunk]
+
+
+# ----------------------------------------------------------------------------- findings
+@dataclass
+class Finding:
+    kind: str
+    severity: str  # error | warning
+    message: str
+    files: list[str] = field(default_factory=list)
+
+
+def _near_pairs(hashes: list[tuple[int, int]], max_bits: int = NEAR_DUP_BITS) -> list[tuple[int, int]]:
+    """Pairs of items whose 64-bit hashes differ in at most ``max_bits`` bits.
+
+    Pigeonhole over ``max_bits + 1`` bands: two hashes that close agree exactly on at
+    least one band, so only items sharing a band value are compared - near-linear in the
+    number of images instead of all pairs."""
+    bands = max_bits + 1
+    width = 64 // bands
+    buckets: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for item, h in hashes:
+        for b in range(bands):
+            buckets[(b, (h >> (b * width)) & ((1 << width) - 1))].append((item, h))
+    pairs = set()
+    for members in buckets.values():
+        if len(members) < 2:
+            continue
+        for i in range(len(members)):
+            for j in range(i + 1, len(members)):
+                (a, ha), (b, hb) = members[i], members[j]
+                if a != b and bin(ha ^ hb).count("1") <= max_bits:
+                    pairs.add((min(a, b), max(a, b)))
+    return sorted(pairs)
+
+
+def _groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in {x for p in pairs for x in p}:
+        groups[find(i)].append(i)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def _duplicate_findings(files: list[FileInfo], groups: list[list[int]], what: str) -> list[Finding]:
+    out = []
+    for g in groups:
+        members = [files[i] for i in g]
+        names = [f.path for f in members]
+        labels = sorted({f.label for f in members})
+        splits = sorted({f.split for f in members})
+        if len(labels) > 1:
+            out.append(Finding(f"{what}_conflicting_labels", "error",
+                               f"{len(g)} {what.replace('_', ' ')} images with different labels ({', '.join(labels)})",
+                               names))
+        if len(splits) > 1:
+            out.append(Finding(f"{what}_across_splits", "error",
+                               f"{len(g)} {what.replace('_', ' ')} images in {' and '.join(splits)} (leakage)", names))
+        if len(labels) == 1 and len(splits) == 1:
+            out.append(Finding(f"{what}_within_class", "warning",
+                               f"{len(g)} {what.replace('_', ' ')} images in class '{labels[0]}' ({splits[0]})", names))
+    return out
+
+
+def _outliers(files: list[FileInfo], attr: str, what: str) -> list[Finding]:
+    values = Counter(getattr(f, attr) for f in files if getattr(f, attr))
+    n = sum(values.values())
+    if n < 10 or not values:
+        return []
+    common, top = values.most_common(1)[0]
+    if top < DOMINANT_SHARE * n:
+        return []
+    out = []
+    for value, count in values.items():
+        if value != common and count <= max(1, OUTLIER_SHARE * n):
+            names = [f.path for f in files if getattr(f, attr) == value]
+            out.append(Finding(f"{what}_outlier", "warning",
+                               f"{count} of {n} files {'are' if count > 1 else 'is'} {value} ({what}); "
+                               f"{top} are {common}", names))
+    return out
+
+
+def _size_bucket(side: int) -> str:
+    edges = [32, 64, 128, 256, 512, 1024, 2048]
+    for lo, hi in zip([0] + edges, edges):
+        if side < hi:
+            return f"{lo}-{hi - 1}"
+    return f">={edges[-1]}"
+
+
+def audit_files(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
+    """Audit the image files of ``data`` (folder or manifest splits); returns the report."""
+    if pixels:
+        try:
+            import imagehash  # noqa: F401
+        except ImportError:
+            raise ImgclsError("the near-duplicate check needs the imagehash package",
+                              "pip install 'imgcls[data]', or audit with --no-pixels") from None
+    files: list[FileInfo] = []
+    for split in ("train", "val", "test"):
+        part = getattr(data, split)
+        if part is None:
+            continue
+        if part.in_memory:
+            raise ImgclsError(f"{data.name} is held in arrays, not image files",
+                              "audit a folder of class folders or a CSV/TSV manifest")
+        for p, y in zip(part.paths, part.labels.tolist()):
+            files.append(FileInfo(path=str(p), split=split, label=data.classes[y]))
+    infos = _inspect_all([f.path for f in files], pixels, workers)
+    for f, info in zip(files, infos):
+        for k, v in info.items():
+            setattr(f, k, v)
+
+    findings: list[Finding] = []
+    for f in files:
+        if f.error:
+            findings.append(Finding("unreadable", "error", f"{f.error}", [f.path]))
+    good = [f for f in files if not f.error]
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(files):
+        if f.sha256 and f.bytes:
+            by_sha[f.sha256].append(i)
+    exact = [g for g in by_sha.values() if len(g) > 1]
+    findings += _duplicate_findings(files, exact, "identical")
+    if pixels:
+        same = {i: g[0] for g in exact for i in g}  # collapse exact copies before near matching
+        hashable = [(i, f.dhash) for i, f in enumerate(files)
+                    if f.dhash is not None and not f.error and (f.std or 0) >= CONSTANT_STD and same.get(i, i) == i]
+        near = [g for g in _groups(len(files), _near_pairs(hashable))]
+        findings += _duplicate_findings(files, near, "near_identical")
+    for f in good:
+        short, long_ = min(f.width, f.height), max(f.width, f.height)
+        if short < TINY_SIDE:
+            findings.append(Finding("tiny", "warning", f"tiny image {f.width}x{f.height}", [f.path]))
+        if short and long_ / short >= EXTREME_ASPECT:
+            findings.append(Finding("extreme_aspect", "warning",
+                                    f"extreme aspect ratio {f.width}x{f.height} ({long_ / short:.1f}:1)", [f.path]))
+        if f.std is not None and f.std < CONSTANT_STD:
+            findings.append(Finding("nearly_constant", "warning",
+                                    f"nearly constant image (gray std {f.std:.1f})", [f.path]))
+    findings += _outliers(good, "format", "format") + _outliers(good, "mode", "mode")
+
+    counts: dict[str, dict[str, int]] = {}
+    for f in files:
+        counts.setdefault(f.split, {c: 0 for c in data.classes})[f.label] += 1
+    train_counts = list(counts.get("train", {}).values())
+    try:
+        root = os.path.commonpath([os.path.dirname(f.path) for f in files]) if files else ""
+    except ValueError:  # relative and absolute paths mixed
+        root = ""
+    return {
+        "data": data.name, "root": root, "classes": data.classes, "files": len(files), "readable": len(good),
+        "pixels_checked": pixels, "counts": counts, "imbalance_ratio": round(imbalance_ratio(train_counts), 3),
+        "formats": dict(Counter(f.format for f in good).most_common()),
+        "modes": dict(Counter(f.mode for f in good).most_common()),
+        "shorter_side": dict(sorted(Counter(_size_bucket(min(f.width, f.height)) for f in good).items(),
+                                    key=lambda kv: int(kv[0].split("-")[0].lstrip(">=")))),
+        "findings": [asdict(x) for x in findings],
+        "summary": dict(Counter(x.kind for x in findings)),
+        "clean": not findings,
+    }

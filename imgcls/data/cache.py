@@ -1,0 +1,337 @@
+"""Decode once: a disk cache of decoded, resized uint8 images.
+
+Decoding a JPEG costs far more than everything else a data pipeline does to it, yet a
+classic ``ImageFolder`` + ``DataLoader`` pays it on every epoch. Here each image file is
+decoded once (in parallel workers), resized to a square a little larger than the model's
+input (``CacheSpec``: shorter side -> ``img_size / crop_pct``, centre square) and stored
+as raw uint8 rows in a memory-mapped file. Later epochs (and later runs, evaluation, the
+transfer helper's feature extraction) read tensors straight from it; random-resized-crop
+augmentation then runs on whole batches of those tensors (``BatchResizedCrop``).
+
+Layout: ``<root>/<spec key>/``, root = ``IMGCLS_DECODE_CACHE_DIR``, else
+``<IMGCLS_CACHE_DIR or ~/.cache/imgcls>/decoded``:
+  ``images.u8``  rows of C*S*S bytes, append-only (old rows stay valid while others read)
+  ``index.json`` ``{"<real path>\\t<size>\\t<mtime_ns>": row}``
+A file is found again by its path, byte size and modification time (the quick check
+make and rsync use): hashing every file's content on every run would read the whole
+data set each time. Editing or replacing a file changes its key, so it is decoded again.
+Files that fail to decode are not cached: they are retried (and reported) on every run.
+
+Center-cropping a cached image to ``img_size`` gives exactly what
+``Preprocessing.pil_transform`` gives for the file, so evaluation from the cache and
+prediction from files agree.
+
+Deleting the folder is always safe; it only costs one decode pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from imgcls.data.decode import UnreadableImage, load_image
+from imgcls.data.download import cache_dir
+from imgcls.data.records import Split
+from imgcls.data.transforms import Preprocessing
+from imgcls.errors import ImgclsError
+
+CACHE_FORMAT = 1  # bump when the stored pixels would change for the same spec
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What one cached image is: ``channels`` x ``side`` x ``side`` uint8."""
+
+    side: int
+    channels: int
+    resize: str = "shorter_side"  # shorter_side: resize shorter side, centre square; squash: side x side
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def for_preprocessing(cls, pre: Preprocessing) -> CacheSpec:
+        side = int(round(pre.img_size / pre.crop_pct)) if pre.resize == "shorter_side" else pre.img_size
+        return cls(side=side, channels=pre.in_chans, resize=pre.resize, interpolation=pre.interpolation)
+
+    @property
+    def key(self) -> str:
+        return f"v{CACHE_FORMAT}-{self.resize}-{self.side}px-{self.channels}ch-{self.interpolation}"
+
+    @property
+    def row_bytes(self) -> int:
+        return self.channels * self.side * self.side
+
+    def transform(self) -> v2.Compose:
+        interp = v2.InterpolationMode(self.interpolation)
+        if self.resize == "shorter_side":
+            ops = [v2.Resize(self.side, interpolation=interp, antialias=True), v2.CenterCrop(self.side)]
+        else:
+            ops = [v2.Resize((self.side, self.side), interpolation=interp, antialias=True)]
+        return v2.Compose([v2.PILToTensor(), *ops])
+
+    def decode(self, path: Path) -> torch.Tensor:
+        """One file -> uint8 (C, side, side). Raises ImgclsError naming the file."""
+        img = load_image(path, self.channels, min_side=self.side, square=self.resize == "squash")
+        return self.transform()(img)
+
+
+def file_key(path: Path) -> str:
+    """``realpath \\t size \\t mtime_ns``; raises OSError when the file cannot be stat'ed."""
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}\t{st.st_size}\t{st.st_mtime_ns}"
+
+
+# ----------------------------------------------------------------------------- parallel decode
+class _DecodeFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], spec: CacheSpec):
+        self.paths, self.spec = paths, spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.spec.decode(self.paths[i]), ""
+        except UnreadableImage as exc:  # reported to the main process, never a dead worker
+            return i, None, exc.reason
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes one image at a time: no oversubscription
+
+
+def decode_workers(requested: int | None, n_files: int) -> int:
+    """Worker processes for decoding: one per core (decoding is CPU-bound and Pillow
+    releases no parallelism of its own), none for a handful of files, where starting
+    processes costs more than it saves."""
+    if requested is not None:
+        return max(0, requested)
+    return 0 if n_files < 64 else min(os.cpu_count() or 1, 8)
+
+
+def decode_files(paths: Sequence[Path], spec: CacheSpec, workers: int | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor | None, str]]:
+    """Yield ``(i, image or None, error)`` for every path, in completion order."""
+    n_workers = decode_workers(workers, len(paths))
+    if n_workers == 0:
+        yield from (_DecodeFiles(paths, spec)[i] for i in range(len(paths)))
+        return
+    loader = DataLoader(_DecodeFiles(paths, spec), batch_size=8, num_workers=n_workers,
+                        collate_fn=list, worker_init_fn=_one_thread, prefetch_factor=4)
+    for batch in loader:
+        yield from batch
+
+
+# ----------------------------------------------------------------------------- stores
+class MemoryStore:
+    """Decoded rows in RAM for this process only (``cache=False``)."""
+
+    def __init__(self, spec: CacheSpec):
+        self.spec = spec
+        self._rows: list[torch.Tensor] = []
+        self.index: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        yield
+
+    def append(self, images: list[torch.Tensor], keys: list[str]) -> None:
+        for img, key in zip(images, keys):
+            self.index[key] = len(self._rows)
+            self._rows.append(img)
+
+    def tensor(self) -> torch.Tensor:
+        s = self.spec
+        if not self._rows:
+            return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
+        return torch.stack(self._rows)
+
+
+class DiskStore:
+    """``images.u8`` + ``index.json`` in one folder per CacheSpec (see the module doc)."""
+
+    def __init__(self, root: Path, spec: CacheSpec):
+        self.spec = spec
+        self.dir = Path(root) / spec.key
+        self.data_path = self.dir / "images.u8"
+        self.index_path = self.dir / "index.json"
+        self.index: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise runs sharing the cache (two trainings at once on the same folder)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.dir / "lock", "a+")
+        except OSError as exc:
+            raise self._error(exc) from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.index = self._read_index()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_index(self) -> dict[str, int]:
+        rows = self._rows_on_disk()
+        try:
+            index = json.loads(self.index_path.read_text())
+        except (OSError, ValueError):
+            return {}  # absent or damaged: decode again (the data file is only appended to)
+        return {k: v for k, v in index.items() if isinstance(v, int) and 0 <= v < rows}
+
+    def _rows_on_disk(self) -> int:
+        try:
+            return self.data_path.stat().st_size // self.spec.row_bytes
+        except OSError:
+            return 0
+
+    def _error(self, exc: OSError) -> ImgclsError:
+        return ImgclsError(f"cannot write the decode cache in {self.dir}: {exc.strerror or exc}",
+                           "free disk space, point IMGCLS_CACHE_DIR elsewhere, or train with --no-cache")
+
+    def append(self, images: list[torch.Tensor], keys: list[str]) -> None:
+        if not images:
+            return
+        start = self._rows_on_disk()
+        try:
+            with open(self.data_path, "ab") as f:
+                f.truncate(start * self.spec.row_bytes)  # drop a partial row a crash may have left
+                for img in images:
+                    f.write(img.numpy().tobytes())
+            self.index.update({k: start + i for i, k in enumerate(keys)})
+            tmp = self.index_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.index))
+            os.replace(tmp, self.index_path)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def tensor(self) -> torch.Tensor:
+        s = self.spec
+        rows = self._rows_on_disk()
+        if rows == 0:
+            return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
+        # copy-on-write mapping: pages come from the OS page cache, nothing is read up front
+        arr = np.memmap(self.data_path, dtype=np.uint8, mode="c", shape=(rows, s.channels, s.side, s.side))
+        return torch.from_numpy(arr)
+
+
+def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = None) -> DiskStore | MemoryStore:
+    if not cache:
+        return MemoryStore(spec)  # per call: nothing outlives the split that uses it
+    root = root or os.environ.get("IMGCLS_DECODE_CACHE_DIR") or cache_dir() / "decoded"
+    return DiskStore(Path(root), spec)
+
+
+# ----------------------------------------------------------------------------- splits
+@dataclass
+class DecodedSplit:
+    """A file split turned into an in-memory (memory-mapped) split of decoded images."""
+
+    split: Split  # images: uint8 (N, C, side, side), files that failed are left out
+    paths: list[Path]  # the files behind split.images, in order
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    decoded: int = 0  # files decoded now (the rest came from the cache)
+
+    def center_cropped(self, size: int) -> torch.Tensor:
+        """uint8 (N, C, size, size): what evaluation feeds the model (before normalising)."""
+        return center_crop(self.split.images, size)
+
+
+def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: CacheSpec | None = None,
+                  cache: bool = True, cache_root: str | Path | None = None, workers: int | None = None,
+                  progress: bool = False, what: str = "images") -> DecodedSplit:
+    """Decode a file split once (through the cache) into a uint8 tensor split.
+
+    ``pre`` (or ``spec``) fixes the size: images are ``img_size / crop_pct`` square for
+    ``shorter_side`` preprocessing; centre-crop to ``pre.img_size`` for evaluation
+    (``center_crop``) or random-resized-crop them for training. Files that cannot be
+    decoded are returned in ``skipped`` with the reason; the caller decides whether that
+    is an error (``--strict``). Example, for feature caching::
+
+        d = decoded_split(data.train, clf.preprocessing)
+        x = d.center_cropped(clf.preprocessing.img_size)  # (N, C, S, S) uint8, a view
+        y = d.split.labels
+    """
+    if split.in_memory:
+        return DecodedSplit(split=split, paths=[])
+    if spec is None:
+        if pre is None:
+            raise ValueError("give pre or spec")
+        spec = CacheSpec.for_preprocessing(pre)
+    store = open_store(spec, cache, cache_root)
+    paths = list(split.paths)
+    keys: list[str | None] = []
+    skipped: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        try:
+            keys.append(file_key(p))
+        except FileNotFoundError:
+            keys.append(None)
+            skipped[i] = "file not found"
+        except OSError as exc:
+            keys.append(None)
+            skipped[i] = f"cannot read: {exc.strerror or exc}"
+    with store.locked():
+        missing = [i for i, k in enumerate(keys) if k is not None and k not in store.index]
+        _fill(store, [paths[i] for i in missing], [keys[i] for i in missing], missing, skipped,
+              workers, progress, what)
+        rows = [store.index[k] for i, k in enumerate(keys) if i not in skipped]
+        images = store.tensor()
+    good = [i for i in range(len(paths)) if i not in skipped]
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        x = images[rows[0]:rows[0] + len(rows)]  # a view of the memory map: nothing copied
+    else:
+        x = images[torch.tensor(rows, dtype=torch.long)] if rows else images[:0]
+    labels = split.labels[torch.tensor(good, dtype=torch.long)] if good else split.labels[:0]
+    return DecodedSplit(split=Split(labels=labels, images=x), paths=[paths[i] for i in good],
+                        skipped=[(paths[i], skipped[i]) for i in sorted(skipped)],
+                        decoded=sum(1 for i in missing if i not in skipped))
+
+
+def _fill(store, paths: list[Path], keys: list[str], positions: list[int], skipped: dict[int, str],
+          workers: int | None, progress: bool, what: str) -> None:
+    """Decode ``paths`` and append the good ones to ``store``; record failures in ``skipped``."""
+    if not paths:
+        return
+    bar = None
+    if progress and len(paths) >= 32:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(transient=True, console=Console(stderr=True))
+        task = bar.add_task(f"decoding {what} once", total=len(paths))
+        bar.start()
+    done: dict[int, torch.Tensor] = {}
+    try:
+        for i, img, err in decode_files(paths, store.spec, workers):
+            if img is None:
+                skipped[positions[i]] = err
+            else:
+                done[i] = img
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    order = sorted(done)  # keep file order, so a split's rows are contiguous (a view, no copy)
+    store.append([done[i] for i in order], [keys[i] for i in order])
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre ``size`` x ``size`` of uint8 (N, C, H, W) images, as torchvision's CenterCrop."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size) or h < size or w < size:
+        return images
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
