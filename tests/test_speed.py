@@ -259,6 +259,26 @@ def test_adaptive_threads_only_after_long_epochs(monkeypatch):
     assert calls == [None]
 
 
+def test_device_batches_match_batches_with_shard_and_skip():
+    from imgcls.data.loaders import Batches
+    from imgcls.data.records import Split
+    from imgcls.engine.speed import DeviceBatches
+
+    split = Split(labels=torch.arange(50) % 3, images=torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1))
+    for shard in (None, (1, 2)):
+        ref = Batches(split, 8, shuffle=True, seed=3, drop_last=True)
+        dev = DeviceBatches(Batches(split, 8, shuffle=True, seed=3, drop_last=True), torch.device("cpu"))
+        for b in (ref, dev):
+            if shard:
+                b.shard(*shard, even=True)
+            b.set_epoch(2)
+            b.skip = 1
+        got, want = list(dev), list(ref)
+        assert len(got) == len(want) > 0
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+        assert dev.skip == 0  # the offset applies once
+
+
 def test_config_lr_auto_and_bool_flags():
     from imgcls.cli import build_parser
     from imgcls.cli.train import config_from_args

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls.data.loaders import Batches, _epoch_order
+from imgcls.data.loaders import Batches
 from imgcls.data.transforms import Preprocessing
 from imgcls.engine.callbacks import Callback, TrainState
 
@@ -91,34 +91,52 @@ class AdaptiveThreads(Callback):
 # ---------------------------------------------------------------------- data on device
 class DeviceBatches:
     """An in-memory split held on the training device as uint8 (moved once), batched by
-    indexing there: no per-step host-to-device copies, no pinned staging buffers. Same
-    epoch order as :class:`Batches` for the same seed."""
+    indexing there: no per-step host-to-device copies, no pinned staging buffers. The
+    epoch order, this process's shard and a resume offset all come from the wrapped
+    :class:`Batches`, so the batches are exactly the ones it would yield."""
 
     def __init__(self, batches: Batches, device: torch.device):
+        self.batches = batches
         self.split = batches.split
-        self.batch_size, self.shuffle, self.seed = batches.batch_size, batches.shuffle, batches.seed
-        self.drop_last, self.epoch = batches.drop_last, batches.epoch
         self.images = batches.split.images.to(device)
         self.labels = batches.split.labels.to(device)
 
+    def __getattr__(self, name: str):  # batch_size, order, epoch, ... of the wrapped loader
+        return getattr(self.batches, name)
+
+    @property
+    def skip(self) -> int:  # set by the trainer when resuming mid-epoch
+        return self.batches.skip
+
+    @skip.setter
+    def skip(self, value: int) -> None:
+        self.batches.skip = value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.batches.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = _epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch).to(self.images.device)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.images[idx], self.labels[idx]
+        b = self.batches
+        skip, steps, bs = b.skip, len(b), b.batch_size
+        try:
+            order = b._select(b.order.indices(b.epoch)).to(self.images.device)
+            for i in range(steps - skip):
+                idx = order[i * bs:(i + 1) * bs]
+                yield self.images[idx], self.labels[idx]
+        finally:
+            b.skip = 0  # a resume offset applies to one epoch only, as in Batches
 
 
 def maybe_on_device(batches: Batches | None, device: torch.device):
-    """``batches`` as :class:`DeviceBatches` on a GPU when the split is in memory and fits;
-    unchanged otherwise (on a CPU the images already are where the model is)."""
+    """``batches`` as :class:`DeviceBatches` on a GPU when the split is in memory (batched
+    by plain indexing: no worker transform, no centre crop) and fits; unchanged otherwise
+    (on a CPU the images already are where the model is)."""
     if batches is None or device.type != "cuda" or not batches.split.in_memory:
+        return batches
+    if getattr(batches, "_loader", None) is not None or getattr(batches, "center_crop", None):
         return batches
     free, _ = torch.cuda.mem_get_info(device)
     if batches.split.images.numel() > DEVICE_DATA_SHARE * free:
