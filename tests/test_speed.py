@@ -232,9 +232,11 @@ def test_lr_find_rejects_bad_range():
         lr_find(model, None, [], torch.device("cpu"), None, start_lr=1.0, end_lr=0.1)
 
 
-def test_configure_threads_explicit_and_bounded():
+def test_configure_threads_explicit_and_bounded(monkeypatch):
     old = torch.get_num_threads()
     try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # e.g. one of two DDP processes on 2 cores
+        assert configure_threads(None) == 1
         assert configure_threads(1) == 1 and torch.get_num_threads() == 1
         assert 1 <= configure_threads(None) <= max(1, torch.get_num_threads())
     finally:

@@ -54,13 +54,17 @@ def idle_cores(interval: float = 0.25) -> float | None:
 def configure_threads(threads: int | None, decode_workers: int = 0) -> int:
     """Set torch's intra-op threads; returns the count.
 
-    Default: the cores this process may use (minus decode workers running alongside),
+    Default: the cores this process may use (at most OMP_NUM_THREADS when set; minus
+    decode workers running alongside),
     lowered to the cores actually idle right now. OpenMP threads that must share a busy
     core spin against each other: measured on the shared 2-core machine with other jobs
     running, the reference CNN trained at 342 img/s with 2 threads and 1,257 with 1.
     """
     if threads is None:
-        threads = max(1, usable_cores() - decode_workers)
+        # an explicit OMP_NUM_THREADS (set by users, or by the DDP launcher per process) caps it
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        cap = int(omp) if omp.isdigit() and int(omp) > 0 else usable_cores()
+        threads = max(1, min(cap, usable_cores()) - decode_workers)
         free = idle_cores()
         if free is not None:
             threads = max(1, min(threads, int(free + 0.5)))
