@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # resolving a newer one from the index.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean bench-env bench-speed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,21 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# TensorFlow for the Keras reference benchmarks only: a separate environment, never a
+# dependency of imgcls (bench/keras_reference.py, bench/mnist_vs_keras.py).
+BENCH_ENV := .bench-env
+$(BENCH_ENV)/.ready:
+	$(PY) -m venv $(BENCH_ENV)
+	$(BENCH_ENV)/bin/pip install -q tensorflow-cpu==2.21.0 numpy
+	touch $(BENCH_ENV)/.ready
+
+bench-env: $(BENCH_ENV)/.ready
+
+# Speed benchmarks (minutes; they take the shared heavy-job lock).
+bench-speed: $(STAMP) $(BENCH_ENV)/.ready
+	flock /tmp/imgcls-heavy.lock $(BIN)/python bench/mnist_vs_keras.py --rounds 2
+	flock /tmp/imgcls-heavy.lock $(BIN)/python bench/cifar10.py --recipe fast
 
 clean:
 	rm -rf runs .pytest_cache

@@ -40,6 +40,9 @@ from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryC
 from imgcls.engine.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, preflight_run_dir
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.finetune import fit_head_cached, plan_finetune
+from imgcls.engine.lr_find import LRFindResult, lr_find
+from imgcls.engine.recipes import RecipeContext, resolve_recipe
+from imgcls.engine.speed import EMA, AdaptiveThreads, Lookahead, configure_threads
 from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
@@ -183,7 +186,7 @@ class Classifier:
                        min_side=spec.side if pre.resize == "shorter_side" else None)
 
     # ------------------------------------------------------------------ training
-    def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3,
+    def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float | str = 3e-3,
             optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
             schedule: str = "onecycle", warmup_epochs: float = 0.3, label_smoothing: float = 0.0,
             augment: str = "auto", hflip: bool | None = None, patience: int | None = None,
@@ -194,7 +197,9 @@ class Classifier:
             strict: bool = False, balance: str = "auto", cache: bool = True, freeze: str = "none",
             unfreeze_at: int | None = None, unfreeze: str = "gradual", backbone_lr: float | None = None,
             layer_decay: float | None = None, feature_cache: str = "auto",
-            log: str | list[str] | None = None) -> dict[str, Any]:
+            log: str | list[str] | None = None, mixup: float = 0.0,
+            cutmix: float = 0.0, randaugment: str | None = None, ema: float = 0.0, tta: str = "auto",
+            compile: bool = False, threads: int | None = None, lookahead: bool = False) -> dict[str, Any]:
         """Train on ``data`` (a folder, CSV/TSV manifest, .npz, dataset name, arrays or
         ImageData); keeps the weights of the best validation epoch. Returns a summary
         (history, best epoch, time).
@@ -213,7 +218,11 @@ class Classifier:
         Fine-tuning (engine/finetune.py): ``freeze="backbone"`` trains only the classifier
         (on features cached once, unless ``feature_cache="off"``); ``unfreeze_at`` unfreezes
         the backbone from that epoch (``unfreeze`` "gradual" or "all"); ``backbone_lr`` and
-        ``layer_decay`` give the backbone lower learning rates."""
+        ``layer_decay`` give the backbone lower learning rates.
+
+        Speed options (docs/speed.md): ``lr="auto"`` runs the learning-rate finder first;
+        ``mixup``/``cutmix``/``randaugment`` (timm), ``ema`` (decay per step), ``lookahead``,
+        ``tta`` (auto | none | flip | flip-shift), ``compile`` (torch.compile), ``threads``."""
         ctx = D.setup(device)
         (set_deterministic if deterministic else seed_everything)(seed)
         data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
@@ -224,6 +233,7 @@ class Classifier:
         dev = ctx.device if ctx.enabled else resolve_device(device)
         local_batch = D.local_batch_size(batch_size, ctx)
         amp = resolve_precision(precision, dev)
+        configure_threads(threads)
         pre = self.preprocessing
         # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
         if data.train.in_memory and not self.card.get("pretrained"):
@@ -242,6 +252,7 @@ class Classifier:
                 raise ImgclsError(f"class '{empty[0]}' has no readable training images",
                                   "add images to it, or leave it out with --classes")
         aug = augment_preset(augment, data.kind, hflip)
+        aug.randaugment = randaugment
         plan = plan_balance(data.train.labels, self.classes, balance)
         if (plan.mode != "none" or plan.ratio >= 3) and ctx.is_main:
             print(f"imgcls: {plan.describe()}", file=sys.stderr)
@@ -263,10 +274,25 @@ class Classifier:
         elif photo_crop:
             batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
         else:
-            batch_aug = BatchAugment(aug.translate, aug.hflip) if data.train.in_memory and aug.preset != "none" else None
+            batch_aug = BatchAugment(aug.translate, aug.hflip, randaugment) \
+                if data.train.in_memory and (aug.preset != "none" or randaugment) else None
+        lr_found = None
+        if lr == "auto":
+            lr_found = lr_find(self.model, pre, train_b, dev, amp, optimizer=optimizer, weight_decay=weight_decay,
+                               momentum=momentum, label_smoothing=label_smoothing, batch_augment=batch_aug,
+                               seed=seed)
+            lr = lr_found.suggestion
+        # flip TTA by default only for small colour images trained with flips (cheap there)
+        tta = ("flip" if aug.hflip and data.kind == "small-colour" else "none") if tta == "auto" else tta
 
         best = BestModel(on_improve=(lambda m, b: self._save_to(writer, best_metrics=b)) if writer else None)
         cbs: list[Callback] = [best]
+        if ema:
+            cbs.insert(0, EMA(ema))
+        if lookahead:
+            cbs.insert(0, Lookahead())
+        if threads is None and dev.type == "cpu":
+            cbs.append(AdaptiveThreads())
         if patience:
             cbs.append(EarlyStopping(patience))
         if writer:
@@ -281,7 +307,9 @@ class Classifier:
             cbs.append(ckpt)
         settings = FitSettings(epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                                momentum=momentum, schedule=schedule, warmup_epochs=warmup_epochs,
-                               label_smoothing=label_smoothing, seed=seed)
+                               label_smoothing=label_smoothing, seed=seed, compile=compile, mixup=mixup,
+                               cutmix=cutmix)
+        self.card["tta"] = tta
         if log and ctx.is_main:  # experiment loggers (tensorboard, mlflow) are callbacks too
             from dataclasses import asdict
 
@@ -324,7 +352,8 @@ class Classifier:
             else:
                 trainer = Trainer(self.model, pre, settings, dev, amp, batch_augment=batch_aug,
                                   callbacks=cbs + (ft.callbacks if ft else []), dist=ctx,
-                                  class_weights=plan.weight_tensor(), param_groups=ft.param_groups if ft else None)
+                                  class_weights=plan.weight_tensor(), param_groups=ft.param_groups if ft else None,
+                                  tta=tta)
                 if ckpt is not None:
                     ckpt.attach(trainer)
                 state = trainer.fit(train_b, val_b)
@@ -344,12 +373,15 @@ class Classifier:
             "batch_size": batch_size, "stopped_early": state.stop_reason or None,
             "val_split": val_split, "seed": seed, "distributed": scale,
             "resumed_from_epoch": int(resume["epoch"]) if resume else None, "balance": plan.to_dict(),
+            "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
         }
         if ft is not None:
             summary["finetune"] = dict(ft.settings)
         if cached is not None:
             summary["finetune"].update({"extract_s": round(cached.extract_s, 2), "head_train_s": round(cached.head_s, 2),
                                         "cached_views": cached.views, "feature_dim": cached.feature_dim})
+        if lr_found is not None:
+            summary["lr_find"] = {"suggestion": lr_found.suggestion, "min_loss_lr": lr_found.min_loss_lr}
         if files is not None:
             summary["files"] = files.to_dict(files.csv_path)
         if deterministic:
@@ -358,6 +390,46 @@ class Classifier:
         self.card["training"] = summary
         self.history = state.history
         return summary
+
+    def _setup(self, data: Any, batch_size: int, *, augment: str = "auto", hflip: bool | None = None,
+               randaugment: str | None = None, val_split: float = 0.1, seed: int = 0, device: str = "auto",
+               precision: str = "auto", workers: int | None = None, threads: int | None = None):
+        """Data, device, precision, augmentation and batches for training (fit, find_lr)."""
+        data = self._check_classes(load_data(data, val_split=val_split, seed=seed))
+        dev = resolve_device(device)
+        amp = resolve_precision(precision, dev)
+        configure_threads(threads)
+        pre = self.preprocessing
+        # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
+        if data.train.in_memory and not self.card.get("pretrained"):
+            pre.mean, pre.std = _data_stats(data.train.images, pre.in_chans)
+        if not data.train.in_memory:
+            pre.resize, pre.crop_pct = "shorter_side", 0.875
+        aug = augment_preset(augment, data.kind, hflip)
+        aug.randaugment = randaugment
+        train_b = self._batches(data.train, batch_size, train=True, seed=seed, aug=aug, workers=workers, device=dev)
+        val_b = self._batches(data.val, max(256, batch_size), workers=workers, device=dev) if data.val is not None else None
+        batch_aug = BatchAugment(aug.translate, aug.hflip, randaugment) \
+            if data.train.in_memory and (aug.preset != "none" or randaugment) else None
+        return data, dev, amp, aug, train_b, val_b, batch_aug
+
+    def find_lr(self, data: Any, *, batch_size: int = 128, optimizer: str = "adam", weight_decay: float = 0.0,
+                momentum: float = 0.9, label_smoothing: float = 0.0, augment: str = "auto",
+                hflip: bool | None = None, val_split: float = 0.1, seed: int = 0, device: str = "auto",
+                precision: str = "auto", workers: int | None = None, threads: int | None = None,
+                steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+        """Learning-rate range test on a copy of this model (its weights stay as they are)."""
+        seed_everything(seed)
+        data, dev, amp, aug, train_b, _, batch_aug = self._setup(
+            data, batch_size, augment=augment, hflip=hflip, val_split=val_split, seed=seed, device=device,
+            precision=precision, workers=workers, threads=threads)
+        try:
+            return lr_find(self.model, self.preprocessing, train_b, dev, amp, optimizer=optimizer,
+                           weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
+                           batch_augment=batch_aug, start_lr=start_lr, end_lr=end_lr, steps=steps, seed=seed,
+                           channels_last=dev.type != "mps")
+        except ValueError as exc:
+            raise ImgclsError(f"learning-rate finder: {exc}", "check --start-lr / --end-lr / --steps") from None
 
     # ------------------------------------------------------------------ inference
     def _logits(self, split: Split, batch_size: int = 256, device: str = "auto", precision: str = "auto",
@@ -375,7 +447,8 @@ class Classifier:
         try:
             return predict_logits(self.model, self._batches(split, batch_size, workers=workers, device=dev),
                                   self.preprocessing, dev, amp, channels_last=dev.type != "mps",
-                                  on_batch=(lambda n: bar.advance(task, n)) if bar else None)
+                                  on_batch=(lambda n: bar.advance(task, n)) if bar else None,
+                                  tta=self.card.get("tta", "none"))
         finally:
             if bar is not None:
                 bar.stop()
@@ -624,23 +697,15 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if cfg.deterministic:
         set_deterministic(cfg.seed)
     ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
-    arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
     if cfg.log:  # a typo in --log should fail before anything is trained or written
         from imgcls.engine.loggers import parse_log
 
         parse_log(cfg.log)
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
-    defaults = MODEL_DEFAULTS.get(arch, {})
-    in_chans = cfg.in_chans or data.channels
-    if cfg.pretrained or cfg.weights:
-        clf = Classifier.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
-                                         img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
-        img_size = clf.preprocessing.img_size
-    else:
-        img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or \
-            defaults.get("img_size", 224)
-        clf = Classifier.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
-                                **model_kwargs)
+    if resume is None:  # a resumed run keeps the values its config.yaml already holds
+        cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
+    clf, in_chans, img_size = _new_classifier(cfg, data, arch, model_kwargs)
     resolved = cfg.model_copy(update={"img_size": img_size, "in_chans": in_chans})
 
     def make_run_dir() -> str:
@@ -664,7 +729,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
                       resume=ckpt, strict=cfg.strict, balance=cfg.balance, cache=cfg.cache,
                       freeze=cfg.freeze, unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze,
                       backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay, feature_cache=cfg.feature_cache,
-                      log=cfg.log)
+                      log=cfg.log, mixup=cfg.mixup, cutmix=cfg.cutmix, randaugment=cfg.randaugment, ema=cfg.ema,
+                      tta=cfg.tta, compile=cfg.compile, threads=cfg.threads, lookahead=cfg.lookahead)
+    summary["recipe"] = cfg.recipe
     if not ctx.is_main:
         return TrainResult(run_dir=run_dir, classifier=clf, metrics={}, summary=summary)
     # unreadable files were reported by fit already
@@ -674,6 +741,45 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     clf.save(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({"training": summary, "evaluation": metrics}, indent=2) + "\n")
     return TrainResult(run_dir=run_dir, classifier=clf, metrics=metrics, summary=summary)
+
+
+def _new_classifier(cfg: TrainConfig, data: ImageData, arch: str,
+                    model_kwargs: dict[str, Any]) -> tuple[Classifier, int, int]:
+    """A fresh or pretrained classifier for a training config; returns it with its in_chans and img_size."""
+    defaults = MODEL_DEFAULTS.get(arch, {})
+    in_chans = cfg.in_chans or data.channels
+    if cfg.pretrained or cfg.weights:
+        clf = Classifier.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
+                                         img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
+        return clf, in_chans, clf.preprocessing.img_size
+    img_size = cfg.img_size or (data.native_size if data.train.in_memory else None) or defaults.get("img_size", 224)
+    clf = Classifier.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
+                            **model_kwargs)
+    return clf, in_chans, img_size
+
+
+def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
+    return RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
+                         in_memory=bool(data.train is not None and data.train.in_memory),
+                         device_type=resolve_device(cfg.device).type)
+
+
+def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: float = 1e-7,
+            end_lr: float = 10.0) -> tuple[LRFindResult, TrainConfig]:
+    """What ``imgcls lr-find`` does: the model and data of a training config (recipe
+    resolved), then the learning-rate range test. Returns the result and resolved config."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    clf, _, _ = _new_classifier(cfg, data, *model_from_config(cfg.model))
+    res = clf.find_lr(data, batch_size=cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                      momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+                      hflip=cfg.hflip, val_split=cfg.val_split, seed=cfg.seed, device=cfg.device,
+                      precision=cfg.precision, workers=cfg.workers, threads=cfg.threads, steps=steps,
+                      start_lr=start_lr, end_lr=end_lr)
+    return res, cfg
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:

@@ -30,14 +30,16 @@ class TrainConfig(BaseModel):
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
     cache: bool = True  # keep decoded images on disk (IMGCLS_CACHE_DIR) for later epochs and runs
-    # recipe
+    # recipe: a named preset (imgcls/engine/recipes.py) fills every field not given explicitly;
+    # auto picks one from the data (fast for in-memory small images, else default)
+    recipe: Literal["auto", "fast", "accurate", "reference", "default"] = "auto"
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float | Literal["auto"] = 3e-3  # auto: run the learning-rate finder first
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "linear", "constant"] = "onecycle"
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.0
     augment: Literal["auto", "none", "light", "standard", "photo"] = "auto"
@@ -52,11 +54,19 @@ class TrainConfig(BaseModel):
     backbone_lr: float | None = None  # backbone learning rate as a fraction of lr (None: 0.1 if pretrained)
     layer_decay: float | None = None  # each backbone stage below the top gets this factor less again
     feature_cache: Literal["auto", "on", "off"] = "auto"  # auto: on when the backbone stays frozen
+    mixup: float = 0.0  # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0  # timm CutMix alpha (0 = off)
+    randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5
+    ema: float = 0.0  # per-step decay of an exponential moving average of the weights (0 = off)
+    lookahead: bool = False  # lookahead of weights every 5 steps (airbench's schedule)
+    tta: Literal["auto", "none", "flip", "flip-shift"] = "auto"  # test-time augmentation at evaluation
     # machinery
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     workers: int | None = None  # data-loading processes for image files; None: automatic
+    threads: int | None = None  # CPU compute threads; None: the cores this process may use
+    compile: bool = False  # torch.compile the model (pays off on long runs / GPUs)
     out: str = "runs"
     name: str | None = None
     # scale and survive (engine/distributed.py, engine/checkpoint.py)
@@ -85,9 +95,30 @@ class TrainConfig(BaseModel):
 
     @field_validator("lr")
     @classmethod
-    def _lr_positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be greater than 0")
+    def _lr_positive(cls, v: float | str) -> float | str:
+        if v != "auto" and v <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return v
+
+    @field_validator("mixup", "cutmix")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be at least 0")
+        return v
+
+    @field_validator("ema")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1), e.g. 0.999")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
         return v
 
     @field_validator("checkpoint_every")

@@ -27,6 +27,16 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
     "workers": "image-decoding processes (default: automatic)",
+    "recipe": "preset of the fields below (fast, accurate, reference, default); explicit flags override it",
+    "lr": "learning rate, or auto to pick one with the learning-rate finder",
+    "mixup": "mixup alpha (timm), e.g. 0.2; 0 = off",
+    "cutmix": "cutmix alpha (timm), e.g. 1.0; 0 = off",
+    "randaugment": "timm RandAugment config, e.g. rand-m9-mstd0.5 (natural images)",
+    "ema": "keep an exponential moving average of the weights with this per-step decay, e.g. 0.999",
+    "tta": "test-time augmentation at evaluation (auto: flips for small colour images trained with flips)",
+    "lookahead": "lookahead of the weights every 5 steps, averaging more as training ends (airbench)",
+    "threads": "CPU compute threads (default: the cores this process may use)",
+    "compile": "torch.compile the model (warm-up costs tens of seconds on a CPU)",
     "classes": "comma-separated class names: fixes the class list and order (default: all, sorted)",
     "strict": "stop on unreadable image files instead of skipping them (listed in RUN/skipped.csv)",
     "balance": "class imbalance: weighted loss, balanced sampler, none, or auto (weights when the "
@@ -44,6 +54,8 @@ _HELP = {
 
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) > 1 and any(typing.get_origin(a) is typing.Literal for a in args):
+        return str, None  # e.g. a number or "auto": pydantic converts
     if typing.get_origin(annotation) is typing.Literal:
         return str, list(typing.get_args(annotation))
     if annotation in (int, float, str):
@@ -111,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     m = result.metrics
     s = result.summary
     print(f"trained {result.classifier.architecture} on {s['data']} for {s['epochs_run']} epoch(s) in "
-          f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}); best epoch {s['best_epoch']}")
+          f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}, recipe {s.get('recipe', '?')}); "
+          f"best epoch {s['best_epoch']}")
     print(f"{m['split']} accuracy: {m['accuracy']:.4f} on {m['num_images']} images")
     print(f"model saved to {result.run_dir}")
     sys.stdout.flush()

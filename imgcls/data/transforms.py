@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -100,6 +101,7 @@ class AugmentSpec:
     translate: int = 0  # in-memory batches: random shift up to this many pixels
     hflip: bool = False
     scale: tuple[float, float] = field(default=(0.25, 1.0))  # photo: RandomResizedCrop area range
+    randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,10 +132,15 @@ def augment_preset(preset: str, kind: str, hflip: bool | None) -> AugmentSpec:
 
 def photo_train_transform(pre: Preprocessing, aug: AugmentSpec) -> v2.Compose:
     """Per-image train transform for decoded photos -> uint8 (C,S,S)."""
-    if aug.preset == "none":
+    if aug.preset == "none" and not aug.randaugment:
         return pre.pil_transform()
-    ops: list = [v2.PILToTensor(),
-                 v2.RandomResizedCrop(pre.img_size, scale=aug.scale, antialias=True)]
+    ops: list = [] if aug.randaugment is None else [randaugment_transform(aug.randaugment, pre.img_size,
+                                                                          pre.in_chans)]
+    ops.append(v2.PILToTensor())
+    if aug.preset == "none":
+        ops += pre.pil_transform().transforms[1:]
+    else:
+        ops.append(v2.RandomResizedCrop(pre.img_size, scale=aug.scale, antialias=True))
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops)
@@ -149,14 +156,46 @@ def photo_tensor_transform(pre: Preprocessing, aug: AugmentSpec) -> v2.Compose:
     return v2.Compose(ops)
 
 
-class BatchAugment:
-    """Per-sample random shift (zero-padded crop) and horizontal flip on a uint8 batch."""
+def randaugment_transform(config: str, img_size: int, channels: int):
+    """timm's RandAugment (a PIL -> PIL transform) from its config string. A bad string is
+    a user error, reported with the flag to fix."""
+    from timm.data.auto_augment import rand_augment_transform
 
-    def __init__(self, translate: int = 0, hflip: bool = False):
+    from imgcls.errors import ImgclsError
+
+    fill = 128 if channels == 1 else (124, 116, 104)  # ImageNet mean, timm's default fill
+    try:
+        return rand_augment_transform(config, {"translate_const": int(img_size * 0.45), "img_mean": fill})
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        raise ImgclsError(f"invalid --randaugment '{config}': {exc or 'unknown option'}",
+                          "use timm's syntax, e.g. rand-m9-mstd0.5 or rand-m7-n2") from None
+
+
+class BatchAugment:
+    """Per-sample random shift (zero-padded crop) and horizontal flip on a uint8 batch, and
+    optionally timm's RandAugment per image (PIL, on the CPU: its ops have no batched form)."""
+
+    def __init__(self, translate: int = 0, hflip: bool = False, randaugment: str | None = None):
         self.translate = translate
         self.hflip = hflip
+        self.randaugment = randaugment
+        self._ra = None
+
+    def _rand_augment(self, x: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        if self._ra is None:
+            self._ra = randaugment_transform(self.randaugment, x.shape[-1], x.shape[1])
+        arr = x.cpu().permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        out = [torch.from_numpy(np.asarray(self._ra(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a))).copy())
+               for a in arr]
+        out = torch.stack(out)
+        out = out[:, None] if out.ndim == 3 else out.permute(0, 3, 1, 2)
+        return out.to(x.device)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if self.randaugment:
+            x = self._rand_augment(x)
         n, c, h, w = x.shape  # (N, C, H, W)
         dev = x.device
         if self.translate:
@@ -164,10 +203,10 @@ class BatchAugment:
             padded = F.pad(x, (p, p, p, p))
             oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
             ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
-            rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (N,1,H,1)
-            cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (N,1,1,W)
-            x = padded[torch.arange(n, device=dev)[:, None, None, None],
-                       torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+            # every HxW window of the padded images as a view (N, 2p+1, 2p+1, C, H, W); one
+            # gather of each image's window is ~5x faster than a 4-D fancy index (measured)
+            windows = padded.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5)
+            x = windows[torch.arange(n, device=dev), oy, ox]
         if self.hflip:
             flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

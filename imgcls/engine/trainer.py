@@ -21,6 +21,7 @@ from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import Callback, CallbackList, TrainState
 from imgcls.engine.device import autocast
 from imgcls.engine.optim import build_optimizer, build_scheduler
+from imgcls.engine.speed import init_from_data, maybe_compile, maybe_on_device, mix_loss, num_outputs, tta_forward
 
 
 @dataclass
@@ -34,6 +35,9 @@ class FitSettings:
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.0
     seed: int = 0
+    compile: bool = False  # torch.compile the model for the loop
+    mixup: float = 0.0  # timm Mixup / CutMix alphas
+    cutmix: float = 0.0
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -43,8 +47,10 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Batches, pre: Preprocessing, device: torch.device,
                    amp_dtype: torch.dtype | None, channels_last: bool = True,
-                   on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every image of ``batches``, in order."""
+                   on_batch: Callable[[int], None] | None = None,
+                   tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every image of ``batches``, in order
+    (``tta='flip'``: averaged with the mirrored images')."""
     model.eval()
     outs, labels = [], []
     for x, y in batches:
@@ -52,7 +58,7 @@ def predict_logits(model: nn.Module, batches: Batches, pre: Preprocessing, devic
             on_batch(len(y))
         x = pre.normalize(_to_device(x, device), channels_last)
         with autocast(device, amp_dtype):
-            out = model(x)
+            out = tta_forward(model, x, tta)
         outs.append(out.float().cpu())
         labels.append(y)
     if not outs:
@@ -65,13 +71,14 @@ class Trainer:
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
                  class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None,
-                 param_groups: list[dict] | None = None):
+                 param_groups: list[dict] | None = None, tta: str = "none"):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
         self.callbacks = CallbackList(callbacks or [])
         self.channels_last = channels_last
         self.class_weights = class_weights.to(device) if class_weights is not None else None
+        self.tta = tta  # test-time augmentation for the per-epoch validation
         self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
         self.param_groups = param_groups  # optional per-group lr / weight decay (fine-tuning)
 
@@ -80,7 +87,11 @@ class Trainer:
         model.to(dev)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        train = maybe_on_device(train, dev)  # in-memory data on the GPU once, when it fits
+        init_from_data(model, train, self.pre, dev)  # data-dependent init (airbench whitening), if any
         net = D.wrap(model, self.dist)  # DDP when several processes; callbacks see the plain model
+        fwd = maybe_compile(net, s.compile)
+        mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model))
         steps = len(train)
         opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
         sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
@@ -113,10 +124,14 @@ class Trainer:
                 if self.augment is not None:
                     x = self.augment(x, gen)
                 x = self.pre.normalize(x, self.channels_last)  # (B, C, S, S) float
+                if mix is not None:
+                    x, soft = mix(x, y)
+                    y = y[:len(x)]
                 with autocast(dev, self.amp_dtype):
-                    out = net(x)
+                    out = fwd(x)
                     loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
-                                           label_smoothing=s.label_smoothing)
+                                           label_smoothing=s.label_smoothing) if mix is None \
+                        else mix.loss(out.float(), soft)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -132,13 +147,15 @@ class Trainer:
                     if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
                 self.callbacks.on_batch_end(state)
             train_time = time.perf_counter() - state.epoch_start
+            self.callbacks.on_train_epoch_end(state, model)
             seen = state.seen
             if self.dist.enabled:  # epoch metrics over all processes' images
                 loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, dev)
             metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
                        "train_acc": float(correct) / max(seen, 1), "lr": opt.param_groups[0]["lr"]}
             if val is not None and len(val.split):
-                logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last)
+                logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last,
+                                                tta=self.tta)
                 if self.dist.enabled:  # each process saw its share of the validation images
                     mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
                             len(labels)] if len(labels) else [0.0, 0, 0]

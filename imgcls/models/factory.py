@@ -8,18 +8,25 @@ from typing import Any
 from torch import nn
 
 from imgcls.errors import ImgclsError
+from imgcls.models import fastnets
 from imgcls.models.reference import ReferenceCNN
 from imgcls.registry import Registry
 
 MODELS: Registry = Registry("model", list_command="imgcls models")
 
 # Defaults a built-in model suggests when the user gives no --img-size / --in-chans.
-MODEL_DEFAULTS: dict[str, dict[str, int]] = {"reference_cnn": {"img_size": 28, "in_chans": 1}}
+MODEL_DEFAULTS: dict[str, dict[str, int]] = {"reference_cnn": {"img_size": 28, "in_chans": 1},
+                                             "airbench": {"img_size": 32, "in_chans": 3},
+                                             "airbench_small": {"img_size": 28, "in_chans": 1}}
 
 
 @MODELS.register("reference_cnn")
 def reference_cnn(num_classes: int, in_chans: int = 1, img_size: int = 28, **_: Any) -> nn.Module:
     return ReferenceCNN(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+
+
+MODELS.register("airbench")(fastnets.airbench)
+MODELS.register("airbench_small")(fastnets.airbench_small)
 
 
 @MODELS.register("layers")

@@ -1,0 +1,51 @@
+"""Helpers shared by the benchmark scripts: machine description, subprocess runs, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+BENCH_PY = ROOT / ".bench-env" / "bin" / "python"
+
+
+def default_data(name: str) -> Path:
+    """../shared/data/NAME next to the checkout (also found from a git worktree)."""
+    for root in (ROOT.parent, ROOT.parent.parent, Path("/work")):
+        p = root / "shared" / "data" / name
+        if p.exists():
+            return p
+    return SHARED / name
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def run_json(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[dict, float]:
+    """Run a command whose last stdout line is JSON; returns (that object, wall seconds).
+    Its stderr (progress, per-epoch lines) passes straight through."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

@@ -1,0 +1,122 @@
+"""Recipes: named presets of TrainConfig values, chosen per data kind and device.
+
+A recipe fills only the fields the user did not give (pydantic's ``model_fields_set``), so
+``--recipe fast --epochs 5`` is the fast recipe with five epochs. A batch size given without
+a learning rate moves the recipe's rate with it (:func:`scale_lr`). The resolved values, the
+recipe's name included, are what a run saves in ``config.yaml``; loading that file back
+reproduces the run without consulting the registry again.
+
+Register your own with ``@RECIPES.register("name")`` on a function
+``(ctx: RecipeContext) -> dict`` of TrainConfig field values; add its name to the
+``recipe`` Literal in config.py to expose it as a flag value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imgcls.registry import Registry
+
+RECIPES: Registry = Registry("recipe")
+
+# auto picks "fast" for in-memory small images with at least this many training images;
+# below it the plain defaults (a handful of images trains in seconds either way).
+AUTO_FAST_MIN_IMAGES = 5000
+
+
+@dataclass
+class RecipeContext:
+    kind: str  # "digits", "small-colour", "photos" (ImageData.kind)
+    num_train: int
+    in_memory: bool
+    device_type: str  # "cpu", "cuda", "mps"
+
+
+@RECIPES.register("default")
+def default_recipe(ctx: RecipeContext) -> dict[str, Any]:
+    """The TrainConfig defaults, unchanged: Adam 3e-3 one-cycle, batch 128, 3 epochs."""
+    return {}
+
+
+@RECIPES.register("reference")
+def reference_recipe(ctx: RecipeContext) -> dict[str, Any]:
+    """The classic Keras MNIST training, for side-by-side comparisons: the reference CNN,
+    Adam at Keras' default 1e-3, batch 32, 10 epochs, constant rate, no augmentation, fp32."""
+    return {"model": "reference_cnn", "epochs": 10, "batch_size": 32, "lr": 1e-3, "optimizer": "adam",
+            "schedule": "constant", "warmup_epochs": 0.0, "augment": "none", "precision": "fp32",
+            "label_smoothing": 0.0}
+
+
+@RECIPES.register("fast")
+def fast_recipe(ctx: RecipeContext) -> dict[str, Any]:
+    """Shortest time to a good accuracy.
+
+    digits: the reference CNN, 2 one-cycle epochs of Adam at batch 128 with light shifts;
+    small colour images: the airbench network with its hyper-parameters (Nesterov SGD,
+    momentum 0.85, label smoothing 0.2, linear warm-up/decay, batch 512 on a CPU / 1024 on
+    a GPU with the learning rate scaled with it, lookahead, flip + shift TTA);
+    photos: one-cycle AdamW, 5 epochs, photo augmentation.
+    """
+    if ctx.kind == "digits":
+        return {"model": "reference_cnn", "epochs": 2, "batch_size": 128, "lr": 3e-3, "optimizer": "adam",
+                "schedule": "onecycle", "warmup_epochs": 0.3, "augment": "light", "label_smoothing": 0.0}
+    if ctx.kind == "small-colour":
+        batch = 1024 if ctx.device_type == "cuda" else 512
+        return {"model": "airbench", "epochs": 10, "batch_size": batch, **_airbench_sgd(batch),
+                "schedule": "linear", "warmup_epochs": 2.3, "label_smoothing": 0.2, "augment": "light",
+                "hflip": True, "tta": "flip-shift", "lookahead": True}
+    return {"epochs": 5, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05,
+            "schedule": "onecycle", "augment": "photo"}
+
+
+@RECIPES.register("accurate")
+def accurate_recipe(ctx: RecipeContext) -> dict[str, Any]:
+    """Higher accuracy for more time: a stronger network or more epochs, EMA of weights,
+    and (natural images) RandAugment + mixup/cutmix from timm."""
+    if ctx.kind == "digits":
+        return {"model": "airbench_small", "epochs": 4, "batch_size": 256, **_airbench_sgd(256),
+                "schedule": "linear", "warmup_epochs": 0.8, "label_smoothing": 0.1, "augment": "light",
+                "hflip": False, "tta": "none"}
+    if ctx.kind == "small-colour":
+        batch = 1024 if ctx.device_type == "cuda" else 512
+        return {"model": "airbench", "epochs": 30, "batch_size": batch, **_airbench_sgd(batch),
+                "schedule": "linear", "warmup_epochs": 6.0, "label_smoothing": 0.2, "augment": "standard",
+                "hflip": True, "tta": "flip-shift", "lookahead": True}
+    return {"epochs": 30, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05,
+            "schedule": "cosine", "warmup_epochs": 2.0, "augment": "photo", "label_smoothing": 0.1,
+            "randaugment": "rand-m9-mstd0.5", "mixup": 0.2, "cutmix": 1.0, "ema": 0.999, "tta": "flip"}
+
+
+def _airbench_sgd(batch_size: int) -> dict[str, Any]:
+    """airbench94's optimiser for a mean (not summed) loss: its lr 11.5 and decay 0.0153
+    'per 1024 examples' with momentum 0.85 come out as lr = 1.5 * batch/1024 and a
+    PyTorch weight decay of 0.0153/11.5, independent of the batch size."""
+    return {"optimizer": "sgd", "momentum": 0.85, "lr": round(1.5 * batch_size / 1024, 5),
+            "weight_decay": round(0.0153 / 11.5, 6)}
+
+
+def choose_recipe(ctx: RecipeContext) -> str:
+    if ctx.in_memory and ctx.kind in ("digits", "small-colour") and ctx.num_train >= AUTO_FAST_MIN_IMAGES:
+        return "fast"
+    return "default"
+
+
+def resolve_recipe(cfg, ctx: RecipeContext):
+    """A copy of ``cfg`` (TrainConfig) with the recipe's values in every field the user did
+    not set, and ``recipe`` set to the concrete name (never 'auto')."""
+    name = choose_recipe(ctx) if cfg.recipe == "auto" else cfg.recipe
+    values = RECIPES.get(name)(ctx)
+    explicit = cfg.model_fields_set
+    update = {k: v for k, v in values.items() if k not in explicit}
+    if "batch_size" in explicit and "lr" in update and "batch_size" in values:
+        update["lr"] = scale_lr(update["lr"], values["batch_size"], cfg.batch_size,
+                                update.get("optimizer", cfg.optimizer))
+    return cfg.model_copy(update={**update, "recipe": name})
+
+
+def scale_lr(lr: float, from_batch: int, to_batch: int, optimizer: str) -> float:
+    """The recipe's rate moved to another batch size: linearly for SGD (Goyal et al. 2017),
+    by the square root for Adam-type optimisers (Malladi et al. 2022)."""
+    ratio = to_batch / from_batch
+    return float(f"{lr * (ratio if optimizer == 'sgd' else ratio ** 0.5):.4g}")
