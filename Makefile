@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
 # torch comes first, pinned, so pip takes the build on this machine's disk rather than
 # resolving a newer one from the index.
 TORCH := torch==2.14.1 torchvision==0.29.1
@@ -14,15 +15,21 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# the library and its CLI (what `make demo` needs)
+$(CORE_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $(CORE_STAMP)
+
+# everything the tests need: all extras (explain, export, serve, ...) and the test tools
+$(STAMP): $(CORE_STAMP)
 	$(BIN)/pip install -q -e ".[dev,all]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Train the reference CNN on the digits that ship inside scikit-learn (no download).
-demo: $(STAMP)
+demo: $(CORE_STAMP)
 	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 8 --batch-size 32 --out runs --name demo
 
 test: $(STAMP)
