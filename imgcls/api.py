@@ -743,9 +743,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     return TrainResult(run_dir=run_dir, classifier=clf, metrics=metrics, summary=summary)
 
 
-def _new_classifier(cfg: TrainConfig, data: ImageData, arch: str,
-                    model_kwargs: dict[str, Any]) -> tuple[Classifier, int, int]:
+def _new_classifier(cfg: TrainConfig, data: ImageData, arch: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None) -> tuple[Classifier, int, int]:
     """A fresh or pretrained classifier for a training config; returns it with its in_chans and img_size."""
+    if arch is None:
+        arch, model_kwargs = model_from_config(cfg.model)
+    model_kwargs = model_kwargs or {}
     defaults = MODEL_DEFAULTS.get(arch, {})
     in_chans = cfg.in_chans or data.channels
     if cfg.pretrained or cfg.weights:
@@ -773,7 +776,7 @@ def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: fl
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
-    clf, _, _ = _new_classifier(cfg, data, *model_from_config(cfg.model))
+    clf, _, _ = _new_classifier(cfg, data)
     res = clf.find_lr(data, batch_size=cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
                       hflip=cfg.hflip, val_split=cfg.val_split, seed=cfg.seed, device=cfg.device,
