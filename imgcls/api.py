@@ -28,7 +28,7 @@ from imgcls.artifact import load_weights, read_card, save_model
 from imgcls.config import TrainConfig
 from imgcls.data.balance import plan_balance
 from imgcls.data.cache import CacheSpec
-from imgcls.data.decode import is_image_file
+from imgcls.data.decode import images_in_folder
 from imgcls.data.loaders import BalancedOrder, Batches
 from imgcls.data.prepare import decode_data
 from imgcls.data.records import ImageData, Split
@@ -559,9 +559,7 @@ class Classifier:
                 continue
             p = Path(item)
             if p.is_dir():
-                found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-                if not found:
-                    raise ImgclsError(f"no images in folder {p}", "give image files or a folder that has some")
+                found = images_in_folder(p)
                 paths += found
                 names += [str(f) for f in found]
             elif p.is_file():

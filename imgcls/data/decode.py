@@ -56,6 +56,14 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def images_in_folder(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (recursively, sorted); an error when there is none."""
+    found = sorted(f for f in Path(folder).rglob("*") if f.is_file() and is_image_file(f))
+    if not found:
+        raise ImgclsError(f"no images in folder {folder}", "give image files or a folder that has some")
+    return found
+
+
 def _flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     """Composite transparency onto a white background instead of dropping it."""
     rgba = img.convert("RGBA")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgcls.data.decode import is_image_file, load_image, to_mode
+from imgcls.data.decode import images_in_folder, load_image, to_mode
 from imgcls.data.sources import _to_nchw_uint8
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
@@ -72,10 +72,7 @@ def prepare(images: Any, pre: Preprocessing) -> list[Prepared]:
             continue
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise ImgclsError(f"no images in folder {p}", "give image files or a folder that has some")
-            out += [_from_pil(load_image(f, 3), str(f), pre) for f in found]
+            out += [_from_pil(load_image(f, 3), str(f), pre) for f in images_in_folder(p)]
         elif p.is_file():
             out.append(_from_pil(load_image(p, 3), str(p), pre))
         else:
