@@ -191,3 +191,17 @@ def onnx_meta(path: Path) -> dict[str, str]:
     from imgcls.export.onnx import read_metadata
 
     return read_metadata(path)
+
+
+def test_layer_list_cnn_exports(tiny_npz, tmp_path):
+    """The layer-list builder's network (models/layers.py), as a YAML config would give it."""
+    from imgcls.api import Classifier
+    from imgcls.export import export_run
+
+    layers = [{"conv": {"filters": 8, "kernel": 3, "padding": "same", "activation": "relu"}}, {"batchnorm": {}},
+              {"maxpool": 2}, {"conv": {"filters": 16, "kernel": 3, "activation": "relu"}},
+              "global_avg_pool", {"dense": {"units": "num_classes"}}]
+    clf = Classifier.create("layers", classes=["a", "b", "c"], in_chans=1, img_size=16, seed=0, layers=layers)
+    clf.model.eval()
+    [res] = export_run(clf, "onnx", out=tmp_path, data=str(tiny_npz), log=lambda m: None)
+    assert res.meta["parity"]["passed"] and res.meta["architecture"] == "layers"
