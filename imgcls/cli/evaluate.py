@@ -26,21 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
-    from imgcls.evaluation.metrics import format_metrics
+    from imgcls.evaluation.metrics import format_metrics, update_metrics_json
 
     if args.report is not None:
         return _report(args)
     clf = Classifier.load(args.run)
     m = clf.evaluate(args.data, split=args.split, batch_size=args.batch_size, device=args.device)
-    path = Path(args.run) / "metrics.json"
-    previous = {}
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    previous["evaluation"] = m
-    path.write_text(json.dumps(previous, indent=2) + "\n")
+    path = update_metrics_json(Path(args.run) / "metrics.json", evaluation=m)
     if args.json:
         print(json.dumps(m))
     else:

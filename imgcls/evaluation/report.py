@@ -28,7 +28,7 @@ from PIL import Image
 from imgcls.artifact import CARD, atomic_write
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.calibration import calibration_summary, temperature_scaling
-from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.metrics import classification_metrics, update_metrics_json
 from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
 
 
@@ -165,17 +165,9 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     html_path = out_dir / "report.html"
     html_path.write_text(render_html(clf, run_dir, m, calibration, gallery, pictures, history), encoding="utf-8")
     json_path = out_dir / "metrics.json"
-    previous: dict[str, Any] = {}
-    if json_path.is_file():
-        try:
-            previous = json.loads(json_path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    previous["evaluation"] = m
-    previous["calibration"] = calibration
-    previous["mistakes"] = [{k: v for k, v in g.items() if k != "png"} for g in gallery]
-    previous["report"] = str(html_path)
-    json_path.write_text(json.dumps(previous, indent=2) + "\n")
+    update_metrics_json(json_path, evaluation=m, calibration=calibration,
+                        mistakes=[{k: v for k, v in g.items() if k != "png"} for g in gallery],
+                        report=str(html_path))
     return Report(html_path, json_path, m, calibration, gallery)
 
 
