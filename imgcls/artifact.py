@@ -54,6 +54,14 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: Path, hint: str) -> Any:
+    """Parse a JSON file; anything unparsable is one ImgclsError naming the file and ``hint``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImgclsError(f"{path} is not valid JSON ({exc})", hint) from None
+
+
 def save_model(folder: str | Path, model: torch.nn.Module, card: dict[str, Any]) -> dict[str, Any]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,10 +81,7 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ImgclsError(f"{folder} has no trained model ({CARD} is missing)",
                           "train one first with `imgcls train`, or give the run folder it printed")
-    try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ImgclsError(f"{path} is not valid JSON ({exc})", "the model card is damaged; retrain or restore it") from None
+    card = read_json(path, "the model card is damaged; retrain or restore it")
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise ImgclsError(f"{path} is not an imgcls model card", "give a run folder written by `imgcls train`")
     missing = [k for k in REQUIRED if k not in card]

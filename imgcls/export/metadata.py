@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls import __version__
+from imgcls.artifact import read_json
 from imgcls.errors import ImgclsError
 
 SIDECAR_SUFFIX = ".json"
@@ -70,10 +71,7 @@ def read_sidecar(model_path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ImgclsError(f"{model_path} has no {path.name} beside it",
                           "re-export it with `imgcls export RUN`")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ImgclsError(f"{path} is not valid JSON ({exc})", "re-export with `imgcls export RUN`") from None
+    meta = read_json(path, "re-export with `imgcls export RUN`")
     if not isinstance(meta, dict) or "classes" not in meta or "img_size" not in meta:
         raise ImgclsError(f"{path} is not an imgcls export description", "re-export with `imgcls export RUN`")
     return meta
