@@ -42,7 +42,7 @@ from imgcls.engine.device import precision_name, resolve_device, resolve_precisi
 from imgcls.engine.finetune import fit_head_cached, plan_finetune
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
-from imgcls.engine.speed import EMA, AdaptiveThreads, Lookahead, configure_threads
+from imgcls.engine.speed import EMA, AdaptiveThreads, Lookahead, configure_threads, tune_cpu_allocator
 from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
@@ -234,6 +234,8 @@ class Classifier:
         local_batch = D.local_batch_size(batch_size, ctx)
         amp = resolve_precision(precision, dev)
         configure_threads(threads)
+        if dev.type == "cpu":
+            tune_cpu_allocator()
         pre = self.preprocessing
         # preprocessing follows the data: statistics of in-memory images, photo-style resize for files
         if data.train.in_memory and not self.card.get("pretrained"):
@@ -274,7 +276,10 @@ class Classifier:
         elif photo_crop:
             batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
         else:
-            batch_aug = BatchAugment(aug.translate, aug.hflip, randaugment) \
+            if data.train.in_memory and aug.hflip:  # flips by the loader, alternating per epoch
+                aug.flip_order = "alternate"
+                train_b.alternate_flips(seed)
+            batch_aug = BatchAugment(aug.translate, aug.hflip and aug.flip_order == "random", randaugment) \
                 if data.train.in_memory and (aug.preset != "none" or randaugment) else None
         lr_found = None
         if lr == "auto":

@@ -12,7 +12,7 @@ import torch
 from imgcls import TrainConfig, train
 from imgcls.api import Classifier
 from imgcls.data.transforms import BatchAugment, Preprocessing
-from imgcls.engine.callbacks import TrainState
+from imgcls.engine.callbacks import Callback, TrainState
 from imgcls.engine.lr_find import lr_find
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.engine.recipes import RECIPES, RecipeContext, choose_recipe, resolve_recipe
@@ -118,7 +118,7 @@ def test_batch_augment_shift_matches_crop():
     out = BatchAugment(translate=2)(x, gen)
     gen = torch.Generator().manual_seed(0)
     oy, ox = torch.randint(0, 5, (2,), generator=gen), torch.randint(0, 5, (2,), generator=gen)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")  # airbench pads by reflection
     for i in range(2):
         assert torch.equal(out[i], padded[i, :, oy[i]:oy[i] + 6, ox[i]:ox[i] + 6])
 
@@ -279,6 +279,71 @@ def test_device_batches_match_batches_with_shard_and_skip():
         assert len(got) == len(want) > 0
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
         assert dev.skip == 0  # the offset applies once
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    from imgcls.data.loaders import Batches
+    from imgcls.data.records import Split
+    from imgcls.engine.speed import DeviceBatches
+
+    n = 40
+    images = torch.arange(n * 4, dtype=torch.uint8).view(n, 1, 1, 4)  # each row: 4 distinct values
+    split = Split(labels=torch.arange(n), images=images)
+    seen = {}
+    for epoch in (1, 2, 3):
+        b = Batches(split, 8, shuffle=True, seed=5)
+        b.alternate_flips(seed=5)
+        b.set_epoch(epoch)
+        d = DeviceBatches(b, torch.device("cpu"))
+        for (x, y), (xd, yd) in zip(b, d):
+            assert torch.equal(x, xd) and torch.equal(y, yd)  # the GPU path flips the same images
+            for img, i in zip(x, y.tolist()):
+                flipped = torch.equal(img, images[i].flip(-1))
+                assert flipped or torch.equal(img, images[i])
+                seen[(epoch, i)] = flipped
+    first = [seen[(1, i)] for i in range(n)]
+    assert 10 <= sum(first) <= 30  # a random half in the first epoch
+    assert all(seen[(2, i)] != first[i] and seen[(3, i)] == first[i] for i in range(n))  # then alternating
+
+
+def test_fit_alternates_flips_for_in_memory_colour_data(colour_npz):
+    clf = Classifier.create("reference_cnn", classes=[str(i) for i in range(4)], in_chans=3, img_size=16)
+    summary = clf.fit(str(colour_npz), epochs=1, batch_size=16, progress=False, hflip=True)
+    assert summary["augment"]["flip_order"] == "alternate"
+
+
+def test_airbench_whitening_bias_trains_first_epochs_only(colour_npz):
+    net = create_model("airbench", 4, in_chans=3, img_size=16)
+    assert net.whiten_bias_epochs == 3
+    for epoch, trains in ((1, True), (3, True), (4, False)):
+        net.on_epoch_start(epoch)
+        assert net.whiten.bias.requires_grad is trains
+    # through the trainer: the bias moves in epoch 1 and stays put after epoch 1 when frozen after it
+    torch.manual_seed(0)
+    clf = Classifier.create("airbench", classes=[str(i) for i in range(4)], in_chans=3, img_size=16)
+    clf.model.whiten_bias_epochs = 1
+    snapshots = []
+
+    class Snap(Callback):
+        def on_epoch_end(self, state, model):
+            snapshots.append(model.whiten.bias.detach().clone())
+
+    clf.fit(str(colour_npz), epochs=3, batch_size=16, optimizer="sgd", lr=0.05, progress=False, callbacks=[Snap()])
+    assert not torch.equal(snapshots[0], torch.zeros_like(snapshots[0]))
+    assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
+
+
+def test_cpu_allocator_tuning(monkeypatch):
+    import platform
+
+    import imgcls.engine.speed as S
+
+    monkeypatch.setattr(S, "_allocator_tuned", False)
+    monkeypatch.setenv("IMGCLS_MALLOC_TUNING", "0")
+    assert S.tune_cpu_allocator() is False  # opted out
+    monkeypatch.delenv("IMGCLS_MALLOC_TUNING")
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert S.tune_cpu_allocator() is expected
 
 
 def test_config_lr_auto_and_bool_flags():

@@ -144,6 +144,15 @@ def _collate_channels_last(items: list) -> tuple[torch.Tensor, torch.Tensor, lis
     return x, torch.tensor([item[1] for item in items]), [item[2] for item in items]
 
 
+def alternating_flip(x: torch.Tensor, idx: torch.Tensor, first: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip: image ``i`` is mirrored in epoch ``e`` (from 1) iff
+    ``first[i]`` (a fixed random half) xor ``e`` is even. Over any two epochs every image is
+    seen both ways, which trains faster than independent random flips (Jordan 2024, 94% on
+    CIFAR-10 in 3.29 seconds)."""
+    flip = first.to(idx.device)[idx] ^ (epoch % 2 == 0)
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode workers must not fight the training threads on few cores
 
@@ -172,6 +181,7 @@ class Batches:
         self.drop_last = drop_last and len(self.order) > batch_size
         self.pin_memory = pin_memory
         self.center_crop = center_crop
+        self.flip_first: torch.Tensor | None = None  # set by alternate_flips()
         self._loader = None
         self._want_drop_last = drop_last
         # set by shard() for multi-process training, and by resume (batches to skip once)
@@ -191,6 +201,14 @@ class Batches:
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
                 prefetch_factor=4 if workers > 0 else None,
             )
+
+    def alternate_flips(self, seed: int) -> None:
+        """Mirror images by :func:`alternating_flip` (in-memory splits read in the main
+        process; the random half is fixed by ``seed``)."""
+        if self._loader is not None:
+            raise ValueError("alternating flips need an in-memory split without a worker transform")
+        gen = torch.Generator().manual_seed(seed * 7_919 + 17)
+        self.flip_first = torch.rand(len(self.split), generator=gen) < 0.5
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -240,6 +258,8 @@ class Batches:
                 if self.center_crop:
                     x = center_crop(x, self.center_crop)
                 x, y = x[idx], self.split.labels[idx]  # (B, C, H, W) uint8: a copy, also from a memory map
+                if self.flip_first is not None:
+                    x = alternating_flip(x, idx, self.flip_first, self.epoch)
                 yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
             return
         for x, y, errors in self._loader:

@@ -100,6 +100,9 @@ class AugmentSpec:
     preset: str = "none"  # none | light | standard | photo
     translate: int = 0  # in-memory batches: random shift up to this many pixels
     hflip: bool = False
+    # "random": each image flipped with probability 1/2 per epoch; "alternate": a random half
+    # in the first epoch, then every image's orientation alternates (airbench; in-memory data)
+    flip_order: str = "random"
     scale: tuple[float, float] = field(default=(0.25, 1.0))  # photo: RandomResizedCrop area range
     randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5
 
@@ -172,8 +175,10 @@ def randaugment_transform(config: str, img_size: int, channels: int):
 
 
 class BatchAugment:
-    """Per-sample random shift (zero-padded crop) and horizontal flip on a uint8 batch, and
-    optionally timm's RandAugment per image (PIL, on the CPU: its ops have no batched form)."""
+    """Per-sample random shift (a crop of the reflect-padded image, as airbench) and
+    horizontal flip on a uint8 batch, and optionally timm's RandAugment per image (PIL, on
+    the CPU: its ops have no batched form). In-memory training data usually gets its flips
+    from the loader instead (``Batches.alternate_flips``) and ``hflip=False`` here."""
 
     def __init__(self, translate: int = 0, hflip: bool = False, randaugment: str | None = None):
         self.translate = translate
@@ -200,7 +205,7 @@ class BatchAugment:
         dev = x.device
         if self.translate:
             p = self.translate
-            padded = F.pad(x, (p, p, p, p))
+            padded = F.pad(x, (p, p, p, p), mode="reflect" if min(h, w) > p else "constant")
             oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
             ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(dev)
             # every HxW window of the padded images as a view (N, 2p+1, 2p+1, C, H, W); one

@@ -117,6 +117,9 @@ class Trainer:
             train.set_epoch(epoch)
             train.skip = skip if resumed else 0
             self.callbacks.on_epoch_start(state)
+            hook = getattr(model, "on_epoch_start", None)  # e.g. airbench freezes its whitening bias
+            if callable(hook) and not self.dist.enabled:
+                hook(epoch)
             model.train()
             loss_sum, correct = state.loss_sum, state.correct  # updated in place below
             for x, y in train:

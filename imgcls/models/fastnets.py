@@ -10,9 +10,11 @@ with a 64x higher learning rate (``param_groups``), as in the original.
 ``airbench_small``: the same design at widths 32/64/128 for 28x28 digits (~5x the
 reference CNN's compute, far higher accuracy per epoch).
 
-Models here may expose two optional hooks the engine calls when present:
+Models here may expose optional hooks the engine calls when present:
 ``init_from_data(x)`` with a float, normalised sample of training images (before the
-first step) and ``param_groups(weight_decay)`` with per-group ``lr_scale``.
+first step), ``param_groups(weight_decay)`` with per-group ``lr_scale`` and
+``on_epoch_start(epoch)`` (single-process training only: DDP needs a fixed set of
+trainable parameters).
 """
 
 from __future__ import annotations
@@ -67,12 +69,13 @@ class AirbenchNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  widths: tuple[int, int, int] = (64, 256, 256), bn_momentum: float = 0.6,
-                 scaling_factor: float = 1 / 9, whiten_eps: float = 5e-4):
+                 scaling_factor: float = 1 / 9, whiten_eps: float = 5e-4, whiten_bias_epochs: int = 3):
         super().__init__()
         if img_size < 9:
             raise ValueError(f"airbench needs inputs of at least 9x9 pixels, got {img_size}")
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.scaling_factor, self.whiten_eps = scaling_factor, whiten_eps
+        self.whiten_bias_epochs = whiten_bias_epochs
         whiten_width = 2 * in_chans * 2 * 2
         self.whiten = nn.Conv2d(in_chans, whiten_width, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False  # set from data, then frozen
@@ -100,6 +103,11 @@ class AirbenchNet(nn.Module):
         w = torch.cat((scaled, -scaled)).to(self.whiten.weight)
         self.whiten.weight.copy_(w.contiguous(memory_format=torch.preserve_format))
         self.whiten.bias.zero_()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """The whitening bias trains for the first ``whiten_bias_epochs`` epochs only, then
+        stays fixed (airbench; the optimizer skips a parameter without a gradient)."""
+        self.whiten.bias.requires_grad = epoch <= self.whiten_bias_epochs
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """BatchNorm biases learn 64x faster (weight decay scaled down to match, so their
