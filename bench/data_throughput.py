@@ -31,14 +31,8 @@ from imgcls.data.cache import decoded_split
 from imgcls.data.loaders import Batches
 from imgcls.data.records import Split
 from imgcls.data.sources import from_folder
-from imgcls.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AugmentSpec,
-    BatchResizedCrop,
-    Preprocessing,
-    photo_tensor_transform,
-)
+from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchResizedCrop, Preprocessing
+from imgcls.engine.speed import tune_cpu_allocator
 
 SCALE = (0.25, 1.0)  # imgcls' photo preset; the baseline uses the same
 
@@ -74,11 +68,11 @@ def imgcls_pipeline(root: Path, size: int, epochs: int, batch: int, workers: int
     images = torch.cat([s.images for s in splits]) if len(splits) > 1 else splits[0].images
     labels = torch.cat([s.labels for s in splits])
 
-    spec = AugmentSpec("photo", 0, True, SCALE)
-    # what Classifier.fit does on a CPU: random resized crops of the cached uint8 images in
-    # `workers` loader processes; the main process normalises (channels_last), as the trainer does
+    # what Classifier.fit does on a CPU: random resized crops of the cached uint8 images, a batch
+    # per call, in `workers` loader processes; the main process normalises (channels_last), as the
+    # trainer does
     loader = Batches(Split(labels=labels, images=images), batch, shuffle=True, seed=0, drop_last=False,
-                     transform=photo_tensor_transform(pre, spec) if mode == "workers" else None, workers=workers)
+                     transform=aug if mode == "workers" else None, workers=workers)
     for e in range(epochs):
         loader.set_epoch(e)
         t0, n = time.perf_counter(), 0
@@ -101,8 +95,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's allocator as it is (imgcls' trainer tunes it on CPUs)")
     args = ap.parse_args()
     root = Path(args.data)
+    # for both pipelines alike (this process and the baseline's forked workers): what fit does on a CPU
+    malloc_tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
     runs = []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as cache:
@@ -123,6 +121,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "data_throughput", "data": str(root), "size": args.size, "batch": args.batch,
         "workers": args.workers, "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "malloc_tuning": malloc_tuned, "load_avg_1min": round(os.getloadavg()[0], 2),
         "runs": runs,
         "median_img_s": {"baseline_first": round(b_first, 1), "baseline_later": round(b_later, 1),
                          "imgcls_first": round(i_first, 1), "imgcls_later": round(i_later, 1)},

@@ -34,7 +34,7 @@ from imgcls.data.prepare import decode_data
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import _to_nchw_uint8, load_data, with_classes
 from imgcls.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, BatchAugment, BatchResizedCrop,
-                                    Preprocessing, augment_preset, photo_tensor_transform, photo_train_transform)
+                                    Preprocessing, augment_preset, photo_train_transform)
 from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, preflight_run_dir
@@ -77,16 +77,20 @@ def _data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) -
 @dataclass
 class Prediction:
     source: str
-    top: list[tuple[str, float]]  # (class, probability), best first
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when the file was unreadable
     probabilities: list[float] = field(repr=False, default_factory=list)
+    error: str | None = None  # why the image could not be read (it has no prediction)
 
     @property
-    def label(self) -> str:
-        return self.top[0][0]
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "label": self.label,
-                "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+        d = {"source": self.source, "label": self.label,
+             "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+        if self.error:
+            d["error"] = self.error
+        return d
 
 
 class Classifier:
@@ -169,7 +173,8 @@ class Classifier:
 
     def _batches(self, split: Split, batch_size: int, *, train: bool = False, seed: int = 0,
                  aug: AugmentSpec | None = None, workers: int | None = None, device=None,
-                 crop: bool = True, order=None, sample_transform=None) -> Batches:
+                 crop: bool = True, order=None, batch_transform=None,
+                 skipped: dict[int, str] | None = None) -> Batches:
         pre = self.preprocessing
         pin = device is not None and device.type == "cuda"
         if split.in_memory:
@@ -178,12 +183,12 @@ class Classifier:
             big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
             return Batches(split, batch_size, shuffle=train, seed=seed, drop_last=train, pin_memory=pin,
                            order=order, center_crop=pre.img_size if (big and crop) else None,
-                           transform=sample_transform, workers=workers)
+                           transform=batch_transform, workers=workers)
         transform = photo_train_transform(pre, aug) if (train and aug) else pre.pil_transform()
         spec = CacheSpec.for_preprocessing(pre)  # same reduced JPEG decode as the cache
         return Batches(split, batch_size, shuffle=train, seed=seed, transform=transform, channels=pre.in_chans,
                        size=pre.img_size, workers=workers, pin_memory=pin, drop_last=train, order=order,
-                       min_side=spec.side if pre.resize == "shorter_side" else None)
+                       min_side=spec.side if pre.resize == "shorter_side" else None, skipped=skipped)
 
     # ------------------------------------------------------------------ training
     def fit(self, data: Any, *, epochs: int = 3, batch_size: int = 128, lr: float | str = 3e-3,
@@ -265,7 +270,8 @@ class Classifier:
         in_workers = photo_crop and dev.type == "cpu"
         train_b = self._batches(data.train, local_batch, train=True, seed=seed, aug=aug, workers=workers, device=dev,
                                 crop=not photo_crop, order=order,
-                                sample_transform=photo_tensor_transform(pre, aug) if in_workers else None)
+                                batch_transform=BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
+                                if in_workers else None)
         val_b = self._batches(data.val, max(256, local_batch), workers=workers, device=dev) if data.val is not None else None
         if ctx.enabled:  # each process reads its share (engine/distributed.py)
             train_b.shard(ctx.rank, ctx.world_size, even=True)
@@ -438,7 +444,8 @@ class Classifier:
 
     # ------------------------------------------------------------------ inference
     def _logits(self, split: Split, batch_size: int = 256, device: str = "auto", precision: str = "auto",
-                workers: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                workers: int | None = None, progress: bool = False,
+                skipped: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         dev = resolve_device(device)
         amp = resolve_precision(precision, dev)
         self.model.to(dev)
@@ -450,7 +457,8 @@ class Classifier:
             task = bar.add_task("predicting", total=len(split))
             bar.start()
         try:
-            return predict_logits(self.model, self._batches(split, batch_size, workers=workers, device=dev),
+            return predict_logits(self.model, self._batches(split, batch_size, workers=workers, device=dev,
+                                                            skipped=skipped),
                                   self.preprocessing, dev, amp, channels_last=dev.type != "mps",
                                   on_batch=(lambda n: bar.advance(task, n)) if bar else None,
                                   tta=self.card.get("tta", "none"))
@@ -507,24 +515,45 @@ class Classifier:
         return m
 
     def predict_proba(self, images: Any, batch_size: int = 64, device: str = "auto", precision: str = "auto",
-                      workers: int | None = None, progress: bool = False,
-                      backend: str = "torch") -> tuple[np.ndarray, list[str]]:
+                      workers: int | None = None, progress: bool = False, backend: str = "torch",
+                      strict: bool = False) -> tuple[np.ndarray, list[str]]:
         """Class probabilities ``(N, num_classes)`` and the source name of each image.
-        ``backend``: torch, onnx (the run's exported model.onnx) or auto (see imgcls.export.runtime)."""
+        ``backend``: torch, onnx (the run's exported model.onnx) or auto (see imgcls.export.runtime).
+        An image file that cannot be read gets a row of NaN (``predict`` says why);
+        ``strict``: an error naming it instead."""
+        probs, sources, _ = self._proba(images, batch_size, device, precision, workers, progress, backend, strict)
+        return probs, sources
+
+    def _proba(self, images: Any, batch_size: int, device: str, precision: str, workers: int | None,
+               progress: bool, backend: str, strict: bool) -> tuple[np.ndarray, list[str], dict[int, str]]:
         split, sources = self._as_split(images)
+        skipped: dict[int, str] | None = None if strict else {}
         if backend != "torch":
             from imgcls.export.runtime import backend_proba
 
-            return backend_proba(self, split, backend, batch_size, device, precision, workers, progress), sources
-        logits, _ = self._logits(split, batch_size, device, precision, workers, progress)
-        return F.softmax(logits / self.temperature, dim=1).numpy(), sources
+            probs = backend_proba(self, split, backend, batch_size, device, precision, workers, progress, skipped)
+        else:
+            logits, _ = self._logits(split, batch_size, device, precision, workers, progress, skipped)
+            probs = F.softmax(logits / self.temperature, dim=1).numpy()
+        skipped = skipped or {}
+        if skipped:
+            probs[sorted(skipped)] = np.nan  # a blank stand-in image went through the model: no prediction
+        return probs, sources, skipped
 
-    def predict(self, images: Any, top_k: int = 1, **kw: Any) -> list[Prediction]:
-        """Top-k classes for image files, folders (recursively), PIL images or arrays."""
-        probs, sources = self.predict_proba(images, **kw)
+    def predict(self, images: Any, top_k: int = 1, batch_size: int = 64, device: str = "auto",
+                precision: str = "auto", workers: int | None = None, progress: bool = False,
+                backend: str = "torch", strict: bool = False) -> list[Prediction]:
+        """Top-k classes for image files, folders (recursively), PIL images or arrays. A file
+        that cannot be read gets a Prediction with ``error`` set and no classes (``strict``:
+        an error naming it instead)."""
+        probs, sources, skipped = self._proba(images, batch_size, device, precision, workers, progress, backend,
+                                              strict)
         k = max(1, min(top_k, self.num_classes))
         out = []
-        for src, p in zip(sources, probs):
+        for n, (src, p) in enumerate(zip(sources, probs)):
+            if n in skipped:
+                out.append(Prediction(src, [], [], error=skipped[n]))
+                continue
             idx = np.argsort(-p)[:k]
             out.append(Prediction(src, [(self.classes[i], float(p[i])) for i in idx], p.tolist()))
         return out

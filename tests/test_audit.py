@@ -115,3 +115,35 @@ def test_hymenoptera_audit_names_the_gif(shared_data, capsys):
     kinds = by_kind(report)
     assert [f["files"] for f in kinds["format_outlier"]] == [[str(shared_data / "hymenoptera/train/ants/imageNotFound.gif")]]
     assert report["files"] == 398 and report["readable"] == 398 and report["formats"] == {"JPEG": 397, "GIF": 1}
+
+
+def test_array_data_audit(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(30) % 3
+    xt = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    yt = np.arange(6) % 3
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    assert main(["audit", str(clean), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clean"] and report["files"] == 36 and report["shape"] == [3, 32, 32]
+    assert report["counts"] == {"train": {"0": 10, "1": 10, "2": 10}, "test": {"0": 2, "1": 2, "2": 2}}
+
+    x[1] = x[0]  # labels 0 and 1: conflicting
+    xt[0] = x[5]  # train image 5 in the test split: leakage
+    x[3] = x[6]  # both label 0: a duplicate within the class
+    x[9] = 128  # one colour
+    x[12] = np.clip(x[15].astype(int) + rng.integers(-3, 4, x[15].shape), 0, 255)  # noisy copy, both label 0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    assert main(["audit", str(bad), "--json"]) == 1
+    kinds = by_kind(json.loads(capsys.readouterr().out))
+    assert kinds["identical_conflicting_labels"][0]["files"] == ["train[0]", "train[1]"]
+    assert kinds["identical_across_splits"][0]["files"] == ["train[5]", "test[0]"] or \
+        sorted(kinds["identical_across_splits"][0]["files"]) == ["test[0]", "train[5]"]
+    assert kinds["identical_within_class"][0]["files"] == ["train[3]", "train[6]"]
+    assert kinds["nearly_constant"][0]["files"] == ["train[9]"]
+    assert kinds["near_identical_within_class"][0]["files"] == ["train[12]", "train[15]"]
+    assert main(["audit", str(bad)]) == 1  # the table
+    assert "images in arrays, shape 3x32x32" in capsys.readouterr().out

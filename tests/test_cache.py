@@ -90,17 +90,16 @@ def test_epoch_orders_and_center_crop():
     assert torch.equal(x, images[:2, :, 1:5, 1:5])
 
 
-def test_tensor_items_in_workers_are_random_crops_and_reproducible():
-    from imgcls.data.transforms import AugmentSpec, photo_tensor_transform
-
-    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+def test_batch_crops_in_workers_are_random_crops_and_reproducible():
+    # channels_last storage, as the decode cache keeps it
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     split = Split(labels=torch.arange(12) % 2, images=images)
-    tf = photo_tensor_transform(PRE, AugmentSpec("photo", 0, True, (0.25, 1.0)))
+    crop = BatchResizedCrop(28, (0.25, 1.0), hflip=True)
 
-    def epoch(workers):
+    def epoch(workers, e=1):
         torch.manual_seed(0)
-        b = Batches(split, 4, shuffle=True, seed=1, transform=tf, workers=workers)
-        b.set_epoch(1)
+        b = Batches(split, 4, shuffle=True, seed=1, transform=crop, workers=workers)
+        b.set_epoch(e)
         return list(b)
 
     batches = epoch(0)
@@ -110,6 +109,28 @@ def test_tensor_items_in_workers_are_random_crops_and_reproducible():
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0] * 6 + [1] * 6
     again = epoch(2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again, epoch(2)))  # same seed, same crops
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(again, epoch(2, e=2)))  # a new epoch, new crops
+    # a full-image "crop" from the workers is each labelled image itself (rows and labels stay paired)
+    whole = BatchResizedCrop(32, (1.0, 1.0), (1.0, 1.0))
+    pairs = Split(labels=torch.arange(12), images=images)
+    b = Batches(pairs, 5, shuffle=True, seed=3, transform=whole, workers=2)
+    b.shard(1, 2, even=True)  # and the distributed share goes through the batch sampler
+    got = list(b)
+    assert len(got) == len(b) == 2
+    for x, y in got:
+        assert torch.equal(x, images[y])
+
+
+def test_batch_resized_crop_matches_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    aug = BatchResizedCrop(24, scale=(0.3, 1.0))
+    index = torch.tensor([5, 0, 3])
+    out = aug(x, torch.Generator().manual_seed(2), index=index)
+    boxes = aug.boxes(3, 40, 40, torch.Generator().manual_seed(2)).long().tolist()
+    for o, j, (top, left, h, w) in zip(out, index.tolist(), boxes):
+        assert torch.equal(o, TF.resized_crop(x[j], top, left, h, w, [24, 24], antialias=True))
 
 
 def test_batch_resized_crop():

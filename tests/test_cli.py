@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,35 @@ def test_predict_cli_output(trained_run, tmp_path, capsys):
     assert line["source"].endswith("x.png") and len(line["top"]) == 2
 
 
+def test_predict_skips_unreadable_files_unless_strict(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    from imgcls.api import Classifier
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (16, 16), 40 * i).save(folder / f"ok{i}.png")
+    (folder / "broken.png").write_text("this is text, not a png")
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(trained_run), str(folder), "--output", str(out), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 of 4 images" in err and "broken.png" in err
+    rows = {Path(r["source"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["broken.png"]["label"] is None and "broken.png" in rows["broken.png"]["error"]
+    assert all(rows[f"ok{i}.png"]["label"] in ("a", "b", "c") and "error" not in rows[f"ok{i}.png"] for i in range(3))
+    # the same through the API, the CSV rendering, and --strict
+    preds = Classifier.load(trained_run).predict(folder, workers=0)
+    assert [p.error is not None for p in preds] == [Path(p.source).name == "broken.png" for p in preds]
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(trained_run), str(folder), "--output", str(csv_out)]) == 0
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].endswith(",error") and len(lines) == 5
+    assert main(["predict", str(trained_run), str(folder), "--strict"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "broken.png" in line and "Traceback" not in line
+
+
 def test_train_from_yaml_config_with_override(tiny_npz, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data: {tiny_npz}\nepochs: 5\nbatch_size: 16\nout: {tmp_path / 'runs'}\nname: fromyaml\n")
@@ -77,9 +107,9 @@ def test_cli_error_cases_on_files(tmp_path, capsys, trained_run, tiny_npz):
     assert "no trained model" in capsys.readouterr().err
     bad = tmp_path / "bad.png"
     bad.write_text("this is text, not a png")
-    assert main(["predict", str(trained_run), str(bad)]) == 1
+    assert main(["predict", str(trained_run), str(bad)]) == 1  # nothing readable: an error
     err = capsys.readouterr().err
-    assert "bad.png" in err and err.count("\n") == 1
+    assert "bad.png" in err and "none of the 1 images" in err and err.count("\n") == 1
     assert main(["train", "--data", str(tiny_npz), "--epochs", "0"]) == 1
     assert "--epochs" in capsys.readouterr().err
     assert main(["evaluate", str(trained_run), "--data", "digits"]) == 1

@@ -12,8 +12,8 @@ HELP = "check an image data set: counts, unreadable files, duplicates, leakage, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", metavar="DATA", help="folder of class folders (optionally in train/val/test) "
-                                                "or a CSV/TSV manifest")
+    p.add_argument("data", metavar="DATA", help="folder of class folders (optionally in train/val/test), "
+                                                "a CSV/TSV manifest, a Keras-style .npz or a data set name")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--classes", help="comma-separated class names (fixes the class list and order)")
     p.add_argument("--no-pixels", dest="pixels", action="store_false",
@@ -24,12 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgcls.data.audit import audit_files
+    from imgcls.data.audit import audit
     from imgcls.data.sources import load_data
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     data = load_data(args.data, val_split=0.0, classes=classes)
-    report = audit_files(data, pixels=args.pixels, workers=args.workers)
+    report = audit(data, pixels=args.pixels, workers=args.workers)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -43,7 +43,8 @@ def print_report(r: dict, max_listed: int = 10) -> None:
     from rich.table import Table
 
     con = Console()
-    con.print(f"[bold]{r['data']}[/bold]: {r['files']} files, {r['readable']} readable, "
+    what = f"images in arrays, shape {'x'.join(map(str, r['shape']))} (C x H x W)" if r.get("shape") else "files"
+    con.print(f"[bold]{r['data']}[/bold]: {r['files']} {what}, {r['readable']} readable, "
               f"class imbalance {r['imbalance_ratio']}:1 (train)")
     counts = Table()
     counts.add_column("class")

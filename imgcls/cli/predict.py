@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: skip it, say why in its output row)")
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -55,12 +57,16 @@ def render(preds, fmt: str, top_k: int) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         k = max((len(p.top) for p in preds), default=top_k)
+        errors = any(p.error for p in preds)  # an error column only when some image could not be read
         w.writerow(["source", "label", "probability"]
-                   + [f"{col}_{i}" for i in range(2, k + 1) for col in ("class", "probability")])
+                   + [f"{col}_{i}" for i in range(2, k + 1) for col in ("class", "probability")]
+                   + (["error"] if errors else []))
         for p in preds:
-            w.writerow([p.source] + [v for c, prob in p.top for v in (c, f"{prob:.6f}")])
+            cells = [v for c, prob in p.top for v in (c, f"{prob:.6f}")] or [""] * (2 * k)
+            w.writerow([p.source] + cells + ([p.error or ""] if errors else []))
         return buf.getvalue()
-    return "".join(f"{p.source}: " + "  ".join(f"{c} {prob:.4f}" for c, prob in p.top) + "\n" for p in preds)
+    return "".join(f"{p.source}: " + ("  ".join(f"{c} {prob:.4f}" for c, prob in p.top) if not p.error
+                                      else f"skipped: {p.error}") + "\n" for p in preds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
         raise ImgclsError("--int8 runs the int8 ONNX export", "drop --backend torch")
     backend = "onnx-int8" if args.int8 else args.backend
     preds = clf.predict(args.images, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
-                        workers=args.workers, progress=True, backend=backend)
+                        workers=args.workers, progress=True, backend=backend, strict=args.strict)
+    bad = [p for p in preds if p.error]
+    if bad and len(bad) == len(preds):
+        raise ImgclsError(f"none of the {len(preds)} images could be read (first: {bad[0].error})",
+                          "check the files, e.g. with imgcls audit")
+    if bad:
+        print(f"imgcls: skipped {len(bad)} of {len(preds)} images that could not be read (first: {bad[0].error}); "
+              "their rows say why (--strict: stop instead)", file=sys.stderr)
     text = render(preds, fmt, args.top_k)
     if args.output:
         try:

@@ -1,6 +1,7 @@
 """``imgcls audit DATA``: a health check of an image data set before training.
 
-One pass over the files, in parallel processes, each file read once:
+Image files (class folders, manifests) and arrays (``.npz``, named data sets; see
+:func:`audit_arrays`). One pass over the files, in parallel processes, each file read once:
 * its bytes -> sha256 (exact duplicates);
 * its header -> format, mode, size (Pillow reads no pixels for that);
 * unless ``pixels=False``: a reduced decode (JPEG DCT scaling to ~1/8) that still runs
@@ -224,29 +225,81 @@ def _size_bucket(side: int) -> str:
     return f">={edges[-1]}"
 
 
+def _need_imagehash() -> None:
+    try:
+        import imagehash  # noqa: F401
+    except ImportError:
+        raise ImgclsError("the near-duplicate check needs the imagehash package",
+                          "pip install 'imgcls[data]', or audit with --no-pixels") from None
+
+
+def audit(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
+    """Audit ``data``: image files (folder / manifest splits) or arrays (.npz, named data sets)."""
+    parts = [getattr(data, s) for s in ("train", "val", "test") if getattr(data, s) is not None]
+    if parts and all(p.in_memory for p in parts):
+        return audit_arrays(data, pixels)
+    return audit_files(data, pixels, workers)
+
+
+def audit_arrays(data: ImageData, pixels: bool = True) -> dict[str, Any]:
+    """Audit in-memory images (``.npz``, named data sets): each image is named
+    ``split[index]``; its bytes give the exact-duplicate hash, and (``pixels``) its
+    grayscale standard deviation and, for images of at least 32 px, a dHash. Smaller
+    images (28 px digits) get no near-duplicate check: at that size dHash's 8x8 gradient
+    signs match across many different images of one digit (distinct 1s are "near
+    identical"). All images of an array share one shape, so there are no per-image size,
+    format or mode findings; the shape is in the report."""
+    if pixels:
+        _need_imagehash()
+    files: list[FileInfo] = []
+    side = 0
+    for split in ("train", "val", "test"):
+        part = getattr(data, split)
+        if part is None:
+            continue
+        x = part.images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8
+        n, h, w, c = x.shape
+        side = min(h, w)
+        mode = "L" if c == 1 else "RGB"
+        for i, (img, y) in enumerate(zip(x, part.labels.tolist())):
+            f = FileInfo(path=f"{split}[{i}]", split=split, label=data.classes[y], bytes=img.nbytes,
+                         sha256=hashlib.sha256(img.tobytes()).hexdigest(), format="array", mode=mode,
+                         width=w, height=h)
+            if pixels:
+                gray = Image.fromarray(img[..., 0] if c == 1 else img).convert("L")
+                f.std = float(np.asarray(gray, dtype=np.float32).std())
+                f.dhash = _dhash(gray) if side >= TINY_SIDE else None
+            files.append(f)
+    return _report(data, files, pixels, sizes=False) | {"root": "", "shape": list(data.train.images.shape[1:])}
+
+
 def audit_files(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Audit the image files of ``data`` (folder or manifest splits); returns the report."""
     if pixels:
-        try:
-            import imagehash  # noqa: F401
-        except ImportError:
-            raise ImgclsError("the near-duplicate check needs the imagehash package",
-                              "pip install 'imgcls[data]', or audit with --no-pixels") from None
+        _need_imagehash()
     files: list[FileInfo] = []
     for split in ("train", "val", "test"):
         part = getattr(data, split)
         if part is None:
             continue
         if part.in_memory:
-            raise ImgclsError(f"{data.name} is held in arrays, not image files",
-                              "audit a folder of class folders or a CSV/TSV manifest")
+            raise ImgclsError(f"{data.name} mixes arrays and image files", "audit them separately")
         for p, y in zip(part.paths, part.labels.tolist()):
             files.append(FileInfo(path=str(p), split=split, label=data.classes[y]))
     infos = _inspect_all([f.path for f in files], pixels, workers)
     for f, info in zip(files, infos):
         for k, v in info.items():
             setattr(f, k, v)
+    report = _report(data, files, pixels)
+    try:
+        report["root"] = os.path.commonpath([os.path.dirname(f.path) for f in files]) if files else ""
+    except ValueError:  # relative and absolute paths mixed
+        report["root"] = ""
+    return report
 
+
+def _report(data: ImageData, files: list[FileInfo], pixels: bool, sizes: bool = True) -> dict[str, Any]:
+    """Findings and statistics over inspected files (or array images)."""
     findings: list[Finding] = []
     for f in files:
         if f.error:
@@ -264,28 +317,26 @@ def audit_files(data: ImageData, pixels: bool = True, workers: int | None = None
                     if f.dhash is not None and not f.error and (f.std or 0) >= CONSTANT_STD and same.get(i, i) == i]
         near = [g for g in _groups(len(files), _near_pairs(hashable))]
         findings += _duplicate_findings(files, near, "near_identical")
-    for f in good:
+    for f in good if sizes else []:
         short, long_ = min(f.width, f.height), max(f.width, f.height)
         if short < TINY_SIDE:
             findings.append(Finding("tiny", "warning", f"tiny image {f.width}x{f.height}", [f.path]))
         if short and long_ / short >= EXTREME_ASPECT:
             findings.append(Finding("extreme_aspect", "warning",
                                     f"extreme aspect ratio {f.width}x{f.height} ({long_ / short:.1f}:1)", [f.path]))
+    for f in good:
         if f.std is not None and f.std < CONSTANT_STD:
             findings.append(Finding("nearly_constant", "warning",
                                     f"nearly constant image (gray std {f.std:.1f})", [f.path]))
-    findings += _outliers(good, "format", "format") + _outliers(good, "mode", "mode")
+    if sizes:
+        findings += _outliers(good, "format", "format") + _outliers(good, "mode", "mode")
 
     counts: dict[str, dict[str, int]] = {}
     for f in files:
         counts.setdefault(f.split, {c: 0 for c in data.classes})[f.label] += 1
     train_counts = list(counts.get("train", {}).values())
-    try:
-        root = os.path.commonpath([os.path.dirname(f.path) for f in files]) if files else ""
-    except ValueError:  # relative and absolute paths mixed
-        root = ""
     return {
-        "data": data.name, "root": root, "classes": data.classes, "files": len(files), "readable": len(good),
+        "data": data.name, "classes": data.classes, "files": len(files), "readable": len(good),
         "pixels_checked": pixels, "counts": counts, "imbalance_ratio": round(imbalance_ratio(train_counts), 3),
         "formats": dict(Counter(f.format for f in good).most_common()),
         "modes": dict(Counter(f.mode for f in good).most_common()),

@@ -10,7 +10,9 @@ augmentation then runs on whole batches of those tensors (``BatchResizedCrop``).
 
 Layout: ``<root>/<spec key>/``, root = ``IMGCLS_DECODE_CACHE_DIR``, else
 ``<IMGCLS_CACHE_DIR or ~/.cache/imgcls>/decoded``:
-  ``images.u8``  rows of C*S*S bytes, append-only (old rows stay valid while others read)
+  ``images.u8``  rows of S*S*C bytes (height, width, channel: the channels_last layout the
+                model and the uint8 resize kernels run in), append-only (old rows stay valid
+                while others read)
   ``index.json`` ``{"<real path>\\t<size>\\t<mtime_ns>": row}``
 A file is found again by its path, byte size and modification time (the quick check
 make and rsync use): hashing every file's content on every run would read the whole
@@ -45,7 +47,7 @@ from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
 
-CACHE_FORMAT = 1  # bump when the stored pixels would change for the same spec
+CACHE_FORMAT = 2  # bump when the stored bytes would change for the same spec (2: rows stored HWC)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class MemoryStore:
         s = self.spec
         if not self._rows:
             return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
-        return torch.stack(self._rows)
+        return torch.stack(self._rows).contiguous(memory_format=torch.channels_last)  # as DiskStore's
 
 
 class DiskStore:
@@ -207,8 +209,8 @@ class DiskStore:
         try:
             with open(self.data_path, "ab") as f:
                 f.truncate(start * self.spec.row_bytes)  # drop a partial row a crash may have left
-                for img in images:
-                    f.write(img.numpy().tobytes())
+                for img in images:  # (C, S, S) -> HWC bytes
+                    f.write(img.permute(1, 2, 0).contiguous().numpy().tobytes())
             self.index.update({k: start + i for i, k in enumerate(keys)})
             tmp = self.index_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.index))
@@ -222,8 +224,8 @@ class DiskStore:
         if rows == 0:
             return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
         # copy-on-write mapping: pages come from the OS page cache, nothing is read up front
-        arr = np.memmap(self.data_path, dtype=np.uint8, mode="c", shape=(rows, s.channels, s.side, s.side))
-        return torch.from_numpy(arr)
+        arr = np.memmap(self.data_path, dtype=np.uint8, mode="c", shape=(rows, s.side, s.side, s.channels))
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)  # (N, C, S, S), channels_last strides
 
 
 def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = None) -> DiskStore | MemoryStore:
@@ -238,7 +240,7 @@ def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = No
 class DecodedSplit:
     """A file split turned into an in-memory (memory-mapped) split of decoded images."""
 
-    split: Split  # images: uint8 (N, C, side, side), files that failed are left out
+    split: Split  # images: uint8 (N, C, side, side) channels_last, files that failed are left out
     paths: list[Path]  # the files behind split.images, in order
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
     decoded: int = 0  # files decoded now (the rest came from the cache)

@@ -157,12 +157,13 @@ def make_backend(clf, backend: str = "auto", device: str = "auto", precision: st
 
 
 def split_batches(split: Split, pre: Preprocessing, batch_size: int, workers: int | None = None,
-                  pin_memory: bool = False) -> Batches:
-    """Eval-order batches of uint8 images; files are decoded in worker processes."""
+                  pin_memory: bool = False, skipped: dict[int, str] | None = None) -> Batches:
+    """Eval-order batches of uint8 images; files are decoded in worker processes (files
+    that fail: an error, or recorded in ``skipped``, see :class:`Batches`)."""
     if split.in_memory:
         return Batches(split, batch_size, pin_memory=pin_memory)
     return Batches(split, batch_size, transform=pre.pil_transform(), channels=pre.in_chans, size=pre.img_size,
-                   workers=workers, pin_memory=pin_memory)
+                   workers=workers, pin_memory=pin_memory, skipped=skipped)
 
 
 def run_backend(backend, batches: Batches, on_batch: Callable[[int], None] | None = None
@@ -187,9 +188,10 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def backend_proba(clf, split: Split, backend: str = "auto", batch_size: int = 64, device: str = "auto",
-                  precision: str = "auto", workers: int | None = None, progress: bool = False) -> np.ndarray:
+                  precision: str = "auto", workers: int | None = None, progress: bool = False,
+                  skipped: dict[int, str] | None = None) -> np.ndarray:
     """Class probabilities for a Split through the chosen backend (Classifier.predict_proba
-    delegates here for any backend other than plain torch)."""
+    delegates here for any backend other than plain torch). ``skipped``: see split_batches."""
     be = make_backend(clf, backend, device, precision)
     bar = task = None
     if progress and len(split) > 4 * batch_size:
@@ -201,7 +203,7 @@ def backend_proba(clf, split: Split, backend: str = "auto", batch_size: int = 64
         bar.start()
     try:
         pin = isinstance(be, TorchBackend) and be.device.type == "cuda"
-        logits, _ = run_backend(be, split_batches(split, clf.preprocessing, batch_size, workers, pin),
+        logits, _ = run_backend(be, split_batches(split, clf.preprocessing, batch_size, workers, pin, skipped),
                                 (lambda n: bar.advance(task, n)) if bar else None)
     finally:
         if bar is not None:
