@@ -153,8 +153,8 @@ def alternating_flip(x: torch.Tensor, idx: torch.Tensor, first: torch.Tensor, ep
     ``first[i]`` (a fixed random half) xor ``e`` is even. Over any two epochs every image is
     seen both ways, which trains faster than independent random flips (Jordan 2024, 94% on
     CIFAR-10 in 3.29 seconds)."""
-    flip = first.to(idx.device)[idx] ^ (epoch % 2 == 0)
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    flip = first[idx] ^ (epoch % 2 == 0)  # first, idx and x on one device
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def _worker_init(_: int) -> None:

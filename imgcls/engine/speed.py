@@ -161,11 +161,12 @@ class DeviceBatches:
         skip, steps, bs = b.skip, len(b), b.batch_size
         try:
             order = b._select(b.order.indices(b.epoch)).to(self.images.device)
+            first = None if b.flip_first is None else b.flip_first.to(self.images.device)  # once per epoch
             for i in range(steps - skip):
                 idx = order[i * bs:(i + 1) * bs]
                 x = self.images[idx]
-                if b.flip_first is not None:
-                    x = alternating_flip(x, idx, b.flip_first, b.epoch)
+                if first is not None:
+                    x = alternating_flip(x, idx, first, b.epoch)
                 yield x, self.labels[idx]
         finally:
             b.skip = 0  # a resume offset applies to one epoch only, as in Batches
