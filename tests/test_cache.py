@@ -52,6 +52,39 @@ def test_cache_decodes_once_and_skips_bad_files(tmp_path):
     assert (cache / CacheSpec.for_preprocessing(PRE).key / "images.u8").stat().st_size == 13 * 3 * 32 * 32
 
 
+def test_cache_command_lists_prunes_and_clears(tmp_path, capsys):
+    root = photo_tree(tmp_path / "d", n=3)
+    data = from_folder(root)
+    cache = tmp_path / "cache"
+    first = decoded_split(data.train, PRE, cache_root=cache, workers=0)
+    assert first.split.images.is_contiguous(memory_format=torch.channels_last)  # stored HWC
+    (cache / "v1-shorter_side-32px-3ch-bilinear").mkdir()  # an older format's folder
+    (cache / "v1-shorter_side-32px-3ch-bilinear" / "images.u8").write_bytes(b"x" * 100)
+    edited = root / "bees" / "0.jpg"
+    edited.write_bytes(jpeg_bytes(noise(36, 48, seed=9)))
+    os.utime(edited, ns=(time.time_ns(), time.time_ns() + 10**9))
+    (root / "ants" / "2.jpg").unlink()
+    data = from_folder(root)
+    second = decoded_split(data.train, PRE, cache_root=cache, workers=0)  # decodes the edited file
+    assert second.decoded == 1
+    key = CacheSpec.for_preprocessing(PRE).key
+    assert main(["cache", "--dir", str(cache), "--json"]) == 0
+    entries = {e["key"]: e for e in json.loads(capsys.readouterr().out)["entries"]}
+    assert entries[key]["rows"] == 7 and entries[key]["stale_rows"] == 2  # old copy of the edit, the deleted file
+    assert not entries["v1-shorter_side-32px-3ch-bilinear"]["current_format"]
+    assert main(["cache", "--dir", str(cache), "--prune", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["kept_rows"], result["dropped_rows"]) == (5, 2)
+    assert result["freed_bytes"] == 2 * 3 * 32 * 32 + 100
+    assert not (cache / "v1-shorter_side-32px-3ch-bilinear").exists()
+    third = decoded_split(data.train, PRE, cache_root=cache, workers=0)  # everything still cached, same pixels
+    assert third.decoded == 0 and torch.equal(third.split.images, second.split.images)
+    assert main(["cache", "--dir", str(cache)]) == 0
+    assert "5 images" in capsys.readouterr().out
+    assert main(["cache", "--dir", str(cache), "--clear"]) == 0
+    assert not cache.exists() and "cleared" in capsys.readouterr().out
+
+
 def test_cached_center_crop_equals_the_file_transform(tmp_path):
     root = photo_tree(tmp_path / "d", n=2, size=(45, 61))
     data = from_folder(root)

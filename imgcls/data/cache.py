@@ -228,11 +228,113 @@ class DiskStore:
         return torch.from_numpy(arr).permute(0, 3, 1, 2)  # (N, C, S, S), channels_last strides
 
 
+def cache_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("IMGCLS_DECODE_CACHE_DIR") or cache_dir() / "decoded")
+
+
 def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = None) -> DiskStore | MemoryStore:
     if not cache:
         return MemoryStore(spec)  # per call: nothing outlives the split that uses it
-    root = root or os.environ.get("IMGCLS_DECODE_CACHE_DIR") or cache_dir() / "decoded"
-    return DiskStore(Path(root), spec)
+    return DiskStore(cache_root(root), spec)
+
+
+# ----------------------------------------------------------------------------- maintenance
+def _spec_of(folder: Path) -> CacheSpec | None:
+    """The CacheSpec a cache folder was written for, from its name (None: not ours, or an
+    older format)."""
+    parts = folder.name.split("-")
+    if len(parts) != 5 or parts[0] != f"v{CACHE_FORMAT}" or not parts[2].endswith("px") or not parts[3].endswith("ch"):
+        return None
+    try:
+        return CacheSpec(side=int(parts[2][:-2]), channels=int(parts[3][:-2]), resize=parts[1], interpolation=parts[4])
+    except ValueError:
+        return None
+
+
+def _live(key: str) -> bool:
+    """Whether the file behind an index key still exists unchanged (same size and mtime)."""
+    path = key.split("\t", 1)[0]
+    try:
+        return file_key(Path(path)) == key
+    except OSError:
+        return False
+
+
+def cache_report(root: str | Path | None = None, check_files: bool = False) -> list[dict]:
+    """One entry per cache folder: its spec key, rows, bytes and (``check_files``) how many
+    rows belong to files that were since edited, moved or deleted."""
+    out = []
+    base = cache_root(root)
+    for folder in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
+        spec = _spec_of(folder)
+        data = folder / "images.u8"
+        size = data.stat().st_size if data.exists() else 0
+        entry = {"key": folder.name, "path": str(folder), "bytes": size, "current_format": spec is not None}
+        if spec is not None:
+            store = DiskStore(base, spec)
+            index = store._read_index()
+            entry["rows"] = size // spec.row_bytes
+            entry["indexed_files"] = len(index)
+            if check_files:
+                entry["stale_rows"] = entry["rows"] - sum(1 for k in index if _live(k))
+        out.append(entry)
+    return out
+
+
+def prune_cache(root: str | Path | None = None) -> dict[str, int]:
+    """The cache's eviction: rewrite every cache folder with only the rows of files that
+    still exist unchanged (edited files left their old rows behind; deleted files all of
+    theirs), and delete folders of older cache formats. Runs under each folder's lock, so
+    a training reading the cache at the same time waits; a training that has the old file
+    mapped keeps reading it (the new data file replaces it atomically). Returns counts."""
+    import shutil
+
+    base = cache_root(root)
+    kept = dropped = freed = 0
+    for folder in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
+        spec = _spec_of(folder)
+        if spec is None:
+            freed += sum(f.stat().st_size for f in folder.glob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        store = DiskStore(base, spec)
+        with store.locked():
+            live = {k: r for k, r in store.index.items() if _live(k)}
+            rows = store._rows_on_disk()
+            if len(live) == rows:
+                kept += rows
+                continue
+            old = store.tensor().permute(0, 2, 3, 1)  # (N, S, S, C): the bytes as stored
+            tmp_data = store.data_path.with_suffix(".tmp")
+            new_index = {}
+            try:
+                with open(tmp_data, "wb") as f:
+                    for i, (k, r) in enumerate(sorted(live.items(), key=lambda kv: kv[1])):
+                        f.write(old[r].numpy().tobytes())
+                        new_index[k] = i
+                os.replace(tmp_data, store.data_path)
+                store.index = new_index
+                tmp = store.index_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(new_index))
+                os.replace(tmp, store.index_path)
+            except OSError as exc:
+                raise store._error(exc) from None
+            kept += len(live)
+            dropped += rows - len(live)
+            freed += (rows - len(live)) * spec.row_bytes
+    return {"kept_rows": kept, "dropped_rows": dropped, "freed_bytes": freed}
+
+
+def clear_cache(root: str | Path | None = None) -> int:
+    """Delete the whole decode cache (always safe: it costs one decode pass); returns bytes freed."""
+    import shutil
+
+    base = cache_root(root)
+    if not base.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    shutil.rmtree(base)
+    return freed
 
 
 # ----------------------------------------------------------------------------- splits
