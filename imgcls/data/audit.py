@@ -258,7 +258,7 @@ def audit_arrays(data: ImageData, pixels: bool = True) -> dict[str, Any]:
         if part is None:
             continue
         x = part.images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8
-        n, h, w, c = x.shape
+        _, h, w, c = x.shape
         side = min(h, w)
         mode = "L" if c == 1 else "RGB"
         for i, (img, y) in enumerate(zip(x, part.labels.tolist())):

@@ -200,9 +200,9 @@ class Batches:
             workers = min(workers, max(1, len(split) // max(1, batch_size)) if len(split) > 0 else 0)
             self._sampler = EpochSampler(self.order)
             self._sampler.select = self._select
-            common = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
-                          prefetch_factor=4 if workers > 0 else None)
+            common = {"num_workers": workers, "pin_memory": pin_memory, "worker_init_fn": _worker_init,
+                      "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed),
+                      "prefetch_factor": 4 if workers > 0 else None}
             if split.in_memory:  # one worker call per batch (TensorBatches)
                 self._batch_sampler = BatchSampler(self._sampler, batch_size, self.drop_last)
                 crops = TensorBatches(split.images, split.labels, transform, getattr(transform, "size", size))
