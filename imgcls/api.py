@@ -282,10 +282,11 @@ class Classifier:
         elif photo_crop:
             batch_aug = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip)
         else:
-            if data.train.in_memory and aug.hflip:  # flips by the loader, alternating per epoch
+            alternate = data.train.in_memory and aug.hflip  # flips by the loader, alternating per epoch
+            if alternate:
                 aug.flip_order = "alternate"
                 train_b.alternate_flips(seed)
-            batch_aug = BatchAugment(aug.translate, aug.hflip and aug.flip_order == "random", randaugment) \
+            batch_aug = BatchAugment(aug.translate, aug.hflip and not alternate, randaugment) \
                 if data.train.in_memory and (aug.preset != "none" or randaugment) else None
         lr_found = None
         if lr == "auto":

@@ -68,6 +68,17 @@ class CacheSpec:
     def key(self) -> str:
         return f"v{CACHE_FORMAT}-{self.resize}-{self.side}px-{self.channels}ch-{self.interpolation}"
 
+    @classmethod
+    def from_key(cls, key: str) -> CacheSpec | None:
+        """The inverse of :attr:`key` (None: not a key, or one of an older cache format)."""
+        parts = key.split("-")
+        if len(parts) != 5 or parts[0] != f"v{CACHE_FORMAT}" or parts[2][-2:] != "px" or parts[3][-2:] != "ch":
+            return None
+        try:
+            return cls(side=int(parts[2][:-2]), channels=int(parts[3][:-2]), resize=parts[1], interpolation=parts[4])
+        except ValueError:
+            return None
+
     @property
     def row_bytes(self) -> int:
         return self.channels * self.side * self.side
@@ -239,16 +250,12 @@ def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = No
 
 
 # ----------------------------------------------------------------------------- maintenance
-def _spec_of(folder: Path) -> CacheSpec | None:
-    """The CacheSpec a cache folder was written for, from its name (None: not ours, or an
-    older format)."""
-    parts = folder.name.split("-")
-    if len(parts) != 5 or parts[0] != f"v{CACHE_FORMAT}" or not parts[2].endswith("px") or not parts[3].endswith("ch"):
-        return None
-    try:
-        return CacheSpec(side=int(parts[2][:-2]), channels=int(parts[3][:-2]), resize=parts[1], interpolation=parts[4])
-    except ValueError:
-        return None
+def _folders(base: Path) -> list[Path]:
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def _bytes_under(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _live(key: str) -> bool:
@@ -265,8 +272,8 @@ def cache_report(root: str | Path | None = None, check_files: bool = False) -> l
     rows belong to files that were since edited, moved or deleted."""
     out = []
     base = cache_root(root)
-    for folder in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
-        spec = _spec_of(folder)
+    for folder in _folders(base):
+        spec = CacheSpec.from_key(folder.name)
         data = folder / "images.u8"
         size = data.stat().st_size if data.exists() else 0
         entry = {"key": folder.name, "path": str(folder), "bytes": size, "current_format": spec is not None}
@@ -291,10 +298,10 @@ def prune_cache(root: str | Path | None = None) -> dict[str, int]:
 
     base = cache_root(root)
     kept = dropped = freed = 0
-    for folder in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
-        spec = _spec_of(folder)
+    for folder in _folders(base):
+        spec = CacheSpec.from_key(folder.name)
         if spec is None:
-            freed += sum(f.stat().st_size for f in folder.glob("*") if f.is_file())
+            freed += _bytes_under(folder)
             shutil.rmtree(folder, ignore_errors=True)
             continue
         store = DiskStore(base, spec)
@@ -332,7 +339,7 @@ def clear_cache(root: str | Path | None = None) -> int:
     base = cache_root(root)
     if not base.is_dir():
         return 0
-    freed = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    freed = _bytes_under(base)
     shutil.rmtree(base)
     return freed
 

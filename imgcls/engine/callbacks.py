@@ -35,6 +35,20 @@ class TrainState:
     loss_sum: Any = None
     correct: Any = None
 
+    def end_epoch(self, metrics: dict[str, float], train_time: float) -> None:
+        """Record an epoch's metrics, adding its wall time (validation included) and the
+        training images/s, as the last epoch's summary and in the history."""
+        metrics["epoch_time"] = time.perf_counter() - self.epoch_start
+        metrics["img_per_s"] = self.seen / max(train_time, 1e-9)
+        self.metrics = metrics
+        self.history.append(metrics)
+
+
+def val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Validation loss and accuracy of float logits."""
+    return {"val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+            "val_acc": float((logits.argmax(1) == labels).float().mean())}
+
 
 class Callback:
     def on_fit_start(self, state: TrainState, model: torch.nn.Module) -> None: ...

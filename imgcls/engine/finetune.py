@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls.data.transforms import Preprocessing
-from imgcls.engine.callbacks import Callback, CallbackList, TrainState
+from imgcls.engine.callbacks import Callback, CallbackList, TrainState, val_metrics
 from imgcls.engine.device import autocast
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.errors import ImgclsError
@@ -293,13 +293,8 @@ def _head_epochs(model, head, x_tr, y_tr, x_va, y_va, s, device, opt, sched, cbs
         if x_va is not None and len(x_va):
             head.eval()
             with torch.no_grad():
-                logits = head(x_va).float()
-            metrics["val_loss"] = float(F.cross_entropy(logits, y_va))
-            metrics["val_acc"] = float((logits.argmax(1) == y_va).float().mean())
-        metrics["epoch_time"] = time.perf_counter() - state.epoch_start
-        metrics["img_per_s"] = state.seen / max(train_time, 1e-9)
-        state.metrics = metrics
-        state.history.append(metrics)
+                metrics.update(val_metrics(head(x_va).float(), y_va))
+        state.end_epoch(metrics, train_time)
         cbs.on_epoch_end(state, model)
         if state.stop:
             break

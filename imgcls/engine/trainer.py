@@ -18,7 +18,7 @@ from torch import nn
 from imgcls.data.loaders import Batches
 from imgcls.data.transforms import BatchAugment, Preprocessing
 from imgcls.engine import distributed as D
-from imgcls.engine.callbacks import Callback, CallbackList, TrainState
+from imgcls.engine.callbacks import Callback, CallbackList, TrainState, val_metrics
 from imgcls.engine.device import autocast
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.engine.speed import init_from_data, maybe_compile, maybe_on_device, mix_loss, num_outputs, tta_forward
@@ -165,12 +165,8 @@ class Trainer:
                     vloss, vcorrect, vn = D.sum_across(mine, self.dist, dev)
                     metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
                 else:
-                    metrics["val_loss"] = float(F.cross_entropy(logits, labels))
-                    metrics["val_acc"] = float((logits.argmax(1) == labels).float().mean())
-            metrics["epoch_time"] = time.perf_counter() - state.epoch_start
-            metrics["img_per_s"] = state.seen / max(train_time, 1e-9)
-            state.metrics = metrics
-            state.history.append(metrics)
+                    metrics.update(val_metrics(logits, labels))
+            state.end_epoch(metrics, train_time)
             self.callbacks.on_epoch_end(state, model)
             if state.stop:
                 break
