@@ -32,7 +32,7 @@ from imgcls.data.loaders import Batches
 from imgcls.data.records import Split
 from imgcls.data.sources import from_folder
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchResizedCrop, Preprocessing
-from imgcls.engine.speed import tune_cpu_allocator
+from imgcls.engine.threads import tune_cpu_allocator
 
 SCALE = (0.25, 1.0)  # imgcls' photo preset; the baseline uses the same
 

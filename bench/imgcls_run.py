@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imgcls.api import _new_classifier, recipe_context  # noqa: E402
+from imgcls.api import Classifier  # noqa: E402
+from imgcls.runs import recipe_context  # noqa: E402
 from imgcls.cli.train import add_arguments, config_from_args  # noqa: E402
 from imgcls.data.sources import load_data  # noqa: E402
 from imgcls.engine.callbacks import Callback  # noqa: E402
@@ -33,14 +34,15 @@ class TestEachEpoch(Callback):
         self.eval_time = 0.0
 
     def on_epoch_end(self, state, model) -> None:
+        from imgcls.data.pipeline import eval_batches
         from imgcls.engine.device import resolve_device, resolve_precision
         from imgcls.engine.trainer import predict_logits
 
         t0 = time.perf_counter()
         dev = next(model.parameters()).device
         amp = resolve_precision(self.precision, resolve_device(self.device))
-        logits, labels = predict_logits(model, self.clf._batches(self.test, 1000, device=dev),
-                                        self.clf.preprocessing, dev, amp, tta=self.clf.card.get("tta", "none"))
+        logits, labels = predict_logits(model, eval_batches(self.test, self.clf.preprocessing, 1000, device=dev),
+                                        self.clf.preprocessing, dev, amp, tta=self.clf.tta)
         self.eval_time += time.perf_counter() - t0
         train_time = time.perf_counter() - state.fit_start - self.eval_time
         self.rows.append({"epoch": state.epoch, "train_time_s": round(train_time, 2),
@@ -58,19 +60,12 @@ def main() -> None:
     cfg = config_from_args(args)
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
-    clf, _, _ = _new_classifier(cfg, data)
+    clf = Classifier.from_config(cfg, data)
     cbs = []
     if args.per_epoch_test:
         cbs.append(TestEachEpoch(clf, data.test, cfg.device, cfg.precision))
     with tempfile.TemporaryDirectory() as tmp:
-        summary = clf.fit(data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                          weight_decay=cfg.weight_decay, momentum=cfg.momentum, schedule=cfg.schedule,
-                          warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing,
-                          augment=cfg.augment, hflip=cfg.hflip, patience=cfg.patience, val_split=cfg.val_split,
-                          seed=cfg.seed, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
-                          run_dir=Path(tmp), progress=False, callbacks=cbs, mixup=cfg.mixup, cutmix=cfg.cutmix,
-                          randaugment=cfg.randaugment, ema=cfg.ema, tta=cfg.tta, compile=cfg.compile,
-                          threads=cfg.threads, lookahead=cfg.lookahead)
+        summary = clf.fit(data, cfg, run_dir=Path(tmp), progress=False, callbacks=cbs)
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     eval_time = cbs[0].eval_time if cbs else 0.0
     out = {"tool": "imgcls", "recipe": cfg.recipe, "model": cfg.model, "epochs": summary["epochs_run"],

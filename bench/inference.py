@@ -16,6 +16,7 @@ kept alive across rounds and driven over stdin, so its start-up is not timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -136,13 +137,13 @@ def bench_resnet18(args) -> dict:
     from imgcls.api import Classifier
     from imgcls.data.sources import load_data
     from imgcls.export import export_run
-    from imgcls.export.runtime import OnnxBackend, TorchBackend
+    from imgcls.engine.backends import OnnxBackend, TorchBackend
 
     tmp = Path(tempfile.mkdtemp(prefix="imgcls-bench-"))
     try:
         data = load_data(args.calib)
         clf = Classifier.create("resnet18", classes=data.classes, in_chans=3, img_size=224, seed=0)
-        clf.preprocessing.resize, clf.preprocessing.crop_pct = "shorter_side", 0.875
+        clf.preprocessing = dataclasses.replace(clf.preprocessing, resize="shorter_side", crop_pct=0.875)
         clf.save(tmp / "run")
         clf = Classifier.load(tmp / "run")
         # random weights: accuracy is meaningless here, so no accuracy gate (--max-drop 100)

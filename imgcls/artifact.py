@@ -24,6 +24,7 @@ CARD = "model.json"
 FORMAT = "imgcls-model"
 FORMAT_VERSION = 1
 REQUIRED = ("architecture", "num_classes", "classes", "preprocessing")
+SIDECAR_SUFFIX = ".json"  # an export's description beside it: model.onnx -> model.onnx.json
 
 
 def atomic_write(path: Path, write) -> None:
@@ -189,3 +190,25 @@ def load_weights(folder: str | Path, card: dict[str, Any]) -> dict[str, torch.Te
         return load_file(str(wpath))
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise ImgclsError(f"cannot read {wpath}: {exc}", "the weights file is damaged; retrain or restore it") from None
+
+
+# ---------------------------------------------------------------------- export descriptions
+def sidecar_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(model_path: Path, meta: dict[str, Any]) -> Path:
+    path = sidecar_path(model_path)
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_sidecar(model_path: Path) -> dict[str, Any]:
+    path = sidecar_path(Path(model_path))
+    if not path.is_file():
+        raise ImgclsError(f"{model_path} has no {path.name} beside it",
+                          "re-export it with `imgcls export RUN`")
+    meta = read_json(path, "re-export with `imgcls export RUN`")
+    if not isinstance(meta, dict) or "classes" not in meta or "img_size" not in meta:
+        raise ImgclsError(f"{path} is not an imgcls export description", "re-export with `imgcls export RUN`")
+    return meta

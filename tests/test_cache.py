@@ -260,9 +260,11 @@ def test_train_with_classes_flag_and_manifest(tmp_path):
     assert result.summary["files"]["decoded_now"] == 8
     assert result.classifier.classes == ["bees", "ants"]
     assert "classes:\n- bees\n- ants" in (result.run_dir / "config.yaml").read_text()
-    m = result.classifier.evaluate(root)  # held-out val of the folder, as in training
+    m = result.classifier.evaluate(root)  # a plain folder given to evaluate is evaluated whole
+    assert (m["num_images"], m["split"]) == (8, "all")
+    m = result.classifier.evaluate(root, split="val")  # the held-out val of the folder, as in training
     assert m["num_images"] == 2
-    aligned = result.classifier._check_classes(load_data(root, val_split=0.0))  # folder order: ants, bees
+    aligned = result.classifier.check_classes(load_data(root, val_split=0.0))  # folder order: ants, bees
     assert aligned.classes == ["bees", "ants"]
     assert aligned.train.labels[aligned.train.paths.index(root / "bees" / "1.jpg")] == 0
 

@@ -3,7 +3,6 @@ import http.server
 import io
 import tarfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -67,7 +67,7 @@ def test_int8_export_reports_accuracy_change(exported_run):
 
 def test_predict_backends_agree_and_auto_uses_onnx(exported_run, tmp_path, capsys):
     from imgcls.api import Classifier
-    from imgcls.export.runtime import make_backend
+    from imgcls.engine.backends import make_backend
 
     folder, y = _images(tmp_path / "imgs", 9)
     clf = Classifier.load(exported_run)
@@ -94,7 +94,7 @@ def test_stale_export_is_not_used(exported_run, tmp_path):
 
     from imgcls.api import Classifier
     from imgcls.errors import ImgclsError
-    from imgcls.export.runtime import make_backend
+    from imgcls.engine.backends import make_backend
 
     run = tmp_path / "copy"
     shutil.copytree(exported_run, run)

@@ -13,10 +13,12 @@ from imgcls import TrainConfig, train
 from imgcls.api import Classifier
 from imgcls.data.transforms import BatchAugment, Preprocessing
 from imgcls.engine.callbacks import Callback, TrainState
-from imgcls.engine.lr_find import lr_find
+from imgcls.engine.lr_find import LRFinder
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.engine.recipes import RECIPES, RecipeContext, choose_recipe, resolve_recipe
-from imgcls.engine.speed import EMA, Lookahead, configure_threads, tta_forward
+from imgcls.engine.averaging import EMA, Lookahead
+from imgcls.engine.threads import configure_threads
+from imgcls.engine.tta import tta_forward
 from imgcls.errors import ImgclsError
 from imgcls.models import create_model
 from tests.conftest import pattern_images
@@ -227,9 +229,8 @@ def test_lr_auto_in_training(tiny_npz):
 
 
 def test_lr_find_rejects_bad_range():
-    model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError):
-        lr_find(model, None, [], torch.device("cpu"), None, start_lr=1.0, end_lr=0.1)
+        LRFinder(start_lr=1.0, end_lr=0.1, steps=10)
 
 
 def test_configure_threads_explicit_and_bounded(monkeypatch):
@@ -244,7 +245,7 @@ def test_configure_threads_explicit_and_bounded(monkeypatch):
 
 
 def test_adaptive_threads_only_after_long_epochs(monkeypatch):
-    import imgcls.engine.speed as speed
+    import imgcls.engine.threads as speed
 
     calls = []
     monkeypatch.setattr(speed, "configure_threads", lambda threads: calls.append(threads) or 1)
@@ -264,7 +265,7 @@ def test_adaptive_threads_only_after_long_epochs(monkeypatch):
 def test_device_batches_match_batches_with_shard_and_skip():
     from imgcls.data.loaders import Batches
     from imgcls.data.records import Split
-    from imgcls.engine.speed import DeviceBatches
+    from imgcls.engine.device_data import DeviceBatches
 
     split = Split(labels=torch.arange(50) % 3, images=torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1))
     for shard in (None, (1, 2)):
@@ -284,7 +285,7 @@ def test_device_batches_match_batches_with_shard_and_skip():
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     from imgcls.data.loaders import Batches
     from imgcls.data.records import Split
-    from imgcls.engine.speed import DeviceBatches
+    from imgcls.engine.device_data import DeviceBatches
 
     n = 40
     images = torch.arange(n * 4, dtype=torch.uint8).view(n, 1, 1, 4)  # each row: 4 distinct values
@@ -336,7 +337,7 @@ def test_airbench_whitening_bias_trains_first_epochs_only(colour_npz):
 def test_cpu_allocator_tuning(monkeypatch):
     import platform
 
-    import imgcls.engine.speed as S
+    import imgcls.engine.threads as S
 
     monkeypatch.setattr(S, "_allocator_tuned", False)
     monkeypatch.setenv("IMGCLS_MALLOC_TUNING", "0")

@@ -3,11 +3,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from imgcls import Classifier, ImgclsError, TrainConfig, train
-from imgcls.data import load_data
 from tests.conftest import pattern_images
 
 

@@ -28,7 +28,7 @@ COMMANDS = [_train, _evaluate, _predict, _models, _summary, _audit, _cache, _lr_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgcls import __version__
+    from imgcls.version import __version__
 
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgcls {__version__}")

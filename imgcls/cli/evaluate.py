@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 NAME = "evaluate"
 HELP = "evaluate a trained model: accuracy, top-k, per-class precision/recall/F1, confusion matrix"
@@ -26,17 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
-    from imgcls.evaluation.metrics import format_metrics, update_metrics_json
+    from imgcls.evaluation.metrics import format_metrics
+    from imgcls.rundir import RunDir
 
     if args.report is not None:
         return _report(args)
     clf = Classifier.load(args.run)
     m = clf.evaluate(args.data, split=args.split, batch_size=args.batch_size, device=args.device)
-    path = update_metrics_json(Path(args.run) / "metrics.json", evaluation=m)
+    path = RunDir(args.run).update_metrics(evaluation=m)
     if args.json:
         print(json.dumps(m))
     else:
-        print(format_metrics(m, title=f"{args.run} on {m['data']} ({m['split']} split)"))
+        print(format_metrics(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
         print(f"\nmetrics written to {path}")
     return 0
 
@@ -51,10 +51,16 @@ def _report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**m, "calibration": {k: v for k, v in cal.items() if not k.startswith("reliability")}}))
         return 0
-    print(format_metrics(m, title=f"{args.run} on {m['data']} ({m['split']} split)"))
+    print(format_metrics(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
     fitted = f"fitted on {cal['num_images']} validation images, saved in model.json" if cal.get("fitted_on") \
         else "not refitted"
     print(f"\ncalibration: temperature {cal['temperature']:.3f} ({fitted}); "
           f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} on the {m['split']} split")
     print(f"report written to {r.html_path}\nmetrics written to {r.json_path}")
     return 0
+
+
+def _which(m: dict) -> str:
+    """Which images were evaluated: ``test split, 500 images`` / ``all 240 images``."""
+    n = m.get("num_images", "?")
+    return f"all {n} images" if m["split"] == "all" else f"{m['split']} split, {n} images"

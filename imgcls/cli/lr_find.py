@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgcls.api import find_lr
+    from imgcls.runs import find_lr
     from imgcls.errors import ImgclsError
 
     if args.steps < 5:

@@ -91,7 +91,7 @@ RESUME_OVERRIDES = ("checkpoint_every", "workers")
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
     if getattr(args, "resume", None):
-        from imgcls.api import resume_config
+        from imgcls.runs import resume_config
 
         fixed = [k for k in overrides if k not in RESUME_OVERRIDES] + (["config"] if args.config else [])
         if fixed:
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgcls.api import train
+    from imgcls.runs import train
     from imgcls.engine import distributed as D
     from imgcls.engine.checkpoint import TrainingInterrupted
 

@@ -13,6 +13,7 @@ select this process's part of whatever order the epoch has.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -121,27 +122,53 @@ class FileDataset(Dataset):
 
 class TensorBatches(Dataset):
     """Whole batches of an in-memory (e.g. decoded-once, memory-mapped) uint8 split through
-    a batch transform, for DataLoader workers: item = a list of indices (from a
-    ``BatchSampler``) -> ``(x, y, [])`` like :class:`FileDataset` batches (these cannot
-    fail). ``transform(images, index=..., out=...)`` writes the batch into a buffer that
-    a worker allocates in shared memory, so handing it to the training process copies
-    nothing (what torch's default_collate does for its stacked batches). One call per batch
-    instead of per image (per-image v2 transforms + a collate function before)."""
+    a batch transform, for DataLoader workers: item = ``(epoch, indices)`` (from
+    :class:`EpochKeyedBatches`) -> ``(x, y, [])`` like :class:`FileDataset` batches (these
+    cannot fail). ``transform(images, gen=..., index=..., out=...)`` writes the batch into a
+    buffer that a worker allocates in shared memory, so handing it to the training process
+    copies nothing (what torch's default_collate does for its stacked batches).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, size: int):
-        self.images, self.labels, self.transform, self.size = images, labels, transform, size
+    The batch's random draws come from a generator seeded by (seed, epoch, the batch's
+    images), not from the worker's own random state: which worker runs a batch, and
+    whether the run was resumed mid-way (new workers), never changes the crops - the
+    draw is a function of what is drawn for (torchvision v2's make_params idea)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable, size: int, seed: int = 0):
+        self.images, self.labels, self.transform, self.size, self.seed = images, labels, transform, size, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices: list[int]):
+    def __getitem__(self, item: tuple[int, list[int]]):
+        epoch, indices = item
         idx = torch.tensor(indices, dtype=torch.long)
         c, s = self.images.shape[1], self.size
         out = torch.empty(len(idx), s, s, c, dtype=torch.uint8)  # (B, H, W, C): channels_last below
         if get_worker_info() is not None:
             out.share_memory_()
-        x = self.transform(self.images, index=idx, out=out.permute(0, 3, 1, 2))
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, idx))
+        x = self.transform(self.images, gen=gen, index=idx, out=out.permute(0, 3, 1, 2))
         return x, self.labels[idx], []
+
+
+def batch_seed(seed: int, epoch: int, idx: torch.Tensor) -> int:
+    """A seed for one batch's random draws: a function of the run's seed, the epoch and
+    the batch's image indices (crc32 of them), so it is the same wherever the batch runs."""
+    return (zlib.crc32(idx.numpy().astype("<i8").tobytes()) + 1_000_003 * epoch + 7_919 * seed) % 2**63
+
+
+class EpochKeyedBatches(Sampler):
+    """A batch sampler whose batches carry the epoch: ``(epoch, indices)``."""
+
+    def __init__(self, batches: BatchSampler, sampler: EpochSampler):
+        self.batches, self.sampler = batches, sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, b) for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _as_is(batch):
@@ -171,7 +198,7 @@ class Batches:
 
     ``transform``: for image files, the per-image PIL -> uint8 tensor transform; for an
     in-memory split, an optional *batch* transform called as ``transform(images,
-    index=rows, out=buffer)`` (random resized crops of decoded-once images:
+    gen=..., index=rows, out=buffer)`` (random resized crops of decoded-once images:
     :class:`~imgcls.data.transforms.BatchResizedCrop`), run in ``workers`` processes like
     file decoding."""
 
@@ -205,9 +232,10 @@ class Batches:
                       "prefetch_factor": 4 if workers > 0 else None}
             if split.in_memory:  # one worker call per batch (TensorBatches)
                 self._batch_sampler = BatchSampler(self._sampler, batch_size, self.drop_last)
-                crops = TensorBatches(split.images, split.labels, transform, getattr(transform, "size", size))
-                self._loader = DataLoader(crops, batch_size=None,
-                                          sampler=self._batch_sampler, collate_fn=_as_is, **common)
+                crops = TensorBatches(split.images, split.labels, transform, getattr(transform, "size", size), seed)
+                self._loader = DataLoader(crops, batch_size=None, sampler=EpochKeyedBatches(self._batch_sampler,
+                                                                                            self._sampler),
+                                          collate_fn=_as_is, **common)
             else:
                 self._loader = DataLoader(FileDataset(split.paths, split.labels, channels, transform, size, min_side),
                                           batch_size=batch_size, sampler=self._sampler, drop_last=self.drop_last,

@@ -144,22 +144,6 @@ def augment_preset(preset: str, kind: str, hflip: bool | None) -> AugmentSpec:
     raise ValueError(preset)
 
 
-def photo_train_transform(pre: Preprocessing, aug: AugmentSpec) -> v2.Compose:
-    """Per-image train transform for decoded photos -> uint8 (C,S,S)."""
-    if aug.preset == "none" and not aug.randaugment:
-        return pre.pil_transform()
-    ops: list = [] if aug.randaugment is None else [randaugment_transform(aug.randaugment, pre.img_size,
-                                                                          pre.in_chans)]
-    ops.append(v2.PILToTensor())
-    if aug.preset == "none":
-        ops += pre.pil_transform().transforms[1:]
-    else:
-        ops.append(v2.RandomResizedCrop(pre.img_size, scale=aug.scale, antialias=True))
-    if aug.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops)
-
-
 def randaugment_transform(config: str, img_size: int, channels: int):
     """timm's RandAugment (a PIL -> PIL transform) from its config string. A bad string is
     a user error, reported with the flag to fix."""

@@ -34,6 +34,8 @@ class TrainState:
     # this epoch's running sums (device tensors, updated in place), read by checkpoints
     loss_sum: Any = None
     correct: Any = None
+    loss: Any = None  # the last step's loss (a device tensor; read it only where a sync is fine)
+    lr: float | None = None  # set by a callback before a step (the LR finder)
 
     def end_epoch(self, metrics: dict[str, float], train_time: float) -> None:
         """Record an epoch's metrics, adding its wall time (validation included) and the
@@ -53,6 +55,7 @@ def val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 class Callback:
     def on_fit_start(self, state: TrainState, model: torch.nn.Module) -> None: ...
     def on_epoch_start(self, state: TrainState) -> None: ...
+    def on_batch_start(self, state: TrainState) -> None: ...
     def on_batch_end(self, state: TrainState) -> None: ...
     def on_train_epoch_end(self, state: TrainState, model: torch.nn.Module) -> None: ...  # before validation
     def on_epoch_end(self, state: TrainState, model: torch.nn.Module) -> None: ...

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgcls.data.transforms import Preprocessing
-from imgcls.engine.callbacks import Callback, CallbackList, TrainState, val_metrics
+from imgcls.engine.callbacks import Callback, TrainState
 from imgcls.engine.device import autocast
-from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.errors import ImgclsError
 
 
@@ -208,16 +206,32 @@ class CachedHeadResult:
     notes: list[str] = field(default_factory=list)
 
 
+class FeatureDropout:
+    """The classifier's own dropout, which the cached features skipped, applied to each
+    batch of features with the trainer's generator (so it is reproducible and resumable)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        keep = (torch.rand(x.shape, generator=gen) >= self.p).to(x.device)
+        return x * keep / (1.0 - self.p)
+
+
 def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre: Preprocessing, settings: Any,
                     device: torch.device, amp_dtype: torch.dtype | None, callbacks: list[Callback],
                     batch_size: int = 128, flip: bool = True, log: Callable[[str], None] | None = None,
                     channels_last: bool = True, class_weights: torch.Tensor | None = None) -> CachedHeadResult:
     """Linear probe on cached features: the frozen backbone runs once over the training
-    (and validation) images, then only the classifier trains, for ``settings.epochs``
-    epochs of mini-batches, with the usual optimizer, schedule and callbacks."""
-    head = model.get_classifier()
-    model.to(device)
+    (and validation) images, then only the classifier trains - on the ordinary
+    :class:`~imgcls.engine.trainer.Trainer`, with its optimizer, schedule and callbacks,
+    over batches of feature vectors - for ``settings.epochs`` epochs."""
+    from imgcls.data.loaders import Batches
+    from imgcls.data.records import Split
+    from imgcls.engine.trainer import Trainer
+
     say = log or (lambda _m: None)
+    model.to(device)
     t0 = time.perf_counter()
     say("feature cache: running the frozen backbone once over the training images"
         + (" and their mirror images" if flip else "") + (" and the validation images" if val is not None else ""))
@@ -228,18 +242,13 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     views = 2 if flip else 1
     say(f"feature cache: {len(x_tr):,} training vectors ({len(x_tr) // views:,} images x {views} view(s)) of "
         f"{x_tr.shape[1]:,} features in {extract_s:.1f}s; training the classifier on cached features")
-
-    s = settings
-    gen = torch.Generator().manual_seed(s.seed)
-    n = len(x_tr)
-    bs = max(1, min(batch_size, n))
-    steps = max(1, n // bs)
-    opt = build_optimizer(head, s.optimizer, s.lr, s.weight_decay, s.momentum)
-    sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
+    s = replace(settings, mixup=0.0, cutmix=0.0, compile=False)  # mixing is for images, not features
+    feats = Batches(Split(labels=y_tr.cpu(), images=x_tr.cpu()), max(1, min(batch_size, len(x_tr))), shuffle=True,
+                    seed=s.seed, drop_last=True)
+    val_feats = Batches(Split(labels=y_va.cpu(), images=x_va.cpu()), 4096) if x_va is not None else None
     drop = float(getattr(model, "drop_rate", 0.0) or 0.0)  # the head dropout the cache skipped
-    weights = class_weights.to(device) if class_weights is not None else None  # class balancing
-    cbs = CallbackList(callbacks)
-    state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
+    trainer = Trainer(model.get_classifier(), None, s, device, None, batch_augment=FeatureDropout(drop) if drop else None,
+                      callbacks=callbacks, class_weights=class_weights)
     t1 = time.perf_counter()
     # The head's steps are tiny (a (B, D) x (D, K) matmul): on the CPU one thread is ~30x faster
     # than two when the cores are shared (2 ms vs 63 ms per step measured on the 2-core box;
@@ -248,58 +257,13 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        state = _head_epochs(model, head, x_tr, y_tr, x_va, y_va, s, device, opt, sched, cbs, state, gen, bs, steps,
-                             drop, weights)
+        state = trainer.fit(feats, val_feats)
     finally:
         torch.set_num_threads(threads)
     head_s = time.perf_counter() - t1
     say(f"feature cache: classifier trained for {len(state.history)} epoch(s) in {head_s:.1f}s")
     return CachedHeadResult(state=state, extract_s=extract_s, head_s=head_s, views=views,
                             feature_dim=int(x_tr.shape[1]))
-
-
-def _head_epochs(model, head, x_tr, y_tr, x_va, y_va, s, device, opt, sched, cbs, state, gen, bs, steps, drop,
-                 weights) -> TrainState:
-    n = len(x_tr)
-    cbs.on_fit_start(state, model)
-    for epoch in range(1, s.epochs + 1):
-        state.epoch, state.batch_in_epoch, state.seen = epoch, 0, 0
-        state.epoch_start = time.perf_counter()
-        cbs.on_epoch_start(state)
-        head.train()
-        order = torch.randperm(n, generator=gen).to(device)
-        loss_sum, correct = 0.0, 0
-        for b in range(steps):
-            idx = order[b * bs:(b + 1) * bs]
-            f, y = x_tr[idx], y_tr[idx]
-            if drop:
-                f = F.dropout(f, drop, training=True)
-            out = head(f)
-            loss = F.cross_entropy(out, y, weight=weights, label_smoothing=s.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.seen += len(y)
-            state.running = {"loss": loss_sum / state.seen, "acc": correct / state.seen}
-            cbs.on_batch_end(state)
-        train_time = time.perf_counter() - state.epoch_start
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(state.seen, 1),
-                   "train_acc": correct / max(state.seen, 1), "lr": opt.param_groups[0]["lr"]}
-        if x_va is not None and len(x_va):
-            head.eval()
-            with torch.no_grad():
-                metrics.update(val_metrics(head(x_va).float(), y_va))
-        state.end_epoch(metrics, train_time)
-        cbs.on_epoch_end(state, model)
-        if state.stop:
-            break
-    cbs.on_fit_end(state, model)
-    return state
 
 
 # ---------------------------------------------------------------------- one plan for fit()

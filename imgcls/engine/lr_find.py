@@ -1,25 +1,26 @@
 """Learning-rate range test (Smith 2015; the fastai / PyTorch-Lightning ``lr_find``).
 
-Trains a throw-away copy of the model for ``steps`` batches while the learning rate grows
-exponentially from ``start_lr`` to ``end_lr``, records the smoothed loss, and suggests a
-rate one tenth of the one at the loss minimum (fastai's ``lr_min``): high enough to learn
-fast, safely below where training diverges.
+An :class:`LRFinder` callback on the ordinary :class:`~imgcls.engine.trainer.Trainer`
+(fastai's ``LRFinder`` idea: extra behaviour is a callback on the one loop): a throw-away
+copy of the model trains on the run's own training batches - same pipeline, augmentation,
+precision and initialisation as ``fit`` - for ``steps`` batches while the learning rate
+grows exponentially from ``start_lr`` to ``end_lr``. It records the smoothed loss and
+suggests a rate one tenth of the one at the loss minimum (fastai's ``lr_min``): high
+enough to learn fast, safely below where training diverges.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from imgcls.data.transforms import BatchAugment, Preprocessing
-from imgcls.engine.device import autocast
-from imgcls.engine.optim import build_optimizer
-from imgcls.engine.speed import init_from_data
+from imgcls.data.transforms import Preprocessing
+from imgcls.engine.callbacks import Callback, TrainState
+from imgcls.engine.trainer import FitSettings, Trainer
 
 
 @dataclass
@@ -36,62 +37,67 @@ class LRFindResult:
                 "curve": [{"lr": lr, "loss": loss} for lr, loss in zip(self.lrs, self.losses)]}
 
 
+class LRFinder(Callback):
+    """Sets each step's learning rate (per-group scales kept, e.g. airbench's biases),
+    records the smoothed loss, and stops the run after ``steps`` steps or when the loss
+    exceeds ``diverge`` times its minimum."""
+
+    def __init__(self, start_lr: float, end_lr: float, steps: int, smooth: float = 0.98, diverge: float = 4.0):
+        if not 0 < start_lr < end_lr:
+            raise ValueError("need 0 < start_lr < end_lr")
+        self.start_lr, self.steps, self.smooth, self.diverge = start_lr, steps, smooth, diverge
+        self.gamma = (end_lr / start_lr) ** (1 / max(1, steps - 1))
+        self.result = LRFindResult()
+        self.trainer: Trainer | None = None
+        self._avg, self._best, self._lr, self._scales = 0.0, math.inf, start_lr, []
+
+    def attach(self, trainer: Trainer) -> LRFinder:
+        self.trainer = trainer
+        return self
+
+    def on_fit_start(self, state: TrainState, model: nn.Module) -> None:
+        self._scales = [g["lr"] / self.start_lr for g in self.trainer.opt.param_groups]
+
+    def on_batch_start(self, state: TrainState) -> None:
+        self._lr = self.start_lr * self.gamma ** state.step
+        for g, scale in zip(self.trainer.opt.param_groups, self._scales):
+            g["lr"] = self._lr * scale
+
+    def on_batch_end(self, state: TrainState) -> None:
+        value, res = float(state.loss), self.result
+        if not math.isfinite(value):
+            res.stopped_early = state.stop = True
+            return
+        self._avg = self.smooth * self._avg + (1 - self.smooth) * value
+        smoothed = self._avg / (1 - self.smooth ** state.step)
+        res.lrs.append(self._lr)
+        res.losses.append(smoothed)
+        self._best = min(self._best, smoothed)
+        if state.step > 10 and smoothed > self.diverge * self._best:
+            res.stopped_early = state.stop = True
+        elif state.step >= self.steps:
+            state.stop = True
+
+    def finish(self) -> LRFindResult:
+        res = self.result
+        if not res.losses:
+            raise ValueError("the learning-rate finder recorded no steps")
+        i = min(range(len(res.losses)), key=res.losses.__getitem__)
+        res.min_loss_lr = res.lrs[i]
+        res.suggestion = float(f"{res.min_loss_lr / 10:.3g}")
+        return res
+
+
 def lr_find(model: nn.Module, pre: Preprocessing, batches, device: torch.device, amp_dtype: torch.dtype | None,
-            *, optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
-            label_smoothing: float = 0.0, batch_augment: BatchAugment | None = None,
-            start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, smooth: float = 0.98,
-            diverge: float = 4.0, seed: int = 0, channels_last: bool = True) -> LRFindResult:
-    """Run the range test on a copy of ``model`` (its own weights are left untouched)."""
-    if not 0 < start_lr < end_lr:
-        raise ValueError("need 0 < start_lr < end_lr")
-    net = copy.deepcopy(model).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    init_from_data(net, batches, pre, device)
-    opt = build_optimizer(net, optimizer, start_lr, weight_decay, momentum)
-    base = [g["lr"] / start_lr for g in opt.param_groups]  # per-group lr scales (e.g. airbench biases)
-    gamma = (end_lr / start_lr) ** (1 / max(1, steps - 1))
-    gen = torch.Generator().manual_seed(seed)
-    res = LRFindResult()
-    avg, best = 0.0, math.inf
-    net.train()
-    step, epoch = 0, 0
-    while step < steps:
-        epoch += 1
-        batches.set_epoch(epoch)
-        for x, y in batches:
-            lr = start_lr * gamma ** step
-            for g, b in zip(opt.param_groups, base):
-                g["lr"] = lr * b
-            x, y = x.to(device), y.to(device)
-            if batch_augment is not None:
-                x = batch_augment(x, gen)
-            x = pre.normalize(x, channels_last)
-            with autocast(device, amp_dtype):
-                loss = F.cross_entropy(net(x).float(), y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
-            step += 1
-            if not math.isfinite(value):
-                res.stopped_early = True
-                break
-            avg = smooth * avg + (1 - smooth) * value
-            smoothed = avg / (1 - smooth ** step)
-            res.lrs.append(lr)
-            res.losses.append(smoothed)
-            best = min(best, smoothed)
-            if step > 10 and smoothed > diverge * best:
-                res.stopped_early = True
-                break
-            if step >= steps:
-                break
-        if res.stopped_early:
-            break
-    if not res.losses:
-        raise ValueError("the learning-rate finder recorded no steps")
-    i = min(range(len(res.losses)), key=res.losses.__getitem__)
-    res.min_loss_lr = res.lrs[i]
-    res.suggestion = float(f"{res.min_loss_lr / 10:.3g}")
-    return res
+            settings: FitSettings, *, batch_augment=None, start_lr: float = 1e-7, end_lr: float = 10.0,
+            steps: int = 100, channels_last: bool = True) -> LRFindResult:
+    """Run the range test on a copy of ``model`` (its own weights are left untouched),
+    with the optimizer, label smoothing and mixing of ``settings``."""
+    finder = LRFinder(start_lr, end_lr, steps)
+    epochs = max(1, -(-steps // max(1, len(batches))))  # enough passes over the data for ``steps``
+    s = replace(settings, epochs=epochs, lr=start_lr, schedule="constant", warmup_epochs=0.0, compile=False)
+    trainer = Trainer(copy.deepcopy(model), pre, s, device, amp_dtype, batch_augment=batch_augment,
+                      callbacks=[finder], channels_last=channels_last)
+    finder.attach(trainer)
+    trainer.fit(batches, None)
+    return finder.finish()

@@ -1,8 +1,11 @@
 """The training loop, readable top to bottom.
 
 Everything that is not the loop itself (progress output, history, best-model keeping,
-early stopping, logging) is a callback. Data arrives as uint8 batches; they are moved to
-the device, augmented and normalised there, so the same code serves 2 CPU cores and a GPU.
+early stopping, logging, checkpoints, the LR finder, weight averaging) is a callback.
+Data arrives as uint8 image batches; they are moved to the device, augmented and
+normalised there, so the same code serves 2 CPU cores and a GPU. The same loop trains a
+classifier head on cached backbone features (``pre=None``: the batches are feature
+vectors, engine/finetune.py).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgcls.data.loaders import Batches
 from imgcls.data.transforms import BatchAugment, Preprocessing
 from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import Callback, CallbackList, TrainState, val_metrics
 from imgcls.engine.device import autocast
+from imgcls.engine.device_data import maybe_on_device
+from imgcls.engine.mixing import mix_loss, num_outputs
+from imgcls.engine.model_hooks import init_from_data, maybe_compile
 from imgcls.engine.optim import build_optimizer, build_scheduler
-from imgcls.engine.speed import init_from_data, maybe_compile, maybe_on_device, mix_loss, num_outputs, tta_forward
+from imgcls.engine.tta import tta_forward
 
 
 @dataclass
@@ -44,30 +49,36 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=device.type == "cuda")
 
 
+def _prepare(x: torch.Tensor, pre: Preprocessing | None, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = _to_device(x, device)
+    return x if pre is None else pre.normalize(x, channels_last)  # (B, C, S, S) float; features as they are
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Batches, pre: Preprocessing, device: torch.device,
+def predict_logits(model: nn.Module, batches, pre: Preprocessing | None, device: torch.device,
                    amp_dtype: torch.dtype | None, channels_last: bool = True,
                    on_batch: Callable[[int], None] | None = None,
                    tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every image of ``batches``, in order
-    (``tta='flip'``: averaged with the mirrored images')."""
+    """Logits (float32, CPU) and labels for every image of ``batches``, in order: the
+    per-epoch validation of a model in training (prediction from a trained model goes
+    through engine/predictor.py; both apply TTA through the one ``tta_forward``)."""
     model.eval()
     outs, labels = [], []
     for x, y in batches:
         if on_batch is not None:
             on_batch(len(y))
-        x = pre.normalize(_to_device(x, device), channels_last)
+        x = _prepare(x, pre, device, channels_last)
         with autocast(device, amp_dtype):
             out = tta_forward(model, x, tta)
         outs.append(out.float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     if not outs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(labels)
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, pre: Preprocessing, settings: FitSettings, device: torch.device,
+    def __init__(self, model: nn.Module, pre: Preprocessing | None, settings: FitSettings, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
                  class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None,
@@ -76,99 +87,112 @@ class Trainer:
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
         self.callbacks = CallbackList(callbacks or [])
-        self.channels_last = channels_last
+        self.channels_last = channels_last and pre is not None
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.tta = tta  # test-time augmentation for the per-epoch validation
         self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
         self.param_groups = param_groups  # optional per-group lr / weight decay (fine-tuning)
 
-    def fit(self, train: Batches, val: Batches | None = None) -> TrainState:
+    def _setup(self, train) -> TrainState:
         s, model, dev = self.s, self.model, self.device
         model.to(dev)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        train = maybe_on_device(train, dev)  # in-memory data on the GPU once, when it fits
-        init_from_data(model, train, self.pre, dev)  # data-dependent init (airbench whitening), if any
-        net = D.wrap(model, self.dist)  # DDP when several processes; callbacks see the plain model
-        fwd = maybe_compile(net, s.compile)
-        mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model))
-        steps = len(train)
-        opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
-        sched = build_scheduler(opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
-        scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        # augmentation draws: reproducible per seed (and independent per process)
-        gen = torch.Generator().manual_seed(s.seed + 1_000_003 * self.dist.rank)
-        # exposed for callbacks that save / restore the whole training state (engine/checkpoint.py)
-        self.opt, self.sched, self.scaler, self.gen = opt, sched, scaler, gen
+        self.train_batches = maybe_on_device(train, dev)  # in-memory data on the GPU once, when it fits
+        if self.pre is not None:
+            init_from_data(model, self.train_batches, self.pre, dev)  # data-dependent init (airbench whitening)
+        self.net = maybe_compile(D.wrap(model, self.dist), s.compile)  # DDP when several processes
+        self.mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model)) if s.mixup or s.cutmix else None
+        steps = len(self.train_batches)
+        self.opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
+        self.sched = build_scheduler(self.opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        # augmentation draws: reproducible per seed (and independent per process); callbacks
+        # that save / restore the whole training state read opt, sched, scaler and gen
+        self.gen = torch.Generator().manual_seed(s.seed + 1_000_003 * self.dist.rank)
+        return TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
 
-        state = TrainState(epochs=s.epochs, steps_per_epoch=steps, fit_start=time.perf_counter())
-        self.callbacks.on_fit_start(state, model)  # a resumed run restores epoch, position and sums here
+    def fit(self, train, val=None) -> TrainState:
+        state = self._setup(train)
+        train = self.train_batches
+        self.callbacks.on_fit_start(state, self.model)  # a resumed run restores epoch, position and sums here
         first_epoch, skip = max(1, state.epoch), state.batch_in_epoch
-        for epoch in range(first_epoch, s.epochs + 1):
+        for epoch in range(first_epoch, self.s.epochs + 1):
             if state.stop:  # a resumed run that had already stopped early
                 break
             resumed = epoch == first_epoch and skip > 0
             if not resumed:
                 state.batch_in_epoch, state.seen = 0, 0
-                state.loss_sum = torch.zeros((), device=dev)
-                state.correct = torch.zeros((), device=dev, dtype=torch.long)
-            state.epoch = epoch
-            state.epoch_start = time.perf_counter()
+                state.loss_sum = torch.zeros((), device=self.device)
+                state.correct = torch.zeros((), device=self.device, dtype=torch.long)
+            state.epoch, state.epoch_start = epoch, time.perf_counter()
             train.set_epoch(epoch)
             train.skip = skip if resumed else 0
             self.callbacks.on_epoch_start(state)
-            hook = getattr(model, "on_epoch_start", None)  # e.g. airbench freezes its whitening bias
+            hook = getattr(self.model, "on_epoch_start", None)  # e.g. airbench freezes its whitening bias
             if callable(hook) and not self.dist.enabled:
                 hook(epoch)
-            model.train()
-            loss_sum, correct = state.loss_sum, state.correct  # updated in place below
-            for x, y in train:
-                x, y = _to_device(x, dev), _to_device(y, dev)
-                if self.augment is not None:
-                    x = self.augment(x, gen)
-                x = self.pre.normalize(x, self.channels_last)  # (B, C, S, S) float
-                if mix is not None:
-                    x, soft = mix(x, y)
-                    y = y[:len(x)]
-                with autocast(dev, self.amp_dtype):
-                    out = fwd(x)
-                    loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
-                                           label_smoothing=s.label_smoothing) if mix is None \
-                        else mix.loss(out.float(), soft)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                # running sums stay on the device: no host sync per step on a GPU
-                loss_sum += loss.detach() * len(y)
-                correct += (out.argmax(1) == y).sum()
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.seen += len(y)
-                state.running = {"loss": float(loss_sum) / state.seen, "acc": float(correct) / state.seen} \
-                    if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
-                self.callbacks.on_batch_end(state)
+            self._train_epoch(train, state)
             train_time = time.perf_counter() - state.epoch_start
-            self.callbacks.on_train_epoch_end(state, model)
-            seen = state.seen
-            if self.dist.enabled:  # epoch metrics over all processes' images
-                loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, dev)
-            metrics = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1),
-                       "train_acc": float(correct) / max(seen, 1), "lr": opt.param_groups[0]["lr"]}
-            if val is not None and len(val.split):
-                logits, labels = predict_logits(model, val, self.pre, dev, self.amp_dtype, self.channels_last,
-                                                tta=self.tta)
-                if self.dist.enabled:  # each process saw its share of the validation images
-                    mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
-                            len(labels)] if len(labels) else [0.0, 0, 0]
-                    vloss, vcorrect, vn = D.sum_across(mine, self.dist, dev)
-                    metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
-                else:
-                    metrics.update(val_metrics(logits, labels))
-            state.end_epoch(metrics, train_time)
-            self.callbacks.on_epoch_end(state, model)
+            self.callbacks.on_train_epoch_end(state, self.model)
+            state.end_epoch(self._epoch_metrics(state, val), train_time)
+            self.callbacks.on_epoch_end(state, self.model)
             if state.stop:
                 break
-        self.callbacks.on_fit_end(state, model)
+        self.callbacks.on_fit_end(state, self.model)
         return state
+
+    def _train_epoch(self, train, state: TrainState) -> None:
+        s, dev, opt = self.s, self.device, self.opt
+        self.model.train()
+        loss_sum, correct = state.loss_sum, state.correct  # updated in place below
+        for x, y in train:
+            self.callbacks.on_batch_start(state)
+            x, y = _to_device(x, dev), _to_device(y, dev)
+            if self.augment is not None:
+                x = self.augment(x, self.gen)
+            x = _prepare(x, self.pre, dev, self.channels_last)
+            if self.mix is not None:
+                x, soft = self.mix(x, y)
+                y = y[:len(x)]
+            with autocast(dev, self.amp_dtype):
+                out = self.net(x)
+                loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
+                                       label_smoothing=s.label_smoothing) if self.mix is None \
+                    else self.mix.loss(out.float(), soft)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.sched.step()
+            # running sums stay on the device: no host sync per step on a GPU
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            state.loss = loss.detach()
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.seen += len(y)
+            state.running = {"loss": float(loss_sum) / state.seen, "acc": float(correct) / state.seen} \
+                if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
+            self.callbacks.on_batch_end(state)
+            if state.stop:  # a callback ended training mid-epoch (the LR finder's divergence)
+                break
+
+    def _epoch_metrics(self, state: TrainState, val) -> dict[str, float]:
+        loss_sum, correct, seen = state.loss_sum, state.correct, state.seen
+        if self.dist.enabled:  # epoch metrics over all processes' images
+            loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, self.device)
+        metrics = {"epoch": state.epoch, "train_loss": float(loss_sum) / max(seen, 1),
+                   "train_acc": float(correct) / max(seen, 1), "lr": self.opt.param_groups[0]["lr"]}
+        if val is None or not len(val.split):
+            return metrics
+        logits, labels = predict_logits(self.model, val, self.pre, self.device, self.amp_dtype, self.channels_last,
+                                        tta=self.tta)
+        if self.dist.enabled:  # each process saw its share of the validation images
+            mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+                    len(labels)] if len(labels) else [0.0, 0, 0]
+            vloss, vcorrect, vn = D.sum_across(mine, self.dist, self.device)
+            metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
+        else:
+            metrics.update(val_metrics(logits, labels))
+        return metrics

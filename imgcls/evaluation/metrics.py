@@ -3,27 +3,11 @@ F1 (scikit-learn), confusion matrix, and a readable text rendering."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def update_metrics_json(path: Path, **sections: Any) -> Path:
-    """Set ``sections`` in the JSON file at ``path``, keeping what else it holds (a run's
-    metrics.json carries the training summary beside the evaluation)."""
-    previous: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    previous.update(sections)
-    path.write_text(json.dumps(previous, indent=2) + "\n")
-    return path
 
 
 def topk_ks(num_classes: int) -> list[int]:

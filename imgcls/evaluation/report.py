@@ -14,7 +14,6 @@ import base64
 import csv
 import html
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imgcls.artifact import CARD, atomic_write
+from imgcls.bundle import ModelBundle
+from imgcls.engine.predictor import Predictor, eval_data
 from imgcls.errors import ImgclsError
+from imgcls.rundir import RunDir
 from imgcls.evaluation.calibration import calibration_summary, temperature_scaling
-from imgcls.evaluation.metrics import classification_metrics, update_metrics_json
+from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
 
 
@@ -58,15 +59,6 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def save_temperature(folder: Path, temperature: float, calibration: dict[str, Any]) -> None:
-    """Write the fitted temperature into model.json (weights untouched, so their sha256 holds)."""
-    path = Path(folder) / CARD
-    card = json.loads(path.read_text())
-    card["temperature"] = round(float(temperature), 6)
-    card["calibration"] = calibration
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
-
-
 def _thumb(e: Any, height: int = 128) -> bytes:
     """Original | Grad-CAM overlay, side by side, small pictures enlarged without blur."""
     a, b = e.image, e.overlay
@@ -81,7 +73,7 @@ def _thumb(e: Any, height: int = 128) -> bytes:
     return buf.getvalue()
 
 
-def confident_mistakes(clf: Any, part: Any, probs: np.ndarray, labels: np.ndarray, n: int,
+def confident_mistakes(clf: ModelBundle, part: Any, probs: np.ndarray, labels: np.ndarray, n: int,
                        method: str = "gradcam", split_name: str = "") -> list[dict[str, Any]]:
     """The ``n`` wrong predictions the model was surest of, each with an explanation of the
     (wrong) predicted class."""
@@ -118,27 +110,42 @@ def confident_mistakes(clf: Any, part: Any, probs: np.ndarray, labels: np.ndarra
 
 
 # ---------------------------------------------------------------------- the report
+def _calibrate(clf: ModelBundle, run: RunDir, predictor: Predictor, spec: Any, data: Any, split: str,
+               evaluated: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Temperature scaling on the validation split (the data's own, else held out as in
+    training), saved into model.json; the bundle's temperature is updated."""
+    if split == "val":
+        val = evaluated
+    else:
+        part = data.val
+        if part is None or not len(part):
+            try:
+                _, _, part, _ = eval_data(clf, spec, "val", announce=False)
+            except ImgclsError:
+                part = None
+        if part is None or not len(part):
+            return {"fitted_on": None, "temperature": clf.temperature,
+                    "note": "the data has no validation split: temperature left as it was"}
+        val = tuple(torch.from_numpy(a) for a in predictor.run(part))
+    t, calibration = temperature_scaling(*val)
+    clf.temperature = t
+    run.update_card(temperature=round(float(t), 6), calibration=calibration)
+    return calibration
+
+
 def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_dir: str | Path | None = None,
                  batch_size: int = 256, device: str = "auto", mistakes: int = 8,
                  calibrate_on_val: bool = True) -> Report:
-    from imgcls.api import Classifier
-
-    run_dir = Path(run_dir)
-    clf = Classifier.load(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
+    run = RunDir(run_dir)
+    clf = ModelBundle.load(run.path)
+    out_dir = Path(out_dir) if out_dir else run.path
     out_dir.mkdir(parents=True, exist_ok=True)
-    data, split, part, _ = clf.eval_data(data, split)
-
-    logits, labels = clf._logits(part, batch_size, device)
-    calibration: dict[str, Any] = {"fitted_on": None, "temperature": clf.temperature}
-    has_val = data.val is not None and len(data.val) > 0
-    if calibrate_on_val and has_val:
-        val_logits, val_labels = (logits, labels) if split == "val" else clf._logits(data.val, batch_size, device)
-        t, calibration = temperature_scaling(val_logits, val_labels)
-        clf.temperature = t
-        save_temperature(run_dir, t, calibration)
-    elif calibrate_on_val:
-        calibration["note"] = "the data has no validation split: temperature left as it was"
+    spec = data
+    data, split, part, _ = eval_data(clf, data, split)
+    with Predictor(clf, device=device, batch_size=batch_size) as p:
+        logits, labels = (torch.from_numpy(a) for a in p.run(part))
+        calibration = _calibrate(clf, run, p, spec, data, split, (logits, labels)) if calibrate_on_val \
+            else {"fitted_on": None, "temperature": clf.temperature}
     t = clf.temperature
     before = calibration_summary(logits, labels, 1.0)
     after = calibration_summary(logits, labels, t)
@@ -152,7 +159,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     m["split"], m["data"] = split, data.name
     probs = F.softmax(logits / t, dim=1).numpy()
     gallery = confident_mistakes(clf, part, probs, labels.numpy(), mistakes, split_name=split) if mistakes else []
-    history = read_history(run_dir / "history.csv")
+    history = read_history(run.path / "history.csv")
     cm = np.asarray(m["confusion_matrix"])
     pictures = {
         "confusion_counts": confusion_matrix_png(cm, clf.classes),
@@ -163,9 +170,9 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
         pictures["curves"] = training_curves_png(history)
 
     html_path = out_dir / "report.html"
-    html_path.write_text(render_html(clf, run_dir, m, calibration, gallery, pictures, history), encoding="utf-8")
+    html_path.write_text(render_html(clf, run.path, m, calibration, gallery, pictures, history), encoding="utf-8")
     json_path = out_dir / "metrics.json"
-    update_metrics_json(json_path, evaluation=m, calibration=calibration,
+    RunDir(json_path.parent).update_metrics(evaluation=m, calibration=calibration,
                         mistakes=[{k: v for k, v in g.items() if k != "png"} for g in gallery],
                         report=str(html_path))
     return Report(html_path, json_path, m, calibration, gallery)
@@ -199,7 +206,7 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
 
 
-def render_html(clf: Any, run_dir: Path, m: dict[str, Any], cal: dict[str, Any], gallery: list[dict[str, Any]],
+def render_html(clf: ModelBundle, run_dir: Path, m: dict[str, Any], cal: dict[str, Any], gallery: list[dict[str, Any]],
                 pictures: dict[str, bytes], history: list[dict[str, float]]) -> str:
     e = html.escape
     cards = [_card(f"{m['accuracy']:.2%}", "accuracy")]

@@ -22,7 +22,7 @@ from torch import nn
 
 from imgcls.registry import Registry
 
-# name -> fn(ctx: ExplainContext, item: Prepared, target: int, **opts) -> np.ndarray (S, S) attribution
+# name -> fn(ctx: ExplainContext, item: ExplainImage, target: int, **opts) -> np.ndarray (S, S) attribution
 EXPLAINERS: Registry = Registry("explanation method", list_command=None)
 
 
@@ -42,7 +42,7 @@ class CountingModel(nn.Module):
 
 
 @dataclass
-class Prepared:
+class ExplainImage:
     """One image ready for explaining."""
 
     source: str
@@ -135,7 +135,7 @@ class Explanation:
                 "faithfulness": self.faithfulness, "shape": list(self.attribution.shape)}
 
 
-def to_original(attr: np.ndarray, item: Prepared) -> np.ndarray:
+def to_original(attr: np.ndarray, item: ExplainImage) -> np.ndarray:
     """Map an (S, S) input-space attribution back onto the original image: resize into the
     region the model saw (all of it, or the centre crop); zero outside it."""
     w, h = item.original.size

@@ -13,7 +13,7 @@ from imgcls.engine.device import resolve_device
 from imgcls.errors import ImgclsError, did_you_mean
 from imgcls.explain.base import EXPLAINERS, CountingModel, ExplainContext, Explanation, to_original
 from imgcls.explain.faithfulness import deletion_insertion
-from imgcls.explain.inputs import prepare
+from imgcls.explain.inputs import explain_images
 
 
 def _target_index(target: Any, classes: list[str], probs: torch.Tensor) -> int:
@@ -50,7 +50,7 @@ def explain(clf: Any, images: Any, method: str = "gradcam", target: Any = None, 
     """
     fn = EXPLAINERS.get(method)
     _check_options(fn, method, opts)
-    items = prepare(images, clf.preprocessing)
+    items = explain_images(images, clf.preprocessing)
     dev = resolve_device(device)
     model = clf.model.to(dev).float().eval()
     counted = CountingModel(model, getattr(clf, "temperature", 1.0))

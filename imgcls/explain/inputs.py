@@ -1,4 +1,4 @@
-"""Images in whatever form the user has (files, folders, PIL images, arrays) -> Prepared:
+"""Images in whatever form the user has (files, folders, PIL images, arrays) -> ExplainImage:
 the original for display and the exact pixels the model sees, made by the same
 preprocessing as predict (Preprocessing from model.json)."""
 
@@ -15,7 +15,7 @@ from imgcls.data.decode import images_in_folder, load_image, to_mode
 from imgcls.data.sources import _to_nchw_uint8
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
-from imgcls.explain.base import Prepared
+from imgcls.explain.base import ExplainImage
 
 
 def _model_pixels(t: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
@@ -38,19 +38,19 @@ def _crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int,
     return left, top, min(w, int(round(left + side))), min(h, int(round(top + side)))
 
 
-def _from_pil(img: Image.Image, source: str, pre: Preprocessing) -> Prepared:
+def _from_pil(img: Image.Image, source: str, pre: Preprocessing) -> ExplainImage:
     display = to_mode(img, 3)
     t = pre.pil_transform()(to_mode(img, pre.in_chans))
-    return Prepared(source, display, _model_pixels(t, pre), _crop_box(display.size, pre))
+    return ExplainImage(source, display, _model_pixels(t, pre), _crop_box(display.size, pre))
 
 
-def _from_array(t: torch.Tensor, source: str, pre: Preprocessing) -> Prepared:
+def _from_array(t: torch.Tensor, source: str, pre: Preprocessing) -> ExplainImage:
     arr = t.permute(1, 2, 0).numpy()
     display = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
-    return Prepared(source, display, _model_pixels(t, pre), (0, 0, display.width, display.height))
+    return ExplainImage(source, display, _model_pixels(t, pre), (0, 0, display.width, display.height))
 
 
-def prepare(images: Any, pre: Preprocessing) -> list[Prepared]:
+def explain_images(images: Any, pre: Preprocessing) -> list[ExplainImage]:
     """Image files, folders (recursively), PIL images, or arrays ((H,W), (H,W,C), (N,...))."""
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -62,13 +62,13 @@ def prepare(images: Any, pre: Preprocessing) -> list[Prepared]:
             x = x[None]  # one (H, W) or (H, W, C) image
         t = _to_nchw_uint8(x, "images")
         return [_from_array(t[i], f"array[{i}]", pre) for i in range(len(t))]
-    out: list[Prepared] = []
+    out: list[ExplainImage] = []
     for item in images:
         if isinstance(item, Image.Image):
             out.append(_from_pil(item, f"image[{len(out)}]", pre))
             continue
         if isinstance(item, np.ndarray):
-            out += prepare(item, pre)
+            out += explain_images(item, pre)
             continue
         p = Path(item)
         if p.is_dir():

@@ -1,7 +1,8 @@
 """``export_run``: write an exported model, check it against PyTorch, describe it.
 
 One registry entry per format; each writes the file and returns a backend that can run it
-for the parity check. Anything that is an ``nn.Module`` taking ``(N, C, H, W)`` float
+for the parity check. The run's test-time augmentation is written into the graph, and the
+check compares it with PyTorch running the same TTA: like with like. Anything that is an ``nn.Module`` taking ``(N, C, H, W)`` float
 images and returning ``(N, K)`` logits exports: reference_cnn, timm models and
 layer-list models alike.
 """
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgcls.bundle import ModelBundle
+from imgcls.engine.backends import ONNX_FILE, ONNX_INT8_FILE, OnnxBackend
+from imgcls.engine.predictor import Predictor
 from imgcls.errors import ImgclsError
 from imgcls.export import parity
 from imgcls.export.metadata import export_metadata, sidecar_path, write_sidecar
-from imgcls.export.runtime import ONNX_FILE, ONNX_INT8_FILE, OnnxBackend, run_backend, split_batches
 from imgcls.registry import Registry
 
 EXPORTERS: Registry = Registry("export format")
@@ -31,21 +34,21 @@ class ExportResult:
 
 
 @EXPORTERS.register("onnx")
-def _onnx(clf, path: Path, opset: int | None, meta: dict[str, Any]):
+def _onnx(clf: ModelBundle, path: Path, opset: int | None, meta: dict[str, Any]):
     from imgcls.export.onnx import export_onnx, write_metadata
 
-    meta.update(export_onnx(clf.model, clf.preprocessing, path, opset))
+    meta.update(export_onnx(clf.model, clf.preprocessing, path, opset, tta=clf.tta))
     write_metadata(path, meta)
     return OnnxBackend(path, clf.preprocessing)
 
 
 @EXPORTERS.register("torchscript")
-def _torchscript(clf, path: Path, opset: int | None, meta: dict[str, Any]):
+def _torchscript(clf: ModelBundle, path: Path, opset: int | None, meta: dict[str, Any]):
     from imgcls.export.torchscript import TorchScriptBackend, export_torchscript
 
     if opset is not None:
         raise ImgclsError("--opset is for --format onnx", "drop --opset for TorchScript")
-    meta.update(export_torchscript(clf.model, clf.preprocessing, path, meta))
+    meta.update(export_torchscript(clf.model, clf.preprocessing, path, meta, tta=clf.tta))
     return TorchScriptBackend(path, clf.preprocessing)
 
 
@@ -57,7 +60,7 @@ def _discard(*paths: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def export_run(clf, fmt: str = "onnx", out: str | Path | None = None, *, int8: bool = False,
+def export_run(clf: ModelBundle, fmt: str = "onnx", out: str | Path | None = None, *, int8: bool = False,
                opset: int | None = None, data: str | None = None, max_drop: float = 1.0,
                parity_images: int | None = DEFAULT_PARITY_IMAGES, calib_images: int = DEFAULT_CALIB_IMAGES,
                log=print) -> list[ExportResult]:
@@ -73,8 +76,7 @@ def export_run(clf, fmt: str = "onnx", out: str | Path | None = None, *, int8: b
         raise ImgclsError("no output folder", "pass --out FOLDER")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    data_set = parity.load_run_data(run_dir, clf.card, data)
-    clf._check_classes(data_set)
+    data_set = parity.load_run_data(clf, data)  # relabelled to the model's class order
     split_name, full = parity.check_split(data_set)
     check = parity.sample(full, parity_images)
     log(f"parity data: {data_set.name} {split_name} split, {len(check)} of {len(full)} images")
@@ -82,11 +84,8 @@ def export_run(clf, fmt: str = "onnx", out: str | Path | None = None, *, int8: b
 
     path = out_dir / DEFAULT_NAMES[fmt]
     meta = export_metadata(clf, fmt, "fp32")
-    backend = write(clf, path, opset, meta)
-    try:
-        logits, _ = run_backend(backend, split_batches(check, clf.preprocessing, 128))
-    finally:
-        backend.close()
+    with Predictor.over(clf, write(clf, path, opset, meta)) as exported:
+        logits, _ = exported.run(check)
     report = parity.compare(ref_logits, logits, labels, clf.temperature)
     report["split"], report["min_agreement"] = split_name, parity.MIN_AGREEMENT
     report["passed"] = report["top1_agreement"] >= parity.MIN_AGREEMENT
@@ -108,7 +107,7 @@ def export_run(clf, fmt: str = "onnx", out: str | Path | None = None, *, int8: b
     return results
 
 
-def _int8(clf, fp32_path: Path, out_dir: Path, data_set, check, ref_logits, labels, max_drop: float,
+def _int8(clf: ModelBundle, fp32_path: Path, out_dir: Path, data_set, check, ref_logits, labels, max_drop: float,
           calib_images: int, log) -> ExportResult:
     from imgcls.export.onnx import quantize_int8, write_metadata
 
@@ -118,8 +117,8 @@ def _int8(clf, fp32_path: Path, out_dir: Path, data_set, check, ref_logits, labe
     meta = export_metadata(clf, "onnx", "int8")
     meta.update({k: v for k, v in _read_fp32_meta(fp32_path).items() if k in ("opset", "exporter")})
     meta.update(quantize_int8(fp32_path, path, calib, clf.preprocessing))
-    backend = OnnxBackend(path, clf.preprocessing)
-    logits, _ = run_backend(backend, split_batches(check, clf.preprocessing, 128))
+    with Predictor.over(clf, OnnxBackend(path, clf.preprocessing)) as exported:
+        logits, _ = exported.run(check)
     report = parity.compare(ref_logits, logits, labels, clf.temperature)
     drop = -report["accuracy_change_points"]
     report.update({"max_drop_points": max_drop, "passed": drop <= max_drop})

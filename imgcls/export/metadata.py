@@ -9,18 +9,16 @@ predict --backend auto`` can tell whether an export still matches its run.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from imgcls import __version__
-from imgcls.artifact import read_json
-from imgcls.errors import ImgclsError
+from imgcls.artifact import SIDECAR_SUFFIX, read_sidecar, sidecar_path, write_sidecar  # noqa: F401 (re-exported)
+from imgcls.bundle import ModelBundle
+from imgcls.version import __version__
 
-SIDECAR_SUFFIX = ".json"
 META_KEY = "imgcls"  # the whole metadata as one JSON string, besides one key per field
 
 
-def export_metadata(clf, fmt: str, precision: str, opset: int | None = None) -> dict[str, Any]:
+def export_metadata(clf: ModelBundle, fmt: str, precision: str, opset: int | None = None) -> dict[str, Any]:
     pre = clf.preprocessing
     meta: dict[str, Any] = {
         "format": fmt,
@@ -36,6 +34,8 @@ def export_metadata(clf, fmt: str, precision: str, opset: int | None = None) -> 
         "crop_pct": pre.crop_pct,
         "interpolation": pre.interpolation,
         "temperature": clf.temperature,
+        # test-time augmentation is part of the graph: it takes the batch and averages its views
+        "tta": clf.tta,
         "input": {"name": "input", "dtype": "float32", "layout": "NCHW", "shape": ["batch", pre.in_chans,
                                                                                    pre.img_size, pre.img_size],
                   "note": "RGB (or L) pixels / 255, resized as 'resize' says, then (x - mean) / std per channel"},
@@ -54,24 +54,3 @@ def flat_props(meta: dict[str, Any]) -> dict[str, str]:
     props = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items() if k != "parity"}
     props[META_KEY] = json.dumps(meta)
     return props
-
-
-def sidecar_path(model_path: Path) -> Path:
-    return model_path.with_name(model_path.name + SIDECAR_SUFFIX)
-
-
-def write_sidecar(model_path: Path, meta: dict[str, Any]) -> Path:
-    path = sidecar_path(model_path)
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return path
-
-
-def read_sidecar(model_path: Path) -> dict[str, Any]:
-    path = sidecar_path(Path(model_path))
-    if not path.is_file():
-        raise ImgclsError(f"{model_path} has no {path.name} beside it",
-                          "re-export it with `imgcls export RUN`")
-    meta = read_json(path, "re-export with `imgcls export RUN`")
-    if not isinstance(meta, dict) or "classes" not in meta or "img_size" not in meta:
-        raise ImgclsError(f"{path} is not an imgcls export description", "re-export with `imgcls export RUN`")
-    return meta

@@ -15,6 +15,7 @@ import torch
 
 from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
+from imgcls.engine.tta import TTAModel
 from imgcls.errors import ImgclsError
 from imgcls.export.metadata import flat_props
 
@@ -81,10 +82,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def export_onnx(model: torch.nn.Module, pre: Preprocessing, path: Path, opset: int | None) -> dict[str, Any]:
+def export_onnx(model: torch.nn.Module, pre: Preprocessing, path: Path, opset: int | None,
+                tta: str = "none") -> dict[str, Any]:
+    """Write ``model`` as ONNX; with ``tta`` the graph itself averages the test-time views
+    of each image (TTAModel), so the file predicts what imgcls predicts."""
     _require_onnx()
     opset = opset or DEFAULT_OPSET
     model = model.eval().float().to("cpu", memory_format=torch.contiguous_format)
+    if tta != "none":
+        model = TTAModel(model, tta).eval()
     example = torch.randn(2, pre.in_chans, pre.img_size, pre.img_size)
     exporter = _torch_export(model, example, path, opset)
     import onnx
@@ -99,9 +105,9 @@ class _Calibration:
     def __init__(self, split: Split, pre: Preprocessing, input_name: str, batch_size: int = 32):
         from onnxruntime.quantization import CalibrationDataReader
 
-        from imgcls.export.runtime import split_batches
+        from imgcls.data.pipeline import eval_batches
 
-        batches = split_batches(split, pre, batch_size)
+        batches = eval_batches(split, pre, batch_size)
         self._it = ({input_name: pre.normalize(x).numpy()} for x, _ in batches)
 
         class Reader(CalibrationDataReader):

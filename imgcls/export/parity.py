@@ -1,10 +1,13 @@
 """Parity checks: the exported model must agree with the PyTorch model it came from.
 
-The reference is the PyTorch module in fp32 on the CPU, run on the run's own validation
-split (rebuilt from config.yaml / model.json with the same val_split and seed), or on a
-seeded sample of it. Float exports must agree on top-1 for >= 99.9% of the images; int8
-exports are judged by their accuracy change against the labels instead (int8 is allowed
-to flip a few borderline images, not to lose accuracy beyond ``max_drop`` points).
+The reference is the PyTorch module in fp32 on the CPU *with the run's test-time
+augmentation* (the export carries the same TTA inside its graph), run through the same
+:class:`~imgcls.engine.predictor.Predictor` every prediction uses, on the run's own
+validation split (rebuilt from config.yaml / model.json with the same val_split and
+seed, relabelled to the model's class order), or on a seeded sample of it. Float exports
+must agree on top-1 for >= 99.9% of the images; int8 exports are judged by their
+accuracy change against the labels instead (int8 is allowed to flip a few borderline
+images, not to lose accuracy beyond ``max_drop`` points).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from imgcls.bundle import ModelBundle
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import load_data
+from imgcls.engine.predictor import Predictor, softmax
 from imgcls.errors import ImgclsError
-from imgcls.export.runtime import TorchBackend, run_backend, softmax, split_batches
+from imgcls.rundir import RunDir
 
 MIN_AGREEMENT = 0.999
 
@@ -28,13 +32,8 @@ def data_spec(run_dir: Path | None, card: dict[str, Any], override: str | None) 
     """Where the run's data is: --data, else config.yaml's data, else the card's data name."""
     if override:
         return override
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        try:
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
-        if isinstance(cfg, dict) and cfg.get("data"):
-            return str(cfg["data"])
+    if run_dir is not None and RunDir(run_dir).config_values().get("data"):
+        return str(RunDir(run_dir).config_values()["data"])
     name = card.get("training", {}).get("data")
     if name:
         return str(name)
@@ -42,14 +41,17 @@ def data_spec(run_dir: Path | None, card: dict[str, Any], override: str | None) 
                       "pass --data with the validation data for the parity check")
 
 
-def load_run_data(run_dir: Path | None, card: dict[str, Any], override: str | None) -> ImageData:
-    spec = data_spec(run_dir, card, override)
-    training = card.get("training", {})
+def load_run_data(bundle: ModelBundle, override: str | None) -> ImageData:
+    """The run's data, its validation split held out as in training, relabelled to the
+    model's class order (the data's own order may differ: its labels would not match)."""
+    spec = data_spec(bundle.path, bundle.card, override)
+    training = bundle.card.get("training", {})
     try:
-        return load_data(spec, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
+        data = load_data(spec, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0))
     except ImgclsError as exc:
         raise ImgclsError(f"cannot load the data for the parity check ({exc.message})",
                           "pass --data FOLDER|FILE.npz|NAME with the run's data") from None
+    return bundle.check_classes(data)
 
 
 def sample(split: Split, n: int | None, seed: int = 0) -> Split:
@@ -66,13 +68,10 @@ def check_split(data: ImageData) -> tuple[str, Split]:
     return data.eval_split()
 
 
-def reference_logits(clf, split: Split, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """fp32 PyTorch logits on the CPU: the ground truth an export is compared with."""
-    be = TorchBackend(clf.model, clf.preprocessing, device="cpu", precision="fp32")
-    try:
-        return run_backend(be, split_batches(split, clf.preprocessing, batch_size))
-    finally:
-        be.close()
+def reference_logits(bundle: ModelBundle, split: Split, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 PyTorch logits on the CPU, TTA included: the ground truth an export is compared with."""
+    with Predictor.reference(bundle, batch_size) as p:
+        return p.run(split)
 
 
 def compare(ref_logits: np.ndarray, other_logits: np.ndarray, labels: np.ndarray,

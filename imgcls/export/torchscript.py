@@ -16,12 +16,16 @@ import numpy as np
 import torch
 
 from imgcls.data.transforms import Preprocessing
+from imgcls.engine.tta import TTAModel
 
 EXTRA_FILE = "imgcls.json"
 
 
-def export_torchscript(model: torch.nn.Module, pre: Preprocessing, path: Path, meta: dict[str, Any]) -> dict:
+def export_torchscript(model: torch.nn.Module, pre: Preprocessing, path: Path, meta: dict[str, Any],
+                       tta: str = "none") -> dict:
     model = model.eval().float().to("cpu", memory_format=torch.contiguous_format)
+    if tta != "none":  # the traced graph averages its own test-time views, as the ONNX export does
+        model = TTAModel(model, tta).eval()
     example = torch.randn(2, pre.in_chans, pre.img_size, pre.img_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # jit's deprecation / tracer notes are not actionable here

@@ -91,15 +91,17 @@ def _static(name: str) -> bytes:
 
 
 def create_app(run: str | Path, settings: ServeSettings | None = None, classifier=None) -> FastAPI:
-    """The app for the model in ``run`` (or an already loaded ``classifier``)."""
-    from imgcls import __version__
-    from imgcls.api import Classifier
-    from imgcls.export.runtime import make_backend, softmax
+    """The app for the model in ``run`` (or an already loaded ``classifier``, any
+    :class:`~imgcls.bundle.ModelBundle`)."""
+    from imgcls.bundle import ModelBundle
+    from imgcls.engine.predictor import Predictor
+    from imgcls.version import __version__
 
     s = settings or ServeSettings()
-    clf = classifier if classifier is not None else Classifier.load(run)
-    backend = make_backend(clf, s.backend, s.device)
-    batcher = DynamicBatcher(backend.logits, s.max_batch, s.max_wait_ms / 1000)
+    clf = classifier if classifier is not None else ModelBundle.load(run)
+    predictor = Predictor(clf, s.backend, s.device)  # the one inference path: backend, TTA, temperature
+    backend = predictor.backend
+    batcher = DynamicBatcher(predictor.logits, s.max_batch, s.max_wait_ms / 1000)
     transform = clf.preprocessing.pil_transform()
     started = time.time()
 
@@ -190,7 +192,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
         img, k, _ = await read_image(request)
         x = await run_in_threadpool(transform, img)
         logits = await batcher.submit(x)
-        p = softmax(np.asarray(logits, dtype=np.float64)[None], clf.temperature)[0]
+        p = predictor.probabilities(np.asarray(logits, dtype=np.float64)[None])[0]
         order = np.argsort(-p)[:k]
         return {"label": clf.classes[order[0]],
                 "top": [{"class": clf.classes[i], "probability": round(float(p[i]), 6)} for i in order],

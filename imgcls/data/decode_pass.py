@@ -25,7 +25,7 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class Prepared:
+class DecodedData:
     data: ImageData  # file splits replaced by decoded (memory-mapped) ones
     total_files: int = 0
     decoded_now: int = 0  # decoded in this call; the rest came from the cache
@@ -57,13 +57,13 @@ def write_skipped_csv(path: Path, skipped: list[tuple[str, Path, str]]) -> None:
 
 def decode_data(data: ImageData, pre: Preprocessing, *, strict: bool = False, cache: bool = True,
                 workers: int | None = None, progress: bool = False, report_dir: Path | None = None,
-                splits: tuple[str, ...] = SPLITS, announce: bool = True) -> Prepared:
+                splits: tuple[str, ...] = SPLITS, announce: bool = True) -> DecodedData:
     """Decode the file splits of ``data`` named in ``splits``; returns a copy of ``data``
     whose splits are in-memory uint8 tensors (``img_size / crop_pct`` square).
 
     Skipped files are written to ``report_dir/skipped.csv`` and announced in one line on
     stderr (``announce``); with ``strict`` they raise ImgclsError instead."""
-    prepared = Prepared(data=data)
+    decoded = DecodedData(data=data)
     replaced = {}
     for name in splits:
         split = getattr(data, name)
@@ -71,25 +71,25 @@ def decode_data(data: ImageData, pre: Preprocessing, *, strict: bool = False, ca
             continue
         d = decoded_split(split, pre, cache=cache, workers=workers, progress=progress, what=f"{name} images")
         replaced[name] = d.split
-        prepared.total_files += len(split)
-        prepared.decoded_now += d.decoded
-        prepared.skipped += [(name, p, why) for p, why in d.skipped]
+        decoded.total_files += len(split)
+        decoded.decoded_now += d.decoded
+        decoded.skipped += [(name, p, why) for p, why in d.skipped]
     csv_path = None
-    if prepared.skipped:
+    if decoded.skipped:
         if report_dir is not None:
             csv_path = Path(report_dir) / "skipped.csv"
-            write_skipped_csv(csv_path, prepared.skipped)
+            write_skipped_csv(csv_path, decoded.skipped)
         if strict:
-            split, path, why = prepared.skipped[0]
+            split, path, why = decoded.skipped[0]
             raise ImgclsError(
-                f"{len(prepared.skipped)} of {prepared.total_files} files cannot be used, e.g. {path}: {why}",
+                f"{len(decoded.skipped)} of {decoded.total_files} files cannot be used, e.g. {path}: {why}",
                 f"fix or remove them{f' (all listed in {csv_path})' if csv_path else ''}, "
                 "or drop --strict to skip them")
         if announce:
-            print(f"imgcls: {prepared.summary(csv_path)}", file=sys.stderr)
+            print(f"imgcls: {decoded.summary(csv_path)}", file=sys.stderr)
     train = replaced.get("train", data.train)
     if train is not None and not len(train):
         raise ImgclsError("none of the training images could be read", "run `imgcls audit DATA` to see why")
-    prepared.data = dataclasses.replace(data, notes=list(data.notes), **replaced)
-    prepared.csv_path = csv_path
-    return prepared
+    decoded.data = dataclasses.replace(data, notes=list(data.notes), **replaced)
+    decoded.csv_path = csv_path
+    return decoded

@@ -1,0 +1,228 @@
+"""The one data pipeline: every batch that training, evaluation, prediction, the LR
+finder, explanations, export checks and the server see is built here, from an
+``ImageData`` / ``Split``, the model's ``Preprocessing`` and the run's settings.
+
+    source ─▶ ImageData ─▶ decode pass (files, once, cached) ─▶ Batches (uint8) ─▶ device:
+                                                                augment + normalise
+
+* :func:`derive_preprocessing` - what a model's preprocessing becomes for its training
+  data (a new object; nothing is changed in place).
+* :func:`training_inputs` - decode pass, augmentation, class balance, this process's
+  shard, alternating flips: the training and validation batches of a run.
+* :func:`eval_batches` - batches in order for evaluation and prediction.
+* :func:`as_split` - files, folders, PIL images or arrays a user hands to ``predict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgcls.data.balance import BalancePlan, plan_balance
+from imgcls.data.cache import CacheSpec
+from imgcls.data.decode import images_in_folder, to_mode
+from imgcls.data.decode_pass import DecodedData, decode_data
+from imgcls.data.loaders import BalancedOrder, Batches
+from imgcls.data.records import ImageData, Split
+from imgcls.data.sources import _to_nchw_uint8, load_data
+from imgcls.data.transforms import (AugmentSpec, BatchAugment, BatchResizedCrop, Preprocessing, augment_preset)
+from imgcls.errors import ImgclsError
+
+
+def data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) -> tuple[tuple, tuple]:
+    """Per-channel mean/std of (a sample of) uint8 training images, after channel conversion."""
+    x = images[:: max(1, len(images) // max_images)].float() / 255.0
+    if x.shape[1] != in_chans:
+        x = x.mean(1, keepdim=True).expand(-1, in_chans, -1, -1) if in_chans == 3 else x.mean(1, keepdim=True)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def derive_preprocessing(pre: Preprocessing, data: ImageData, pretrained: bool) -> Preprocessing:
+    """The preprocessing a model trains with on ``data``. A pretrained model keeps its own
+    (its pretrained mean/std, resize and crop); otherwise it follows the data: the
+    statistics of in-memory images, the photo-style resize + centre crop for files."""
+    if pretrained:
+        return dataclasses.replace(pre)
+    if data.train.in_memory:
+        mean, std = data_stats(data.train.images, pre.in_chans)
+        return dataclasses.replace(pre, mean=mean, std=std)
+    return dataclasses.replace(pre, resize="shorter_side", crop_pct=0.875)
+
+
+# ---------------------------------------------------------------------- evaluation / prediction
+def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: int | None = None,
+                 device: torch.device | None = None, skipped: dict[int, str] | None = None) -> Batches:
+    """Every image of ``split`` once, in order, as the model sees it at inference: files
+    decoded in worker processes (``skipped``: see :class:`Batches`), decoded-once photos
+    (stored ``img_size / crop_pct`` square) centre-cropped."""
+    pin = device is not None and device.type == "cuda"
+    if split.in_memory:
+        big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
+        return Batches(split, batch_size, pin_memory=pin, center_crop=pre.img_size if big else None)
+    spec = CacheSpec.for_preprocessing(pre)  # the same reduced JPEG decode as the cache
+    return Batches(split, batch_size, transform=pre.pil_transform(), channels=pre.in_chans, size=pre.img_size,
+                   workers=workers, pin_memory=pin, skipped=skipped,
+                   min_side=spec.side if pre.resize == "shorter_side" else None)
+
+
+def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
+    """What a user hands to ``predict`` (files, folders - recursively -, PIL images, arrays
+    or tensors) as one Split, with a source name per image."""
+    from PIL import Image
+
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        x = images
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
+            x = x[None]  # one (H,W) or (H,W,C) image
+        t = _to_nchw_uint8(x, "images")
+        return Split(labels=torch.zeros(len(t), dtype=torch.long), images=t), [f"array[{i}]" for i in range(len(t))]
+    paths: list[Path] = []
+    pil: list[torch.Tensor] = []
+    names: list[str] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            pil.append(pre.pil_transform()(to_mode(item, pre.in_chans)))
+            names.append(f"image[{len(names)}]")
+            continue
+        p = Path(item)
+        if p.is_dir():
+            found = images_in_folder(p)
+            paths += found
+            names += [str(f) for f in found]
+        elif p.is_file():
+            paths.append(p)
+            names.append(str(p))
+        else:
+            raise ImgclsError(f"image not found: {p}", "check the path")
+    if pil and paths:
+        raise ImgclsError("mixing PIL images and file paths in one call", "predict them in two calls")
+    if pil:
+        return Split(labels=torch.zeros(len(pil), dtype=torch.long), images=torch.stack(pil)), names
+    if not paths:
+        raise ImgclsError("no images given", "give image files, folders, PIL images or arrays")
+    return Split(labels=torch.zeros(len(paths), dtype=torch.long), paths=paths), names
+
+
+def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1,
+                    seed: int = 0) -> tuple[ImageData, str, str]:
+    """The data to evaluate on, the name of the split to report and the attribute of
+    ``data`` that holds it. ``split=None``: the test split, else the data's *own*
+    validation split; data with neither (a plain folder of class folders, 240 photos) is
+    evaluated whole - ``"all"``, never a 10% sample. An ``ImageData`` (what training
+    loaded, with its held-out validation split) and ``split="val"`` hold validation out
+    exactly as training did (``val_split``, ``seed``)."""
+    if isinstance(spec, ImageData) or split is not None:
+        data = load_data(spec, val_split=val_split, seed=seed)
+        name = split or data.eval_split()[0]
+        return data, name, name
+    data = load_data(spec, val_split=0.0)
+    for name in ("test", "val"):
+        part = getattr(data, name)
+        if part is not None and len(part):
+            return data, name, name
+    whole = dataclasses.replace(data, train=None, test=data.train,
+                                notes=[*data.notes, f"evaluated whole: all {len(data.train)} images"])
+    return whole, "all", "test"
+
+
+def decode_split(data: ImageData, name: str, pre: Preprocessing, *, strict: bool = False, cache: bool = True,
+                 announce: bool = True) -> tuple[Split, list]:
+    """Split ``name`` of ``data`` decoded once (through the cache) when it is files, with
+    the files that could not be read: ``(split, [(split, path, reason), ...])``."""
+    part = getattr(data, name)
+    if part.in_memory:
+        return part, []
+    only = dataclasses.replace(data, **({"train": None, "val": None, "test": None} | {name: part}))
+    decoded = decode_data(only, pre, strict=strict, cache=cache, splits=(name,), announce=announce)
+    return getattr(decoded.data, name), decoded.skipped
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class TrainSettings:
+    """The data side of a training run (a subset of TrainConfig's keys)."""
+
+    augment: str = "auto"
+    hflip: bool | None = None
+    randaugment: str | None = None
+    balance: str = "auto"
+    seed: int = 0
+    strict: bool = False
+    cache: bool = True
+    workers: int | None = None
+
+
+@dataclass
+class TrainInputs:
+    data: ImageData  # file splits replaced by decoded ones
+    train: Batches
+    val: Batches | None
+    batch_augment: Any  # BatchAugment / BatchResizedCrop applied on the device, or None
+    aug: AugmentSpec
+    balance: BalancePlan
+    files: DecodedData | None  # the decode pass over image files (None for in-memory data)
+
+
+def _decode_for_training(data: ImageData, pre: Preprocessing, s: TrainSettings, progress: bool,
+                         report_dir: Path | None, announce: bool) -> tuple[ImageData, DecodedData | None]:
+    if data.train.in_memory:
+        return data, None
+    files = decode_data(data, pre, strict=s.strict, cache=s.cache, workers=s.workers, progress=progress,
+                        report_dir=report_dir, announce=announce)
+    empty = [c for c, n in zip(data.classes, files.data.train.class_counts(data.num_classes)) if n == 0]
+    if empty:
+        raise ImgclsError(f"class '{empty[0]}' has no readable training images",
+                          "add images to it, or leave it out with --classes")
+    return files.data, files
+
+
+def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_size: int, *,
+                    device: torch.device, rank: int = 0, world: int = 1, progress: bool = False,
+                    report_dir: Path | None = None, announce: bool = True) -> TrainInputs:
+    """Training and validation batches of a run; ``batch_size`` is this process's."""
+    data, files = _decode_for_training(data, pre, s, progress, report_dir, announce)
+    aug = augment_preset(s.augment, data.kind, s.hflip)
+    aug.randaugment = s.randaugment
+    plan = plan_balance(data.train.labels, data.classes, s.balance)
+    if (plan.mode != "none" or plan.ratio >= 3) and announce:
+        print(f"imgcls: {plan.describe()}", file=sys.stderr)
+    order = BalancedOrder(data.train.labels, s.seed) if plan.mode == "sampler" else None
+    # photos from the decode cache: random resized crops per image in loader workers on a
+    # CPU (in parallel with the training step), per batch on the device elsewhere
+    photo_crop = files is not None and aug.preset == "photo"
+    crop = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip) if photo_crop else None
+    in_workers = photo_crop and device.type == "cpu"
+    pin = device.type == "cuda"
+    # decoded-once photos are stored img_size / crop_pct square: centre-crop them unless
+    # training crops them at random
+    big = pre.resize == "shorter_side" and data.train.images.shape[-1] > pre.img_size
+    train = Batches(data.train, batch_size, shuffle=True, seed=s.seed, drop_last=True, pin_memory=pin, order=order,
+                    transform=crop if in_workers else None, workers=s.workers,
+                    center_crop=pre.img_size if big and not photo_crop else None)
+    val = eval_batches(data.val, pre, max(256, batch_size), workers=s.workers, device=device) \
+        if data.val is not None else None
+    if world > 1:  # each process reads its share (engine/distributed.py)
+        train.shard(rank, world, even=True)
+        if val is not None:
+            val.shard(rank, world, even=False)
+    if photo_crop:
+        batch_aug = None if in_workers else crop
+    else:
+        if data.train.in_memory and aug.hflip:  # flips by the loader, alternating per epoch (airbench)
+            aug.flip_order = "alternate"
+            train.alternate_flips(s.seed)
+        batch_aug = BatchAugment(aug.translate, aug.hflip and aug.flip_order != "alternate", s.randaugment) \
+            if data.train.in_memory and (aug.preset != "none" or s.randaugment) else None
+    return TrainInputs(data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan, files=files)

@@ -1,0 +1,158 @@
+"""Inference backends: a uint8 batch ``(N, C, H, W)`` (what every loader yields) in,
+float32 logits ``(N, K)`` out, test-time augmentation included.
+
+``torch`` runs the bundle's own module (bf16 autocast where the hardware is fast at it)
+through :func:`~imgcls.engine.tta.tta_forward`; ``onnx`` runs an exported ``model.onnx``
+(or ``model.int8.onnx``) with ONNX Runtime, whose graph averages its own TTA views (the
+export wraps the network in :class:`~imgcls.engine.tta.TTAModel`). ``auto`` takes ONNX
+Runtime on a CPU when the run folder holds an export made from the very same weights
+(checked by sha256) with the same TTA that passed its parity check, because it measured
+faster there (docs/bench-deploy.md); on a GPU it keeps torch.
+
+Used only through :class:`imgcls.engine.predictor.Predictor`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.artifact import read_sidecar
+from imgcls.bundle import ModelBundle
+from imgcls.data.transforms import Preprocessing
+from imgcls.engine.device import autocast, resolve_device, resolve_precision
+from imgcls.engine.tta import tta_forward
+from imgcls.errors import ImgclsError
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")  # onnx-int8: the run's model.int8.onnx
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, pre: Preprocessing, device: str | torch.device = "auto",
+                 precision: str = "auto", tta: str = "none"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.amp = resolve_precision(precision, self.device)
+        self.channels_last = self.device.type != "mps"
+        self.model = model.eval().to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.pre, self.tta = pre, tta
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        x = self.pre.normalize(x.to(self.device, non_blocking=self.device.type == "cuda"), self.channels_last)
+        with autocast(self.device, self.amp):
+            out = tta_forward(self.model, x, self.tta)
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        # hand the module back as the bundle expects it: on the CPU, contiguous
+        self.model.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImgclsError("the onnx backend needs onnxruntime", "pip install 'imgcls[export]'") from None
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
+    # ORT's worker threads spin after each run by default; between runs this process decodes and
+    # normalises the next batch, and spinning threads steal those cores (measured: ~1.3x slower
+    # end to end on 2 cores, docs/bench-deploy.md)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (InvalidGraph, NoSuchFile, ...)
+        raise ImgclsError(f"ONNX Runtime cannot load {path}: {exc}".splitlines()[0],
+                          "re-export it with `imgcls export RUN`") from None
+
+
+def normalize_numpy(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
+    """uint8 (N, C, S, S) -> normalised float32, as Preprocessing.normalize does, in one
+    multiply-add per pixel on numpy (hand-written: ~4x faster than the torch ops on small
+    batches, and it leaves torch's thread pool idle while ONNX Runtime works). Other
+    shapes or channel counts go through Preprocessing.normalize."""
+    if x.dtype != torch.uint8 or x.shape[1] != pre.in_chans or tuple(x.shape[-2:]) != (pre.img_size, pre.img_size):
+        return pre.normalize(x).numpy()
+    std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    y = x.numpy().astype(np.float32)
+    y *= 1.0 / (255.0 * std)
+    y -= mean / std
+    return y
+
+
+class OnnxBackend:
+    """An exported graph; its TTA (recorded in the description beside it) is inside it."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, pre: Preprocessing, threads: int | None = None):
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.pre = pre
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: normalize_numpy(x, self.pre)})[0]
+
+    def close(self) -> None:
+        pass
+
+
+def usable_export(bundle: ModelBundle, int8: bool = False) -> Path | None:
+    """The run's ONNX export if it exists, was made from these weights with this TTA, and
+    passed its parity check (an export made before TTA was part of the graph is stale)."""
+    if bundle.path is None:
+        return None
+    path = Path(bundle.path) / (ONNX_INT8_FILE if int8 else ONNX_FILE)
+    if not path.is_file():
+        return None
+    try:
+        meta = read_sidecar(path)
+    except ImgclsError:
+        return None
+    sha = bundle.card.get("weights_sha256")
+    if sha and meta.get("source_weights_sha256") != sha:
+        return None
+    if meta.get("tta", "none") != bundle.tta:
+        return None
+    return path if meta.get("parity", {}).get("passed") else None
+
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(bundle: ModelBundle, backend: str = "auto", device: str = "auto", precision: str = "auto"):
+    """The backend for a bundle (``bundle.path`` is its run folder when it was loaded)."""
+    if backend not in BACKENDS:
+        raise ImgclsError(f"unknown backend '{backend}'", "use auto, torch, onnx or onnx-int8")
+    int8 = backend == "onnx-int8"
+    if backend == "torch":
+        return TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)
+    export = usable_export(bundle, int8) if _onnxruntime_available() else None
+    if backend in ("onnx", "onnx-int8"):
+        if export is None:
+            name, where = ONNX_INT8_FILE if int8 else ONNX_FILE, bundle.path or "RUN"
+            raise ImgclsError(f"no up-to-date {name} in {bundle.path or 'this model'}",
+                              f"export it first: imgcls export {where} --format onnx" + (" --int8" if int8 else ""))
+        return OnnxBackend(export, bundle.preprocessing)
+    # auto: torch on accelerators; ONNX Runtime on a CPU when a matching export exists
+    if export is not None and resolve_device(device).type == "cpu":
+        return OnnxBackend(export, bundle.preprocessing)
+    return TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)

@@ -1,0 +1,39 @@
+"""Mixing augmentations and their loss: timm's Mixup / CutMix with soft targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class MixLoss:
+    """timm's Mixup/CutMix on a normalised float batch, with the soft-target cross-entropy
+    that goes with it (timm folds label smoothing into the soft targets)."""
+
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+        from timm.data import Mixup
+
+        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                         num_classes=num_classes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) % 2:  # timm mixes a batch with its flip: needs an even batch
+            x, y = x[:-1], y[:-1]
+        return self.mix(x, y)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def mix_loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> MixLoss | None:
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    return MixLoss(mixup, cutmix, label_smoothing, num_classes)
+
+
+def num_outputs(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if n:
+        return int(n)
+    return int(model.get_classifier().out_features)

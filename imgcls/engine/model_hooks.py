@@ -1,0 +1,38 @@
+"""Optional model hooks the loop calls: data-dependent initialisation (airbench's whitening
+layer) and torch.compile."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgcls.data.transforms import Preprocessing
+
+@torch.no_grad()
+def init_from_data(model: nn.Module, batches, pre: Preprocessing, device: torch.device,
+                   max_images: int = 5000) -> None:
+    """Call the model's ``init_from_data(x)`` hook (e.g. airbench's whitening layer) with up
+    to ``max_images`` normalised training images, if the model has one."""
+    hook = getattr(model, "init_from_data", None)
+    if not callable(hook):
+        return
+    split = batches.split
+    if split.in_memory:
+        x = split.images[:max_images]
+    else:  # image files: the first few batches
+        xs, n = [], 0
+        for x, _ in batches:
+            xs.append(x)
+            n += len(x)
+            if n >= max_images:
+                break
+        x = torch.cat(xs)[:max_images]
+    hook(pre.normalize(x.to(device)))
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """The module to call in the loop: ``torch.compile(model)`` when asked (weights stay
+    shared with ``model``, so state_dict / saving are unaffected), else ``model``."""
+    if not enabled:
+        return model
+    return torch.compile(model)

@@ -1,0 +1,258 @@
+"""TrainingSession: what ``Classifier.fit`` does, as small named steps.
+
+    session = TrainingSession(bundle, cfg, run_dir=..., resume=...)
+    summary = session.run(data)          # or session.find_lr(data)
+
+Steps, in order: ``start`` (process group, seeds, device, precision, threads), ``load``
+(data relabelled to the model's classes, fingerprint), ``inputs`` (the data pipeline:
+decode pass, augmentation, balance, shards, flips), ``callbacks``, ``finetune`` (freeze /
+unfreeze / feature cache plan), ``train`` (one :class:`Trainer`, or the same Trainer on
+cached features), ``summary``. The LR finder runs on the same inputs (``find_lr``), so it
+measures the pipeline that ``fit`` trains on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgcls.bundle import ModelBundle
+from imgcls.config import TrainConfig
+from imgcls.data.pipeline import TrainInputs, TrainSettings, derive_preprocessing, training_inputs
+from imgcls.data.records import ImageData
+from imgcls.data.sources import load_data
+from imgcls.engine import distributed as D
+from imgcls.engine.averaging import EMA, Lookahead
+from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
+from imgcls.engine.checkpoint import Checkpoint
+from imgcls.engine.device import precision_name, resolve_device, resolve_precision
+from imgcls.engine.finetune import FineTunePlan, fit_head_cached, plan_finetune
+from imgcls.engine.lr_find import LRFindResult, lr_find
+from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
+from imgcls.engine.threads import AdaptiveThreads, configure_threads, tune_cpu_allocator
+from imgcls.engine.trainer import FitSettings, Trainer
+from imgcls.errors import ImgclsError
+
+
+def _say(enabled: bool):
+    if not enabled:
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda msg: console.print(msg, highlight=False, soft_wrap=True)
+
+
+def fit_settings(cfg: TrainConfig, lr: float) -> FitSettings:
+    return FitSettings(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                       momentum=cfg.momentum, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                       label_smoothing=cfg.label_smoothing, seed=cfg.seed, compile=cfg.compile, mixup=cfg.mixup,
+                       cutmix=cfg.cutmix)
+
+
+@dataclass
+class _Outcome:
+    state: Any
+    train_time: float
+    cached: Any = None
+
+
+class TrainingSession:
+    def __init__(self, bundle: ModelBundle, cfg: TrainConfig, *, run_dir: str | Path | None = None,
+                 progress: bool = True, callbacks: list[Callback] | None = None,
+                 resume: dict[str, Any] | None = None):
+        self.bundle, self.cfg, self.resume = bundle, cfg, resume
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress, self.extra_callbacks = progress, list(callbacks or [])
+
+    # ------------------------------------------------------------------ steps
+    def start(self) -> None:
+        """Process group, seeds, device, precision, threads. ``--deterministic`` fixes the
+        thread count (the cores this process may use, or ``--threads``) instead of probing
+        the idle cores: a thread count that follows machine load changes the results."""
+        cfg = self.cfg
+        self.ctx = D.setup(cfg.device)
+        (set_deterministic if cfg.deterministic else seed_everything)(cfg.seed)
+        self.device = self.ctx.device if self.ctx.enabled else resolve_device(cfg.device)
+        self.amp = resolve_precision(cfg.precision, self.device)
+        self.local_batch = D.local_batch_size(cfg.batch_size, self.ctx)
+        configure_threads(cfg.threads, probe=not cfg.deterministic)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
+        self.writer = self.run_dir if self.ctx.is_main else None  # only rank 0 writes files and prints
+        self.say = _say(self.progress and self.ctx.is_main)
+
+    def load(self, data: Any) -> ImageData:
+        cfg = self.cfg
+        data = self.bundle.check_classes(load_data(data, val_split=cfg.val_split, seed=cfg.seed))
+        resume = self.resume or {}
+        self.fingerprint = data_fingerprint(data) if cfg.deterministic or resume.get("data_fingerprint") else None
+        if resume.get("data_fingerprint") and resume["data_fingerprint"] != self.fingerprint:
+            raise ImgclsError("the data changed since the checkpoint was written (its fingerprint differs)",
+                              "resume with the same data, or start a new run")
+        return data
+
+    def inputs(self, data: ImageData) -> TrainInputs:
+        """The bundle's preprocessing derived for this data (a new object), then the data
+        pipeline's training and validation batches."""
+        cfg, b = self.cfg, self.bundle
+        b.preprocessing = derive_preprocessing(b.preprocessing, data, b.pretrained)
+        s = TrainSettings(augment=cfg.augment, hflip=cfg.hflip, randaugment=cfg.randaugment, balance=cfg.balance,
+                          seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers)
+        return training_inputs(data, b.preprocessing, s, self.local_batch, device=self.device, rank=self.ctx.rank,
+                               world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
+                               report_dir=self.writer, announce=self.ctx.is_main)
+
+    def callbacks(self, inp: TrainInputs, lr: float) -> tuple[list[Callback], BestModel, Checkpoint | None]:
+        cfg, writer = self.cfg, self.writer
+        best = BestModel(on_improve=(lambda m, b: self.bundle.write(writer, best_metrics=b)) if writer else None)
+        cbs: list[Callback] = [cb for cb, on in ((Lookahead(), cfg.lookahead), (EMA(cfg.ema), bool(cfg.ema))) if on]
+        cbs.append(best)
+        if cfg.threads is None and self.device.type == "cpu" and not cfg.deterministic:
+            cbs.append(AdaptiveThreads())  # follows machine load: never in a deterministic run
+        if cfg.patience:
+            cbs.append(EarlyStopping(cfg.patience))
+        if writer:
+            cbs.append(HistoryCSV(writer / "history.csv"))
+        if self.say:
+            cbs.append(ProgressBar())
+        cbs += self.extra_callbacks
+        if cfg.log and self.ctx.is_main:  # experiment loggers (tensorboard, mlflow) are callbacks too
+            from imgcls.engine.loggers import build_loggers
+
+            cbs += build_loggers(cfg.log, writer, {"architecture": self.bundle.architecture, "data": inp.data.name,
+                                                   "batch_size": cfg.batch_size, "augment": inp.aug.preset,
+                                                   **asdict(fit_settings(cfg, lr))})
+        ckpt = None
+        if self.run_dir is not None:
+            extra = {"data_fingerprint": self.fingerprint} if self.fingerprint else None
+            ckpt = Checkpoint(self.run_dir, cfg.checkpoint_every, resume=self.resume, extra=extra)
+            cbs.append(ckpt)
+        return cbs, best, ckpt
+
+    def finetune(self, lr: float) -> FineTunePlan | None:
+        cfg = self.cfg
+        cache = "off" if self.ctx.enabled and cfg.feature_cache == "auto" else cfg.feature_cache
+        return plan_finetune(self.bundle.model, pretrained=self.bundle.pretrained, freeze=cfg.freeze,
+                             unfreeze_at=cfg.unfreeze_at, unfreeze=cfg.unfreeze, backbone_lr=cfg.backbone_lr,
+                             layer_decay=cfg.layer_decay, feature_cache=cache, lr=lr,
+                             weight_decay=cfg.weight_decay, epochs=cfg.epochs, log=self.say)
+
+    def train(self, inp: TrainInputs, lr: float, tta: str, ft: FineTunePlan | None) -> _Outcome:
+        cbs, best, ckpt = self.callbacks(inp, lr)
+        settings, b = fit_settings(self.cfg, lr), self.bundle
+        t0 = time.perf_counter()
+        try:
+            if ft is not None and ft.use_cache:
+                # seconds of head training: no checkpoints and no model file per improved epoch (those
+                # writes took longer than the training); the run folder gets the best model at the end
+                best.on_improve = None
+                cached = fit_head_cached(b.model, self._eval_train(inp), inp.val,
+                                         b.preprocessing, settings, self.device, self.amp,
+                                         [c for c in cbs if c is not ckpt], batch_size=self.local_batch,
+                                         flip=inp.aug.hflip, log=self.say, class_weights=inp.balance.weight_tensor())
+                if self.writer:
+                    b.write(self.writer, best_metrics=cached.state.best)
+                return _Outcome(cached.state, time.perf_counter() - t0, cached)
+            trainer = Trainer(b.model, b.preprocessing, settings, self.device, self.amp,
+                              batch_augment=inp.batch_augment, callbacks=cbs + (ft.callbacks if ft else []),
+                              dist=self.ctx, class_weights=inp.balance.weight_tensor(),
+                              param_groups=ft.param_groups if ft else None, tta=tta)
+            if ckpt is not None:
+                ckpt.attach(trainer)
+            return _Outcome(trainer.fit(inp.train, inp.val), time.perf_counter() - t0)
+        finally:
+            if ft is not None:
+                ft.finish()
+
+    def _eval_train(self, inp: TrainInputs):
+        """The training images in eval view (the feature cache's input)."""
+        from imgcls.data.pipeline import eval_batches
+
+        return eval_batches(inp.data.train, self.bundle.preprocessing, max(256, self.local_batch),
+                            workers=self.cfg.workers, device=self.device)
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self, data: Any) -> dict[str, Any]:
+        """Train on ``data``; returns the training summary (also in ``bundle.card``)."""
+        cfg = self.cfg
+        self.start()
+        inp = self.inputs(self.load(data))
+        lr, found = cfg.lr, None
+        if lr == "auto":
+            found = self._lr_find(inp)
+            lr = found.suggestion
+        # flip TTA by default only for small colour images trained with flips (cheap there)
+        tta = ("flip" if inp.aug.hflip and inp.data.kind == "small-colour" else "none") if cfg.tta == "auto" else cfg.tta
+        self.bundle.card["tta"] = tta
+        ft = self.finetune(lr)
+        self._announce()
+        out = self.train(inp, lr, tta, ft)
+        summary = self.summary(inp, out, lr, tta, ft, found)
+        self.bundle.card["training"] = summary
+        self.history = out.state.history
+        return summary
+
+    def find_lr(self, data: Any, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+        """The learning-rate range test on exactly the batches ``run`` would train on."""
+        self.start()
+        return self._lr_find(self.inputs(self.load(data)), steps, start_lr, end_lr)
+
+    def _lr_find(self, inp: TrainInputs, steps: int = 100, start_lr: float = 1e-7,
+                 end_lr: float = 10.0) -> LRFindResult:
+        try:
+            return lr_find(self.bundle.model, self.bundle.preprocessing, inp.train, self.device, self.amp,
+                           fit_settings(self.cfg, start_lr), batch_augment=inp.batch_augment, start_lr=start_lr,
+                           end_lr=end_lr, steps=steps, channels_last=self.device.type != "mps")
+        except ValueError as exc:
+            raise ImgclsError(f"learning-rate finder: {exc}", "check --start-lr / --end-lr / --steps") from None
+
+    def _announce(self) -> None:
+        cfg, ctx, say = self.cfg, self.ctx, self.say
+        if say and self.resume is not None:
+            r = self.resume
+            say(f"resuming {self.run_dir} at epoch {r['epoch']}, batch {r['batch_in_epoch']}/{r['steps_per_epoch']} "
+                f"(checkpoint of {r.get('created', '?')})")
+        if say and ctx.enabled:
+            say(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} = "
+                f"{ctx.world_size} x {self.local_batch}, lr {cfg.lr} (for the global batch)")
+
+    def summary(self, inp: TrainInputs, out: _Outcome, lr: float, tta: str, ft: FineTunePlan | None,
+                found: LRFindResult | None) -> dict[str, Any]:
+        cfg, ctx, state, data = self.cfg, self.ctx, out.state, inp.data
+        scale = {"processes": ctx.world_size, "backend": ctx.backend or None, "global_batch": cfg.batch_size,
+                 "per_process_batch": self.local_batch, "lr": lr,
+                 "lr_scaling": "none: --lr is for the global batch, which does not change with the process count"}
+        if ctx.enabled:
+            scale["weights_sha256_all_ranks"] = D.check_in_sync(self.bundle.model, ctx)
+        self.bundle.model.to("cpu").to(memory_format=torch.contiguous_format)
+        summary = {
+            "data": data.name, "data_notes": data.notes, "train_images": len(data.train),
+            "val_images": len(data.val) if data.val is not None else 0,
+            "epochs_run": len(state.history), "best_epoch": int(state.best.get("epoch", len(state.history))),
+            "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(out.train_time, 2),
+            "device": str(self.device), "precision": precision_name(self.amp), "augment": inp.aug.to_dict(),
+            "batch_size": cfg.batch_size, "stopped_early": state.stop_reason or None,
+            "val_split": cfg.val_split, "seed": cfg.seed, "distributed": scale,
+            "resumed_from_epoch": int(self.resume["epoch"]) if self.resume else None,
+            "balance": inp.balance.to_dict(), "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
+        }
+        if ft is not None:
+            summary["finetune"] = dict(ft.settings)
+        if out.cached is not None:
+            c = out.cached
+            summary["finetune"].update({"extract_s": round(c.extract_s, 2), "head_train_s": round(c.head_s, 2),
+                                        "cached_views": c.views, "feature_dim": c.feature_dim})
+        if found is not None:
+            summary["lr_find"] = {"suggestion": found.suggestion, "min_loss_lr": found.min_loss_lr}
+        if inp.files is not None:
+            summary["files"] = inp.files.to_dict(inp.files.csv_path)
+        if cfg.deterministic:
+            summary["reproducibility"] = {"deterministic": True, "seed": cfg.seed, "environment":
+                                          environment(self.device), "data_fingerprint": self.fingerprint}
+        return summary
+

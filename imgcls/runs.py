@@ -1,0 +1,152 @@
+"""The run-folder workflow over the API: ``imgcls.train(config)`` does everything
+``imgcls train`` does (data, recipe, model, fit, evaluate, a run folder), and
+``imgcls.find_lr(config)`` what ``imgcls lr-find`` does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgcls.api import Classifier
+from imgcls.config import TrainConfig
+from imgcls.data.records import ImageData
+from imgcls.data.sources import load_data
+from imgcls.engine import distributed as D
+from imgcls.engine.checkpoint import CHECKPOINT, load_checkpoint, preflight_run_dir
+from imgcls.engine.device import resolve_device
+from imgcls.engine.lr_find import LRFindResult
+from imgcls.engine.recipes import RecipeContext, resolve_recipe
+from imgcls.engine.reproducibility import set_deterministic
+from imgcls.errors import ImgclsError
+from imgcls.rundir import RunDir
+
+
+def next_run_dir(out: str | Path, name: str | None = None, base: str = "train") -> Path:
+    """``out/train``, ``out/train2``, ... (or ``out/NAME`` when a name is given)."""
+    out = Path(out)
+    if name:
+        return out / name
+    i = 1
+    while (out / (base if i == 1 else f"{base}{i}")).exists():
+        i += 1
+    return out / (base if i == 1 else f"{base}{i}")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    classifier: Classifier
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def train(config: TrainConfig | dict[str, Any] | None = None, progress: bool = True,
+          resume: str | Path | None = None) -> TrainResult:
+    """Everything ``imgcls train`` does: data, recipe, model, fit, evaluate, and a run folder
+    (model.safetensors, model.json, config.yaml, history.csv, metrics.json, checkpoint.pt).
+    ``resume``: a run folder to continue from its checkpoint (with its own config.yaml
+    unless ``config`` is given). Under torchrun every process calls this; rank 0 alone
+    writes the run folder."""
+    if resume is not None and config is None:
+        config = resume_config(resume)
+    if config is None:
+        raise ImgclsError("no training config given", "pass a TrainConfig, a dict, or resume=RUN_FOLDER")
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    joined_here = D.launched_by_torchrun() and not D.current().enabled
+    ctx = D.setup(cfg.device)
+    try:
+        result = _train(cfg, ctx, progress, Path(resume) if resume is not None else None)
+        D.barrier(ctx)  # rank 0 evaluates and saves while the others wait, then all leave together
+        return result
+    finally:
+        if joined_here:
+            D.cleanup()
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder was trained with (its config.yaml)."""
+    return RunDir(run_dir).read_config()
+
+
+def _on_rank0(ctx: D.DistContext, fn):
+    """Run ``fn`` on rank 0 and hand its result - or its ImgclsError - to every rank,
+    so a refusal (bad folder, full disk) stops all processes with the same message."""
+    out, err = None, None
+    if ctx.is_main:
+        try:
+            out = fn()
+        except ImgclsError as exc:
+            err = (exc.message, exc.hint)
+    out, err = D.broadcast_object((out, err), ctx)
+    if err:
+        raise ImgclsError(*err)
+    return out
+
+
+def _make_run_dir(cfg: TrainConfig, resume: Path | None, model: torch.nn.Module) -> str:
+    run_dir = resume if resume is not None else next_run_dir(cfg.out, cfg.name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=bool(cfg.name) or resume is not None)
+    except OSError as exc:
+        raise ImgclsError(f"cannot create run folder {run_dir}: {exc.strerror}", "choose another --out") from None
+    preflight_run_dir(run_dir, model)  # unwritable or full: fail now, not after hours of training
+    if resume is None:
+        RunDir(run_dir).write_config(cfg)
+    return str(run_dir)
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | None) -> TrainResult:
+    if cfg.deterministic:
+        set_deterministic(cfg.seed)
+    ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
+    if cfg.log:  # a typo in --log should fail before anything is trained or written
+        from imgcls.engine.loggers import parse_log
+
+        parse_log(cfg.log)
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    if resume is None:  # a resumed run keeps the values its config.yaml already holds
+        cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    clf = Classifier.from_config(cfg, data)
+    cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
+    run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
+    summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)
+    summary["recipe"] = cfg.recipe
+    if not ctx.is_main:
+        return TrainResult(run_dir=run.path, classifier=clf, metrics={}, summary=summary)
+    # the training data as loaded (its held-out validation split): test if there is one, else val;
+    # unreadable files were reported by fit already
+    metrics = clf.evaluate(data, device=str(ctx.device) if ctx.enabled else cfg.device, precision=cfg.precision,
+                           cache=cfg.cache, announce=False)
+    clf.card["metrics"] = {"best_val": summary["best"], metrics["split"]: _headline(metrics)}
+    clf.save(run.path)
+    run.update_metrics(training=summary, evaluation=metrics)
+    return TrainResult(run_dir=run.path, classifier=clf, metrics=metrics, summary=summary)
+
+
+def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
+    return RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
+                         in_memory=bool(data.train is not None and data.train.in_memory),
+                         device_type=resolve_device(cfg.device).type)
+
+
+def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: float = 1e-7,
+            end_lr: float = 10.0) -> tuple[LRFindResult, TrainConfig]:
+    """What ``imgcls lr-find`` does: the model and data of a training config (recipe
+    resolved), then the learning-rate range test. Returns the result and resolved config."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    res = Classifier.from_config(cfg, data).find_lr(data, cfg, steps=steps, start_lr=start_lr, end_lr=end_lr)
+    return res, cfg
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k in ("accuracy", "loss", "num_images", "top3_accuracy",
+                                                 "top5_accuracy", "macro_avg")}
