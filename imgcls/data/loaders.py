@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_wor
 from imgcls.data.cache import center_crop
 from imgcls.data.decode import load_image
 from imgcls.data.records import Split
+from imgcls.data.shards import shard_batch_order, shard_eval_order
 from imgcls.errors import ImgclsError
 
 
@@ -267,8 +268,6 @@ class Batches:
 
     def _select(self, order: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            from imgcls.engine.distributed import shard_batch_order, shard_eval_order
-
             order = (shard_batch_order(order, self.batch_size, self.rank, self.world, self.drop_last) if self.even
                      else order[shard_eval_order(len(order), self.rank, self.world)])
         return order[self.skip * self.batch_size:] if self.skip else order

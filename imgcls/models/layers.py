@@ -117,6 +117,105 @@ def _pool_out(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
+def _conv(i: int, where: str, a: dict, shape: tuple, last: bool, num_classes: int) -> tuple[nn.Module, tuple]:
+    kind = "conv"
+    if "filters" not in a:
+        raise ImgclsError(f"{where} needs filters", "e.g. conv: {filters: 32, kernel: 3}")
+    f = _int(i, kind, "filters", a["filters"])
+    k = _int(i, kind, "kernel", a.get("kernel", 3))
+    s = _int(i, kind, "stride", a.get("stride", 1))
+    pad = a.get("padding", "valid")
+    if pad == "same":
+        p: int | str = "same" if s == 1 else k // 2  # torch's 'same' is for stride 1 only
+    elif pad == "valid":
+        p = 0
+    else:
+        p = _int(i, kind, "padding", pad, minimum=0)
+    c, h, w = shape
+    pn = (k - 1) // 2 if p == "same" else int(p)
+    if p != "same" and (h + 2 * pn < k or w + 2 * pn < k):
+        raise ImgclsError(f"{where}: kernel {k}x{k} is larger than its input {_fmt(shape)} "
+                          f"(padding {pn})", "use a smaller kernel, padding: same, or fewer pooling layers before it")
+    oh, ow = (h, w) if p == "same" else (_pool_out(h, k, s, pn), _pool_out(w, k, s, pn))
+    conv: nn.Module = nn.Conv2d(c, f, k, stride=s, padding=p, bias=bool(a.get("bias", True)))
+    act = _activation(i, kind, a.get("activation"), last)
+    return (nn.Sequential(conv, act) if act is not None else conv), (f, oh, ow)
+
+
+def _pool(kind: str):
+    def build(i: int, where: str, a: dict, shape: tuple, last: bool, num_classes: int) -> tuple[nn.Module, tuple]:
+        k = _int(i, kind, "size", a.get("size", 2))
+        s = _int(i, kind, "stride", a.get("stride", k))
+        pad = a.get("padding", "valid")
+        pn = (k // 2) if pad == "same" else 0 if pad == "valid" else _int(i, kind, "padding", pad, minimum=0)
+        if pn * 2 > k:
+            raise ImgclsError(f"{where}: padding {pn} is more than half the pool size {k}", "use padding <= size/2")
+        c, h, w = shape
+        if h + 2 * pn < k or w + 2 * pn < k:
+            raise ImgclsError(f"{where}: pool size {k} is larger than its input {_fmt(shape)}",
+                              "use a smaller pool, or a larger --img-size")
+        cls = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
+        return cls(k, stride=s, padding=pn), (c, _pool_out(h, k, s, pn), _pool_out(w, k, s, pn))
+    return build
+
+
+def _batchnorm(i, where, a, shape, last, num_classes):
+    return (nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])), shape
+
+
+def _dropout(i, where, a, shape, last, num_classes):
+    rate = a.get("rate", 0.5)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ImgclsError(f"{where}: rate must be in [0, 1), got {rate!r}", "e.g. dropout: 0.25")
+    return nn.Dropout(rate), shape
+
+
+def _activation_layer(i, where, a, shape, last, num_classes):
+    act = _activation(i, "activation", a.get("name"), last)
+    return (act if act is not None else nn.Identity()), shape
+
+
+def _flatten(i, where, a, shape, last, num_classes):
+    if len(shape) != 3:
+        raise ImgclsError(f"{where}: its input {_fmt(shape)} is already flat", "remove the extra flatten")
+    return nn.Flatten(), (shape[0] * shape[1] * shape[2],)
+
+
+def _global_pool(kind: str):
+    def build(i, where, a, shape, last, num_classes):
+        pool = nn.AdaptiveAvgPool2d(1) if kind == "global_avg_pool" else nn.AdaptiveMaxPool2d(1)
+        return nn.Sequential(pool, nn.Flatten()), (shape[0],)
+    return build
+
+
+def _dense(i, where, a, shape, last, num_classes):
+    if len(shape) == 3:
+        raise ImgclsError(f"{where}: its input {_fmt(shape)} is image-shaped",
+                          "add flatten or global_avg_pool before the first dense layer")
+    units = a.get("units")
+    if units == "num_classes":
+        units = num_classes
+    units = _int(i, "dense", "units", units)
+    if last and units != num_classes:
+        raise ImgclsError(f"{where}: the last layer has {units} units but the data has {num_classes} classes",
+                          "write units: num_classes")
+    if last and str(a.get("activation", "linear")).lower() not in ("linear", "none", "softmax"):
+        raise ImgclsError(f"{where}: the last layer gives logits and takes no {a['activation']} activation",
+                          "drop its activation (softmax is applied by the loss and the predictor)")
+    lin = nn.Linear(shape[0], units, bias=bool(a.get("bias", True)))
+    act = _activation(i, "dense", a.get("activation"), last)
+    return (nn.Sequential(lin, act) if act is not None else lin), (units,)
+
+
+# one builder per layer kind: (index, "layers[i] (kind)", options, input shape, is last, classes)
+# -> (module, output shape)
+BUILDERS = {"conv": _conv, "maxpool": _pool("maxpool"), "avgpool": _pool("avgpool"), "batchnorm": _batchnorm,
+            "dropout": _dropout, "activation": _activation_layer, "flatten": _flatten,
+            "global_avg_pool": _global_pool("global_avg_pool"), "global_max_pool": _global_pool("global_max_pool"),
+            "dense": _dense}
+SPATIAL_ONLY = ("conv", "maxpool", "avgpool", "global_avg_pool", "global_max_pool")
+
+
 def build_layers(spec: list[Any], num_classes: int, in_chans: int, img_size: int
                  ) -> tuple[list[nn.Module], list[tuple[int, ...]], int]:
     """Modules for each entry, the output shape after each, and the index of the first
@@ -134,85 +233,11 @@ def build_layers(spec: list[Any], num_classes: int, in_chans: int, img_size: int
                           f"not {parsed[-1][0]}", "end the list with `- dense: {units: num_classes}`")
     for i, (kind, a) in enumerate(parsed):
         where = f"layers[{i}] ({kind})"
-        spatial = len(shape) == 3
-        if kind in ("conv", "maxpool", "avgpool", "global_avg_pool", "global_max_pool") and not spatial:
+        if kind in SPATIAL_ONLY and len(shape) != 3:
             raise ImgclsError(f"{where} needs an image-shaped input but gets flat vectors {_fmt(shape)}",
                               "put convolutions and pooling before flatten / global pooling")
-        if kind == "conv":
-            if "filters" not in a:
-                raise ImgclsError(f"{where} needs filters", "e.g. conv: {filters: 32, kernel: 3}")
-            f = _int(i, kind, "filters", a["filters"])
-            k = _int(i, kind, "kernel", a.get("kernel", 3))
-            s = _int(i, kind, "stride", a.get("stride", 1))
-            pad = a.get("padding", "valid")
-            if pad == "same":
-                p: int | str = "same" if s == 1 else k // 2  # torch's 'same' is for stride 1 only
-            elif pad == "valid":
-                p = 0
-            else:
-                p = _int(i, kind, "padding", pad, minimum=0)
-            c, h, w = shape
-            pn = (k - 1) // 2 if p == "same" else int(p)
-            if p != "same" and (h + 2 * pn < k or w + 2 * pn < k):
-                raise ImgclsError(f"{where}: kernel {k}x{k} is larger than its input {_fmt(shape)} "
-                                  f"(padding {pn})", "use a smaller kernel, padding: same, or fewer pooling layers before it")
-            oh, ow = (h, w) if p == "same" else (_pool_out(h, k, s, pn), _pool_out(w, k, s, pn))
-            modules.append(nn.Conv2d(c, f, k, stride=s, padding=p, bias=bool(a.get("bias", True))))
-            shape = (f, oh, ow)
-            act = _activation(i, kind, a.get("activation"), i == last)
-            if act is not None:
-                modules[-1] = nn.Sequential(modules[-1], act)
-        elif kind in ("maxpool", "avgpool"):
-            k = _int(i, kind, "size", a.get("size", 2))
-            s = _int(i, kind, "stride", a.get("stride", k))
-            pad = a.get("padding", "valid")
-            pn = (k // 2) if pad == "same" else 0 if pad == "valid" else _int(i, kind, "padding", pad, minimum=0)
-            if pn * 2 > k:
-                raise ImgclsError(f"{where}: padding {pn} is more than half the pool size {k}", "use padding <= size/2")
-            c, h, w = shape
-            if h + 2 * pn < k or w + 2 * pn < k:
-                raise ImgclsError(f"{where}: pool size {k} is larger than its input {_fmt(shape)}",
-                                  "use a smaller pool, or a larger --img-size")
-            cls = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
-            modules.append(cls(k, stride=s, padding=pn))
-            shape = (c, _pool_out(h, k, s, pn), _pool_out(w, k, s, pn))
-        elif kind == "batchnorm":
-            modules.append(nn.BatchNorm2d(shape[0]) if spatial else nn.BatchNorm1d(shape[0]))
-        elif kind == "dropout":
-            rate = a.get("rate", 0.5)
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-                raise ImgclsError(f"{where}: rate must be in [0, 1), got {rate!r}", "e.g. dropout: 0.25")
-            modules.append(nn.Dropout(rate))
-        elif kind == "activation":
-            act = _activation(i, kind, a.get("name"), i == last)
-            modules.append(act if act is not None else nn.Identity())
-        elif kind == "flatten":
-            if not spatial:
-                raise ImgclsError(f"{where}: its input {_fmt(shape)} is already flat", "remove the extra flatten")
-            modules.append(nn.Flatten())
-            shape = (shape[0] * shape[1] * shape[2],)
-        elif kind in ("global_avg_pool", "global_max_pool"):
-            pool = nn.AdaptiveAvgPool2d(1) if kind == "global_avg_pool" else nn.AdaptiveMaxPool2d(1)
-            modules.append(nn.Sequential(pool, nn.Flatten()))
-            shape = (shape[0],)
-        elif kind == "dense":
-            if spatial:
-                raise ImgclsError(f"{where}: its input {_fmt(shape)} is image-shaped",
-                                  "add flatten or global_avg_pool before the first dense layer")
-            units = a.get("units")
-            if units == "num_classes":
-                units = num_classes
-            units = _int(i, kind, "units", units)
-            if i == last and units != num_classes:
-                raise ImgclsError(f"{where}: the last layer has {units} units but the data has {num_classes} classes",
-                                  "write units: num_classes")
-            if i == last and str(a.get("activation", "linear")).lower() not in ("linear", "none", "softmax"):
-                raise ImgclsError(f"{where}: the last layer gives logits and takes no {a['activation']} activation",
-                                  "drop its activation (softmax is applied by the loss and the predictor)")
-            lin = nn.Linear(shape[0], units, bias=bool(a.get("bias", True)))
-            act = _activation(i, kind, a.get("activation"), i == last)
-            modules.append(nn.Sequential(lin, act) if act is not None else lin)
-            shape = (units,)
+        module, shape = BUILDERS[kind](i, where, a, shape, i == last, num_classes)
+        modules.append(module)
         if flat_at is None and len(shape) == 1:
             flat_at = i
         if any(d < 1 for d in shape):
