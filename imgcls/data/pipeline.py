@@ -73,6 +73,19 @@ def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: 
                    min_side=spec.side if pre.resize == "shorter_side" else None)
 
 
+def array_images(images: Any) -> torch.Tensor | None:
+    """``images`` as uint8 ``(N, C, H, W)`` when it is an array or tensor - one ``(H, W)`` or
+    ``(H, W, C)`` image, or a stack - else None (files, folders, PIL images)."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        return None
+    x = images
+    if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
+        x = x[None]  # one (H,W) or (H,W,C) image
+    return _to_nchw_uint8(x, "images")
+
+
 def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
     """What a user hands to ``predict`` (files, folders - recursively -, PIL images, arrays
     or tensors) as one Split, with a source name per image."""
@@ -80,13 +93,8 @@ def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
 
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
-    if isinstance(images, torch.Tensor):
-        images = images.cpu().numpy()
-    if isinstance(images, np.ndarray):
-        x = images
-        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
-            x = x[None]  # one (H,W) or (H,W,C) image
-        t = _to_nchw_uint8(x, "images")
+    t = array_images(images)
+    if t is not None:
         return Split(labels=torch.zeros(len(t), dtype=torch.long), images=t), [f"array[{i}]" for i in range(len(t))]
     paths: list[Path] = []
     pil: list[torch.Tensor] = []

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from imgcls.data.decode import images_in_folder, load_image, to_mode
-from imgcls.data.sources import _to_nchw_uint8
+from imgcls.data.pipeline import array_images
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
 from imgcls.explain.base import ExplainImage
@@ -54,13 +54,8 @@ def explain_images(images: Any, pre: Preprocessing) -> list[ExplainImage]:
     """Image files, folders (recursively), PIL images, or arrays ((H,W), (H,W,C), (N,...))."""
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
-    if isinstance(images, torch.Tensor):
-        images = images.cpu().numpy()
-    if isinstance(images, np.ndarray):
-        x = images
-        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4)):
-            x = x[None]  # one (H, W) or (H, W, C) image
-        t = _to_nchw_uint8(x, "images")
+    t = array_images(images)
+    if t is not None:
         return [_from_array(t[i], f"array[{i}]", pre) for i in range(len(t))]
     out: list[ExplainImage] = []
     for item in images:
