@@ -259,3 +259,33 @@ def test_worker_crops_do_not_depend_on_the_worker_or_a_restart():
     resumed = epoch(2, 2, skip=2)  # a new loader after a restart, two batches in
     assert len(resumed) == len(one) - 2 and all(torch.equal(a, b) for a, b in zip(one[2:], resumed))
     assert not torch.equal(epoch(1, 3)[0], one[0])  # another epoch, other crops
+
+
+# ---------------------------------------------------------------------- the API's shape
+def test_fit_takes_a_config_and_overrides(tiny_npz):
+    from imgcls.config import TrainConfig
+    from imgcls.errors import ImgclsError
+
+    clf = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16, seed=0)
+    summary = clf.fit(tiny_npz, TrainConfig(epochs=2, batch_size=16, precision="fp32"), epochs=1, progress=False)
+    assert summary["epochs_run"] == 1 and summary["batch_size"] == 16  # the override wins, the rest stays
+    with pytest.raises(ImgclsError, match="unknown key 'epoch'.*") as err:
+        clf.fit(tiny_npz, epoch=3)
+    assert "epochs" in err.value.hint
+
+
+def test_run_dir_updates_metrics_and_card(trained_run, tmp_path):
+    import shutil
+
+    from imgcls.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(trained_run, run.path)
+    before = run.read_metrics()
+    run.update_metrics(extra={"x": 1})
+    after = run.read_metrics()
+    assert after["extra"] == {"x": 1} and after["training"] == before["training"]  # other sections kept
+    run.update_card(temperature=1.5)
+    assert Classifier.load(run.path).temperature == 1.5  # weights untouched: the sha256 still holds
+    assert (run.read_config().epochs, run.read_config().batch_size) == (4, 16)  # as trained_run was trained
+    assert not list(run.path.glob(".*.tmp"))  # atomic writes leave no temporary files
