@@ -4,17 +4,19 @@ but the documented ImgclsError."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -268,3 +270,60 @@ def test_fuzz_seeds_decode():
             p.write_bytes(data)
             assert load_image(p, 3).mode == "RGB"
     assert os.path.exists(d) is False
+
+
+def _serve_seeds() -> list[bytes]:
+    """The decoder seeds plus formats the service refuses (ICO, PPM, a PostScript header)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(buf, "ICO", sizes=[(16, 16)])
+    return SEEDS + [buf.getvalue(), b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"]
+
+
+SERVE_SEEDS = _serve_seeds()
+
+# Found by fuzzing decode_upload (zlib + base64): a JPEG whose EXIF makes Pillow raise TypeError
+# while exif_transpose rewrites it, one that raises struct.error, a TIFF with a rational where
+# an integer belongs (TypeError) and one with a tag too large for C (OverflowError). Each
+# answered 500 before the service caught them.
+_FOUND = [
+    "eNr7f+P/AwYBLzdPNwZGRgYGRiBk+P+QQc+1IjONgcHXl0GLgYGBg4GJUZ6BCchiSU7MZWAUYmBmAKllYwCD/7cZnBk42NjY"
+    "2Vg52NnZOTk5uHhEeHm4uXkkhYT5RWSl5OVkpWRkFFT01HmVdJRlZDTMNXUMDE1MTOTVLW0tjGz0jE2MQIYwcnJy8nDzSPDy"
+    "ShgpyigaEQAGGCL/DzAIcjCwM3AyMyoxMAkyMgsy/j/CIA90KysjGDBAASMTMwsrGzsHJxc3UMFWAaAHmZmZWJhZWVlYgLK1"
+    "QHkGFkFWIUVDRzbhwER2pUIRo8aJCzmUnTYeFA26+EHFOKmoiZNLTFxCUkpVTV1DU8vE1MzcwtLK2cXVzd3D0ys4JDQsPCIy"
+    "KjklNS09IzOruKS0rLyisqq5pbWtvaOza9LkKVOnTZ8xc9aixUuWLlu+YuWqTZu3bN22fcfOXYcOHzl67PiJk6cuXb5y9dr1"
+    "GzdvPXz0+MnTZ89fvHz18dPnL1+/ff/x8xfIX4wMzIwwgNVfgkB/MbGwMLOwg/zFyFQOUiDIwqpoyCbkGMieWCisZNTIIeI0"
+    "ceHGg5zKxkEfRJOKLnKJqZg8VP0I8hrYZ8R5rIksn4E8Nh/kMYS/bjHwMDMCI49ZkMGe4ee/Lo0F/P9vAgCPftPv",
+    "eNr7f+P/AwYBLzdPNwZGRkYGEGT4/5CBx7UiM42BwdeXQev/bQZnBg42NnY2Vg52dnZOTg4uHhFeHm5uHkkhYX4RWSl5OVkp"
+    "GRkFFT11BSUdZRkZDXNNHQNDExMTeXVLWwsjGz1jEyOQIYycnJw83DwSvLwSRooyikYkg/8HGAQ5GNgZOJkZlRiYBBmZBRn/"
+    "H2GQZ2BgZGUEAwYoYGRiZmFlY+fg5OIGKtgqwMDEyMzMxMLMysrCApStBcozsAiyCikaOrIJByayKxWKGDVOXMih7LTxoGjQ"
+    "xQ8qxklFTZxcYuISklKqauoamlompmbmFpZWzi6ubu4enl7BIaFh4RGRUckpqWnpGZlZxSWlZeUVlVXNLa1t7R2dXZMmT5k6"
+    "bfqMmbMWLV6ydNnyFStXbdq8Zeu27Tt27jp0+MjRY8dPnDx16fKVq9eu37h56+Gjx0+ePnv+4uWrj58+f/n67fuPn79A/mJk"
+    "YGaEAaz+EgT6i4mFhZmFHeQvRqZykAJBFlZFQzYhx0D2xEJhJaNGDhGniQs3HuRUNg76IJpUdJFLTMXkoepHkNfAPiPOY01k"
+    "+QzuMYS/bjHwMDMCI49ZkMGeoa9LY/0Ee3P7/zcBKuPSiA==",
+    "eNrz9NRi4GBgYOBiYGBkYWAEsjiBmBHKZgdiJkZmBmYg3QbEzEA2SByE2aBsJiAWZGQFs3uAWBQqDtIjhmSOOJS9F4hl4OaA"
+    "VDEAXQCCXCfk6Igo0CqDzAUA7zg8nA==",
+    "eNrz9NRi4GBgYOBiYGBkYWAEsjiBmBHKZgdiJkZmBmYg3QbEzEA2SByE2aBsJiAWZBQAs3uAWBQqDtIjhmSOOJStA8QySOaA"
+    "AAcYcp2Q4zrRBiaHHgIAapU+ew==",
+]
+FOUND_UPLOADS = [zlib.decompress(base64.b64decode(z)) for z in _FOUND]
+
+
+@fuzz_settings(500)
+@example(data=FOUND_UPLOADS[0], channels=3)
+@example(data=FOUND_UPLOADS[1], channels=3)
+@example(data=FOUND_UPLOADS[2], channels=1)
+@example(data=FOUND_UPLOADS[3], channels=3)
+@given(data=st.one_of(mutated_images(), st.sampled_from(SERVE_SEEDS), st.binary(max_size=512)),
+       channels=st.sampled_from([1, 3]))
+def test_fuzz_decode_upload_gives_an_image_or_a_4xx(data, channels, monkeypatch_session_pixels):
+    """What the web service does with uploaded bytes: a decoded image, or an UploadError
+    with a 4xx status and a one-line message; never another exception (which would be a 500)."""
+    from imgcls.serve.uploads import UploadError, decode_upload
+
+    try:
+        img = decode_upload(data, channels, max_bytes=1 << 20, max_pixels=500_000)
+    except UploadError as exc:
+        assert 400 <= exc.status < 500 and exc.message and "\n" not in exc.message
+        return
+    assert img.mode == ("L" if channels == 1 else "RGB") and img.width * img.height <= 500_000
+    assert img.format in (None, "JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
