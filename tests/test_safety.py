@@ -115,6 +115,66 @@ def test_weights_file_outside_the_folder_is_refused(saved):
         Classifier.load(saved)
 
 
+@pytest.mark.parametrize("kwargs", [{"checkpoint_path": "PAYLOAD"}, {"pretrained_cfg_overlay": {"file": "PAYLOAD"}},
+                                    {"pretrained": True}, {"cache_dir": "/tmp"}, {"drop_rate": [0.1]}])
+def test_card_model_kwargs_outside_the_allow_list_are_refused(saved, tmp_path, monkeypatch, kwargs):
+    """model_kwargs go to timm.create_model, which honours checkpoint_path (a file read, an
+    unpickle with older torch) before the weights' sha256 is checked: only plain
+    hyper-parameters pass, and nothing is read."""
+    payload = tmp_path / "payload.pth"
+    torch.save({"fc.weight": Payload()}, payload)
+    loads: list = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    card = json.loads((saved / "model.json").read_text())
+    card.update(architecture="resnet18",
+                model_kwargs=json.loads(json.dumps(kwargs).replace("PAYLOAD", str(payload))))
+    (saved / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ImgclsError) as e:
+        Classifier.load(saved)
+    assert "model_kwargs" in str(e.value) and next(iter(kwargs)) in str(e.value) and "\n" not in str(e.value)
+    assert loads == []
+
+
+def test_model_options_from_a_config_are_allow_listed(tmp_path):
+    from imgcls.models import create_model
+    from imgcls.models.pretrained import create_pretrained
+
+    with pytest.raises(ImgclsError, match="'checkpoint_path' is not an option imgcls passes to resnet18"):
+        create_model("resnet18", 3, checkpoint_path=str(tmp_path / "x.pth"))
+    with pytest.raises(ImgclsError, match="'checkpoint_path' is not an option"):
+        create_pretrained("resnet18", 3, weights=tmp_path / "w.pth", checkpoint_path="x")
+    with pytest.raises(ImgclsError, match="'drop_rate' is not an option imgcls passes to reference_cnn"):
+        create_model("reference_cnn", 3, drop_rate=0.2)
+    model = create_model("resnet18", 3, in_chans=1, img_size=32, drop_rate=0.2)
+    assert model.drop_rate == 0.2
+
+
+def test_weights_are_hashed_and_loaded_from_the_same_bytes(saved, tmp_path, monkeypatch):
+    """Whoever swaps model.safetensors just after it was read and hashed must not get the
+    swapped file loaded: the bytes that were hashed are the bytes that are parsed."""
+    import imgcls.artifact as artifact
+
+    original = Classifier.load(saved).model.state_dict()
+    weights = saved / "model.safetensors"
+    other = Classifier.create("reference_cnn", num_classes=3, in_chans=1, img_size=16, seed=1)
+    swapped = (other.save(tmp_path / "other") / "model.safetensors").read_bytes()
+    done: list = []
+
+    def swap_after_first_read(fn):
+        def wrapped(path, *a, **kw):
+            out = fn(path, *a, **kw)
+            if Path(path) == weights and not done:
+                done.append(weights.write_bytes(swapped))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(Path, "read_bytes", swap_after_first_read(Path.read_bytes))
+    monkeypatch.setattr(artifact, "sha256sum", swap_after_first_read(artifact.sha256sum))
+    state = Classifier.load(saved).model.state_dict()
+    assert done and weights.read_bytes() == swapped  # the swap did happen during loading
+    assert all(torch.equal(state[k], original[k]) for k in original)
+
+
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": "imgcls-checkpoint", "model": {}, "x": Payload()}, path)
