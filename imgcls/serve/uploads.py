@@ -69,6 +69,7 @@ def refuse_bomb_warnings() -> None:
 def claimed_pixels(data: bytes, formats: Sequence[str] = SERVE_FORMATS) -> int:
     """Width x height from the header alone (nothing is decompressed); 0 when the bytes do not
     open, in which case decode_upload says why."""
+    refuse_bomb_warnings()
     try:
         im = Image.open(io.BytesIO(data), formats=list(formats))
         return im.width * im.height
