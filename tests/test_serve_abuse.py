@@ -129,7 +129,12 @@ def test_explain_does_not_stall_predict(trained_run, samples, monkeypatch):
 
 
 def test_pending_explains_are_capped(trained_run, samples, monkeypatch):
+    import imgcls.serve.app as serve_app
+
     blocked = BlockedExplain(monkeypatch)
+    decodes: list = []
+    real_decode = serve_app.decode_upload
+    monkeypatch.setattr(serve_app, "decode_upload", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw))
     app = create_app(trained_run, ServeSettings(backend="torch", max_explain=2))
     data = samples[0][0]
     with LiveServer(app) as base:
@@ -145,6 +150,7 @@ def test_pending_explains_are_capped(trained_run, samples, monkeypatch):
             r = httpx.post(base + "/explain", files={"file": ("x.png", data, "image/png")}, timeout=10)
             assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
             assert "explain" in r.json()["detail"] and time.perf_counter() - t0 < 2
+            assert len(decodes) == 2  # the refused one was refused before its upload was decoded
         finally:
             blocked.release.set()
             for t in threads:

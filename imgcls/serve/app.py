@@ -182,6 +182,7 @@ class Service:
         t0 = time.perf_counter()
         up = await self.read(request)
         k = self.top_k(up.top_k)
+        self.batcher.check_room()  # a full queue refuses before the upload is decoded
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
         logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
@@ -199,10 +200,11 @@ class Service:
         k, target = self.top_k(up.top_k), self.target(up.target)
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         shrink = partial(shrink_for_explain, img_size=self.clf.preprocessing.img_size)
-        img = await self.decoded(up, 3, shrink, deadline)  # RGB: the overlay shows the upload itself
         dev = str(getattr(self.backend, "device", None) or "cpu")
-        ov = await self.explainer.run(gradcam_overlay, self.explain_clf, img, target, k, dev,
-                                      timeout=deadline - asyncio.get_running_loop().time())
+        with self.explainer.place() as place:  # refused (503) before any decoding when the lane is full
+            img = await self.decoded(up, 3, shrink, deadline)  # RGB: the overlay shows the upload itself
+            ov = await place.run(gradcam_overlay, self.explain_clf, img, target, k, dev,
+                                 timeout=deadline - asyncio.get_running_loop().time())
         top = [{"class": c, "probability": round(p, 6)} for c, p in ov.top]
         return Response(ov.png, media_type="image/png",
                         headers={"X-Imgcls-Target": header_text(ov.target), "X-Imgcls-Top": json.dumps(top),

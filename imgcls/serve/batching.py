@@ -75,6 +75,11 @@ class DynamicBatcher:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
 
+    def check_room(self) -> None:
+        """Overloaded now if the queue is full: lets a request give up before it decodes."""
+        if self._queue is not None and self._queue.full():
+            raise Overloaded(f"{self.max_queue} requests are already waiting for the model; retry shortly")
+
     async def submit(self, image: torch.Tensor, timeout: float | None = None) -> np.ndarray:
         """Logits for one uint8 image ``(C, S, S)``; Overloaded when the queue is full or the
         answer takes longer than ``timeout`` seconds."""

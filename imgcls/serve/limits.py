@@ -17,7 +17,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 
@@ -81,32 +81,52 @@ class PixelBudget:
 
 
 class Lane:
-    """Jobs run one at a time in a thread of their own; at most ``max_admitted`` (running or
-    waiting) at once, and a waiting job that reaches its deadline is dropped."""
+    """Jobs run one at a time in a thread of their own; at most ``max_admitted`` requests hold
+    a place (while they prepare, wait or run) at once, and a waiting job that reaches its
+    deadline is dropped. Take the place first (:meth:`place`), so a request that would be
+    refused is refused before it does any work."""
 
     def __init__(self, name: str, max_admitted: int):
         self.name, self.max_admitted = name, max_admitted
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"imgcls-{name}")
         self._lock = threading.Lock()
-        self.admitted = 0  # counted until the thread is done with a job, not until its caller gives up
+        self.admitted = 0  # a place is held until the thread is done with its job, not until its caller gives up
 
-    def _release(self, _future) -> None:
+    def _release(self, _job=None) -> None:
         with self._lock:
             self.admitted -= 1
 
-    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    @contextmanager
+    def place(self):
         with self._lock:
             if self.admitted >= self.max_admitted:
                 raise Overloaded(f"{self.admitted} {self.name} requests are already admitted (the most "
                                  f"allowed: {self.max_admitted}); retry shortly")
             self.admitted += 1
-        job = self.executor.submit(fn, *args)
-        job.add_done_callback(self._release)
+        place = _Place(self)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job), max(timeout, 0.001))
-        except TimeoutError:
-            job.cancel()  # a job not yet started never runs; a running one finishes unobserved
-            raise Overloaded(f"the {self.name} request waited over {timeout:.1f} s; retry shortly") from None
+            yield place
+        finally:
+            if place.job is None:  # never ran (the request failed first): give the place back now
+                self._release()
+
+    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        with self.place() as place:
+            return await place.run(fn, *args, timeout=timeout)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _Place:
+    def __init__(self, lane: Lane):
+        self.lane, self.job = lane, None
+
+    async def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        self.job = self.lane.executor.submit(fn, *args)
+        self.job.add_done_callback(self.lane._release)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.job), max(timeout, 0.001))
+        except TimeoutError:
+            self.job.cancel()  # a job not yet started never runs; a running one finishes unobserved
+            raise Overloaded(f"the {self.lane.name} request waited over {timeout:.1f} s; retry shortly") from None
