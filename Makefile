@@ -23,7 +23,7 @@ $(CORE_STAMP): pyproject.toml | $(BIN)/python
 	touch $(CORE_STAMP)
 
 # the light extras: what the README's next commands need besides the core (imgcls audit,
-# export, serve, and Grad-CAM explanations), 0.36 GB next to the core's 4.8 GB
+# export, serve, and Grad-CAM explanations): 0.38 GB and 8 s next to the core's 5.8 GB
 $(LIGHT_STAMP): $(CORE_STAMP)
 	$(BIN)/pip install -q -e ".[data,export,serve]"
 	touch $(LIGHT_STAMP)
