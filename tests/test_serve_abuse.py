@@ -111,6 +111,8 @@ def test_explain_shrinks_a_huge_upload_before_explaining(client, monkeypatch):
 def test_explain_does_not_stall_predict(trained_run, samples, monkeypatch):
     blocked = BlockedExplain(monkeypatch)
     app = create_app(trained_run, ServeSettings(backend="torch", max_wait_ms=2))
+    # Grad-CAM hooks its module: with the torch backend it gets a copy of its own
+    assert app.state.service.explain_clf.model is not app.state.classifier.model
     data, label = samples[0]
     with LiveServer(app) as base:
         out: list = []

@@ -93,7 +93,8 @@ def header_text(text: str) -> str:
 def _own_model(clf, backend):
     """The classifier Grad-CAM uses. It hooks the module and needs gradients, so when /predict's
     backend runs the same module (torch) it gets a copy of its own, and neither waits for the other."""
-    if getattr(backend, "model", None) is not clf.model:
+    inner = getattr(backend, "backend", backend)  # a Predictor wraps the backend that holds the module
+    if getattr(inner, "model", None) is not clf.model:
         return clf
     twin = copy.copy(clf)
     twin.model = copy.deepcopy(clf.model).to("cpu").to(memory_format=torch.contiguous_format)
@@ -176,9 +177,13 @@ class Service:
             return self.clf.classes.index(v)
         raise UploadError(400, f"unknown target class {_short(v)}; classes: {', '.join(self.clf.classes[:20])}")
 
-    async def predict(self, request: Request) -> dict[str, Any]:
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of a batch of logits (N, K)."""
         from imgcls.export.runtime import softmax
 
+        return softmax(logits, self.clf.temperature)
+
+    async def predict(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
         up = await self.read(request)
         k = self.top_k(up.top_k)
@@ -186,7 +191,7 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
         logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
-        p = softmax(np.asarray(logits, dtype=np.float64)[None], self.clf.temperature)[0]
+        p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])[0]
         order = np.argsort(-p)[:k]
         classes = self.clf.classes
         return {"label": classes[order[0]],
