@@ -7,6 +7,7 @@ refused instead of producing silent garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from imgcls.data.download import sha256sum
 from imgcls.errors import ImgclsError
@@ -145,16 +146,24 @@ def _card_problem(card: dict[str, Any]) -> str | None:
     for key, typ in (("model_kwargs", dict), ("weights_file", str), ("weights_sha256", str)):
         if key in card and not isinstance(card[key], typ):
             return f"'{key}' has the wrong type"
+    from imgcls.models.factory import model_kwargs_problem
+
+    problem = model_kwargs_problem(card["architecture"], card.get("model_kwargs") or {})
+    if problem:  # checked here, before anything builds a model from it (see TIMM_OPTIONS)
+        return f"'model_kwargs': {problem}"
     if "temperature" in card and (not _is_num(card["temperature"]) or card["temperature"] <= 0):
         return "'temperature' must be a positive number"
     return None
 
 
-def pickle_kind(path: Path) -> str | None:
+def pickle_kind(path_or_bytes: Path | bytes) -> str | None:
     """'a pickle' / 'a PyTorch (zip + pickle)' file by its first bytes, else None.
     Such files can run arbitrary code when loaded, so imgcls never opens them as models."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        head = bytes(path_or_bytes[:9])
+    else:
+        with open(path_or_bytes, "rb") as f:
+            head = f.read(9)
     if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
         return None
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode + version
@@ -173,7 +182,8 @@ def load_weights(folder: str | Path, card: dict[str, Any]) -> dict[str, torch.Te
     wpath = folder / name
     if not wpath.is_file():
         raise ImgclsError(f"{folder} has no weights ({wpath.name} is missing)", "retrain, or restore the file")
-    kind = pickle_kind(wpath)
+    data = wpath.read_bytes()  # hashed and parsed from the same bytes: no swap in between
+    kind = pickle_kind(data)
     if kind:
         raise ImgclsError(f"refused {wpath}: it is {kind} file, not safetensors; imgcls never unpickles model "
                           "files (loading a pickle can run arbitrary code)",
@@ -183,11 +193,11 @@ def load_weights(folder: str | Path, card: dict[str, Any]) -> dict[str, torch.Te
     if not isinstance(expected, str) or len(expected) != 64:
         raise ImgclsError(f"{folder / CARD} has no valid weights_sha256, so {wpath.name} cannot be verified",
                           "re-save the model with imgcls (Classifier.save) to record it")
-    if sha256sum(wpath) != expected:
+    if hashlib.sha256(data).hexdigest() != expected:
         raise ImgclsError(f"{wpath} does not match the sha256 in {CARD}: it was altered or truncated",
                           "restore the original file or retrain")
     try:
-        return load_file(str(wpath))
+        return load(data)
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise ImgclsError(f"cannot read {wpath}: {exc}", "the weights file is damaged; retrain or restore it") from None
 

@@ -4,17 +4,19 @@ but the documented ImgclsError."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -111,6 +113,66 @@ def test_weights_file_outside_the_folder_is_refused(saved):
     (saved / "model.json").write_text(json.dumps(card))
     with pytest.raises(ImgclsError, match="invalid weights file"):
         Classifier.load(saved)
+
+
+@pytest.mark.parametrize("kwargs", [{"checkpoint_path": "PAYLOAD"}, {"pretrained_cfg_overlay": {"file": "PAYLOAD"}},
+                                    {"pretrained": True}, {"cache_dir": "/tmp"}, {"drop_rate": [0.1]}])
+def test_card_model_kwargs_outside_the_allow_list_are_refused(saved, tmp_path, monkeypatch, kwargs):
+    """model_kwargs go to timm.create_model, which honours checkpoint_path (a file read, an
+    unpickle with older torch) before the weights' sha256 is checked: only plain
+    hyper-parameters pass, and nothing is read."""
+    payload = tmp_path / "payload.pth"
+    torch.save({"fc.weight": Payload()}, payload)
+    loads: list = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    card = json.loads((saved / "model.json").read_text())
+    card.update(architecture="resnet18",
+                model_kwargs=json.loads(json.dumps(kwargs).replace("PAYLOAD", str(payload))))
+    (saved / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ImgclsError) as e:
+        Classifier.load(saved)
+    assert "model_kwargs" in str(e.value) and next(iter(kwargs)) in str(e.value) and "\n" not in str(e.value)
+    assert loads == []
+
+
+def test_model_options_from_a_config_are_allow_listed(tmp_path):
+    from imgcls.models import create_model
+    from imgcls.models.pretrained import create_pretrained
+
+    with pytest.raises(ImgclsError, match="'checkpoint_path' is not an option imgcls passes to resnet18"):
+        create_model("resnet18", 3, checkpoint_path=str(tmp_path / "x.pth"))
+    with pytest.raises(ImgclsError, match="'checkpoint_path' is not an option"):
+        create_pretrained("resnet18", 3, weights=tmp_path / "w.pth", checkpoint_path="x")
+    with pytest.raises(ImgclsError, match="'drop_rate' is not an option imgcls passes to reference_cnn"):
+        create_model("reference_cnn", 3, drop_rate=0.2)
+    model = create_model("resnet18", 3, in_chans=1, img_size=32, drop_rate=0.2)
+    assert model.drop_rate == 0.2
+
+
+def test_weights_are_hashed_and_loaded_from_the_same_bytes(saved, tmp_path, monkeypatch):
+    """Whoever swaps model.safetensors just after it was read and hashed must not get the
+    swapped file loaded: the bytes that were hashed are the bytes that are parsed."""
+    import imgcls.artifact as artifact
+
+    original = Classifier.load(saved).model.state_dict()
+    weights = saved / "model.safetensors"
+    other = Classifier.create("reference_cnn", num_classes=3, in_chans=1, img_size=16, seed=1)
+    swapped = (other.save(tmp_path / "other") / "model.safetensors").read_bytes()
+    done: list = []
+
+    def swap_after_first_read(fn):
+        def wrapped(path, *a, **kw):
+            out = fn(path, *a, **kw)
+            if Path(path) == weights and not done:
+                done.append(weights.write_bytes(swapped))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(Path, "read_bytes", swap_after_first_read(Path.read_bytes))
+    monkeypatch.setattr(artifact, "sha256sum", swap_after_first_read(artifact.sha256sum))
+    state = Classifier.load(saved).model.state_dict()
+    assert done and weights.read_bytes() == swapped  # the swap did happen during loading
+    assert all(torch.equal(state[k], original[k]) for k in original)
 
 
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
@@ -268,3 +330,60 @@ def test_fuzz_seeds_decode():
             p.write_bytes(data)
             assert load_image(p, 3).mode == "RGB"
     assert os.path.exists(d) is False
+
+
+def _serve_seeds() -> list[bytes]:
+    """The decoder seeds plus formats the service refuses (ICO, PPM, a PostScript header)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(buf, "ICO", sizes=[(16, 16)])
+    return SEEDS + [buf.getvalue(), b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"]
+
+
+SERVE_SEEDS = _serve_seeds()
+
+# Found by fuzzing decode_upload (zlib + base64): a JPEG whose EXIF makes Pillow raise TypeError
+# while exif_transpose rewrites it, one that raises struct.error, a TIFF with a rational where
+# an integer belongs (TypeError) and one with a tag too large for C (OverflowError). Each
+# answered 500 before the service caught them.
+_FOUND = [
+    "eNr7f+P/AwYBLzdPNwZGRgYGRiBk+P+QQc+1IjONgcHXl0GLgYGBg4GJUZ6BCchiSU7MZWAUYmBmAKllYwCD/7cZnBk42NjY"
+    "2Vg52NnZOTk5uHhEeHm4uXkkhYT5RWSl5OVkpWRkFFT01HmVdJRlZDTMNXUMDE1MTOTVLW0tjGz0jE2MQIYwcnJy8nDzSPDy"
+    "ShgpyigaEQAGGCL/DzAIcjCwM3AyMyoxMAkyMgsy/j/CIA90KysjGDBAASMTMwsrGzsHJxc3UMFWAaAHmZmZWJhZWVlYgLK1"
+    "QHkGFkFWIUVDRzbhwER2pUIRo8aJCzmUnTYeFA26+EHFOKmoiZNLTFxCUkpVTV1DU8vE1MzcwtLK2cXVzd3D0ys4JDQsPCIy"
+    "KjklNS09IzOruKS0rLyisqq5pbWtvaOza9LkKVOnTZ8xc9aixUuWLlu+YuWqTZu3bN22fcfOXYcOHzl67PiJk6cuXb5y9dr1"
+    "GzdvPXz0+MnTZ89fvHz18dPnL1+/ff/x8xfIX4wMzIwwgNVfgkB/MbGwMLOwg/zFyFQOUiDIwqpoyCbkGMieWCisZNTIIeI0"
+    "ceHGg5zKxkEfRJOKLnKJqZg8VP0I8hrYZ8R5rIksn4E8Nh/kMYS/bjHwMDMCI49ZkMGe4ee/Lo0F/P9vAgCPftPv",
+    "eNr7f+P/AwYBLzdPNwZGRkYGEGT4/5CBx7UiM42BwdeXQev/bQZnBg42NnY2Vg52dnZOTg4uHhFeHm5uHkkhYX4RWSl5OVkp"
+    "GRkFFT11BSUdZRkZDXNNHQNDExMTeXVLWwsjGz1jEyOQIYycnJw83DwSvLwSRooyikYkg/8HGAQ5GNgZOJkZlRiYBBmZBRn/"
+    "H2GQZ2BgZGUEAwYoYGRiZmFlY+fg5OIGKtgqwMDEyMzMxMLMysrCApStBcozsAiyCikaOrIJByayKxWKGDVOXMih7LTxoGjQ"
+    "xQ8qxklFTZxcYuISklKqauoamlompmbmFpZWzi6ubu4enl7BIaFh4RGRUckpqWnpGZlZxSWlZeUVlVXNLa1t7R2dXZMmT5k6"
+    "bfqMmbMWLV6ydNnyFStXbdq8Zeu27Tt27jp0+MjRY8dPnDx16fKVq9eu37h56+Gjx0+ePnv+4uWrj58+f/n67fuPn79A/mJk"
+    "YGaEAaz+EgT6i4mFhZmFHeQvRqZykAJBFlZFQzYhx0D2xEJhJaNGDhGniQs3HuRUNg76IJpUdJFLTMXkoepHkNfAPiPOY01k"
+    "+QzuMYS/bjHwMDMCI49ZkMGeoa9LY/0Ee3P7/zcBKuPSiA==",
+    "eNrz9NRi4GBgYOBiYGBkYWAEsjiBmBHKZgdiJkZmBmYg3QbEzEA2SByE2aBsJiAWZGQFs3uAWBQqDtIjhmSOOJS9F4hl4OaA"
+    "VDEAXQCCXCfk6Igo0CqDzAUA7zg8nA==",
+    "eNrz9NRi4GBgYOBiYGBkYWAEsjiBmBHKZgdiJkZmBmYg3QbEzEA2SByE2aBsJiAWZBQAs3uAWBQqDtIjhmSOOJStA8QySOaA"
+    "AAcYcp2Q4zrRBiaHHgIAapU+ew==",
+]
+FOUND_UPLOADS = [zlib.decompress(base64.b64decode(z)) for z in _FOUND]
+
+
+@fuzz_settings(500)
+@example(data=FOUND_UPLOADS[0], channels=3)
+@example(data=FOUND_UPLOADS[1], channels=3)
+@example(data=FOUND_UPLOADS[2], channels=1)
+@example(data=FOUND_UPLOADS[3], channels=3)
+@given(data=st.one_of(mutated_images(), st.sampled_from(SERVE_SEEDS), st.binary(max_size=512)),
+       channels=st.sampled_from([1, 3]))
+def test_fuzz_decode_upload_gives_an_image_or_a_4xx(data, channels, monkeypatch_session_pixels):
+    """What the web service does with uploaded bytes: a decoded image, or an UploadError
+    with a 4xx status and a one-line message; never another exception (which would be a 500)."""
+    from imgcls.serve.uploads import UploadError, decode_upload
+
+    try:
+        img = decode_upload(data, channels, max_bytes=1 << 20, max_pixels=500_000)
+    except UploadError as exc:
+        assert 400 <= exc.status < 500 and exc.message and "\n" not in exc.message
+        return
+    assert img.mode == ("L" if channels == 1 else "RGB") and img.width * img.height <= 500_000
+    assert img.format in (None, "JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -18,17 +17,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import pattern_images
+from tests.serving import LiveServer, local_client, png_bytes
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 
 from imgcls.serve.app import ServeSettings, create_app  # noqa: E402
-
-
-def png_bytes(img: np.ndarray | Image.Image) -> bytes:
-    buf = io.BytesIO()
-    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def samples() -> list[tuple[bytes, int]]:
 @pytest.fixture(scope="module")
 def client(trained_run):
     app = create_app(trained_run, ServeSettings(max_upload_mb=0.5, backend="torch", max_wait_ms=2))
-    with TestClient(app) as c:
+    with local_client(app) as c:
         yield c
 
 
@@ -148,7 +141,7 @@ def test_streamed_body_over_limit_is_refused(client):
 def test_api_key(trained_run, samples):
     app = create_app(trained_run, ServeSettings(api_key="s3cret", backend="torch"))
     data = samples[0][0]
-    with TestClient(app) as c:
+    with local_client(app) as c:
         assert c.get("/health").status_code == 200
         for method, path, kw in [("post", "/predict", {"files": {"file": ("i.png", data, "image/png")}}),
                                  ("post", "/explain", {"files": {"file": ("i.png", data, "image/png")}}),
@@ -162,30 +155,6 @@ def test_api_key(trained_run, samples):
 
 
 # ---------------------------------------------------------------------- a real server on loopback
-class LiveServer:
-    """uvicorn in a thread on 127.0.0.1 with a free port; stopped on exit."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def test_load_on_loopback_batches_requests(exported_for_serving, samples, capsys):
     """500 requests from 16 concurrent clients, bounded in time: no errors; the p50/p99
     latencies are reported (not asserted: the machine is shared)."""

@@ -38,6 +38,58 @@ def layer_list(num_classes: int, in_chans: int = 3, img_size: int = 32, layers: 
     return LayerListNet(layers if layers is not None else REFERENCE_LAYERS, num_classes, in_chans, img_size)
 
 
+# Options a model card or a config may pass to an architecture. A model.json is untrusted
+# input, and timm.create_model also takes arguments that read or fetch files
+# (checkpoint_path, pretrained_cfg, pretrained_cfg_overlay, cache_dir, ...), which run before
+# the weights' sha256 is checked; so only these plain hyper-parameters are passed on.
+TIMM_OPTIONS = frozenset({
+    "drop_rate", "drop_path_rate", "drop_block_rate", "drop_connect_rate", "attn_drop_rate", "proj_drop_rate",
+    "pos_drop_rate", "patch_drop_rate", "global_pool", "act_layer", "output_stride", "layer_scale_init_value",
+    "class_token", "qkv_bias"})
+_AIRBENCH_OPTIONS = frozenset({"bn_momentum", "scaling_factor", "whiten_eps", "whiten_bias_epochs"})
+BUILTIN_OPTIONS: dict[str, frozenset[str]] = {"reference_cnn": frozenset(), "airbench": _AIRBENCH_OPTIONS,
+                                              "airbench_small": _AIRBENCH_OPTIONS, "layers": frozenset({"layers"})}
+
+
+def model_options(name: str) -> frozenset[str]:
+    """The option names ``name`` takes from a config or model card."""
+    if name in BUILTIN_OPTIONS:
+        return BUILTIN_OPTIONS[name]
+    if name in MODELS:  # a built-in registered elsewhere: the keyword parameters it names
+        import inspect
+
+        params = inspect.signature(MODELS.get(name)).parameters.values()
+        return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY or (
+            p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("num_classes", "in_chans", "img_size")))
+    return TIMM_OPTIONS
+
+
+def _is_scalar(v: Any) -> bool:
+    if isinstance(v, float):
+        return v == v and abs(v) != float("inf")
+    return v is None or isinstance(v, (bool, int, str))
+
+
+def model_kwargs_problem(name: str, kwargs: Any) -> str | None:
+    """Why ``kwargs`` may not be passed to architecture ``name``, or None when they may."""
+    if not isinstance(kwargs, dict):
+        return "model options must be a mapping"
+    allowed = model_options(name)
+    for key, value in kwargs.items():
+        if key not in allowed:
+            return (f"'{key}' is not an option imgcls passes to {name} (allowed: "
+                    f"{', '.join(sorted(allowed)) or 'none'})")
+        if key != "layers" and not _is_scalar(value):
+            return f"option '{key}' must be a number, string, boolean or null"
+    return None
+
+
+def check_model_kwargs(name: str, kwargs: Any) -> None:
+    problem = model_kwargs_problem(name, kwargs)
+    if problem:
+        raise ImgclsError(f"model options: {problem}", "remove it from the config's model mapping")
+
+
 def model_from_config(model: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A config's ``model`` value -> (architecture, keyword arguments).
 
@@ -74,7 +126,9 @@ def is_timm_model(name: str) -> bool:
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 224,
                  **kwargs: Any) -> nn.Module:
     """Build a registered model or any timm architecture, randomly initialised, with
-    ``num_classes`` outputs and ``in_chans`` input channels."""
+    ``num_classes`` outputs and ``in_chans`` input channels. ``kwargs`` must be options the
+    architecture takes (:func:`model_options`)."""
+    check_model_kwargs(name, kwargs)
     if name in MODELS:
         try:
             return MODELS.get(name)(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)

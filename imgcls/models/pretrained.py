@@ -215,7 +215,11 @@ def load_from_hub(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any)
 def create_pretrained(name: str, num_classes: int, in_chans: int = 3, weights: str | Path | None = None,
                       **kwargs: Any) -> tuple[nn.Module, PretrainedInfo]:
     """A pretrained timm model with a fresh ``num_classes`` head: from ``weights`` (a local
-    file) if given, else from the hub."""
+    file) if given, else from the hub. ``kwargs`` must be options timm models take
+    (:data:`~imgcls.models.factory.TIMM_OPTIONS`)."""
+    from imgcls.models.factory import check_model_kwargs
+
+    check_model_kwargs(name, kwargs)
     if weights:
         return load_weights_file(name, weights, num_classes, in_chans, **kwargs)
     return load_from_hub(name, num_classes, in_chans, **kwargs)

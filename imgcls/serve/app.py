@@ -2,25 +2,33 @@
 
     POST /predict   multipart upload (field "file") or JSON {"image": base64, "top_k": 3} -> top-k
     POST /explain   same input -> Grad-CAM overlay PNG (top-k in the X-Imgcls-Top header)
-    GET  /health    liveness + batching counters (never needs the API key)
+    GET  /health    liveness, batching and load counters (never needs the API key)
     GET  /model     the model card
     GET  /          the web page;  GET /docs  OpenAPI docs (assets served locally, no CDN)
 
-Bad input never reaches the model: see imgcls.serve.uploads for the status codes. Request
-bodies are capped while they stream in (BodyLimit), so an oversized upload is refused
-without being buffered.
+Bad input never reaches the model: see imgcls.serve.uploads for the status codes (always a
+4xx with a one-line JSON ``detail``). Request bodies are capped while they stream in
+(BodyLimit); requests addressed to a host name that is not this server's are refused
+(TrustedHostMiddleware), and so are browser requests sent by another site's page
+(SameOrigin). Under overload a request gets 503 with Retry-After at once (imgcls.serve.limits):
+the batcher's queue, the pixels being decoded and the Grad-CAM requests are all bounded, and
+no request waits longer than ``timeout_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -28,11 +36,16 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from imgcls.serve.batching import DynamicBatcher
-from imgcls.serve.uploads import UploadError, decode_base64, decode_upload
+from imgcls.serve.limits import Lane, Overloaded, PixelBudget
+from imgcls.serve.middleware import LOCAL_NAMES, BodyLimit, SameOrigin
+from imgcls.serve.uploads import (DEFAULT_MAX_PIXELS, UploadError, claimed_pixels, decode_base64, decode_upload,
+                                  pixel_limit)
 
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
+__all__ = ["BodyLimit", "ServeSettings", "create_app", "uvicorn_config"]
 
 
 @dataclass
@@ -44,50 +57,176 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     top_k: int = 5
     device: str = "auto"
-    max_pixels: int | None = None  # default: Pillow's limit as imgcls sets it (89.5 Mpx)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the largest image accepted (never above Pillow's limit)
+    max_queue: int = 256  # /predict requests waiting for the model; beyond: 503
+    max_explain: int = 2  # /explain requests admitted at once (one runs, the others wait); beyond: 503
+    max_waiting_uploads: int = 32  # uploads waiting for room to decode (2 x max_pixels at once); beyond: 503
+    timeout_s: float = 10.0  # the longest a request waits for decoding room, the model or Grad-CAM: then 503
+    limit_concurrency: int = 64  # uvicorn's limit on open connections / running requests (imgcls serve)
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOCAL_NAMES))  # Host header names answered
 
     @property
     def max_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a declared Content-Length over the limit, and for a body
-    that grows past it while streaming (chunked uploads declare no length)."""
-
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await _send_json(send, 413, {"detail": f"request body of {int(declared) / 2**20:.1f} MiB is "
-                                                          f"over the {self.max_body / 2**20:.1f} MiB limit"})
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise HTTPException(413, f"request body is over the {self.max_body / 2**20:.1f} MiB limit")
-            return msg
-
-        return await self.app(scope, limited, send)
-
-
-async def _send_json(send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
+class Upload(NamedTuple):
+    data: bytes
+    name: str
+    top_k: Any
+    target: Any
 
 
 def _static(name: str) -> bytes:
     return resources.files("imgcls.serve").joinpath("static", name).read_bytes()
+
+
+# Header values are latin-1 on the wire: a class name with other characters (or '%') is sent
+# percent-encoded UTF-8, which the page decodes with decodeURIComponent.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_text(text: str) -> str:
+    return quote(text, safe=_HEADER_SAFE)
+
+
+def _own_model(clf, backend):
+    """The classifier Grad-CAM uses. It hooks the module and needs gradients, so when /predict's
+    backend runs the same module (torch) it gets a copy of its own, and neither waits for the other."""
+    inner = getattr(backend, "backend", backend)  # a Predictor wraps the backend that holds the module
+    if getattr(inner, "model", None) is not clf.model:
+        return clf
+    twin = copy.copy(clf)
+    twin.model = copy.deepcopy(clf.model).to("cpu").to(memory_format=torch.contiguous_format)
+    return twin
+
+
+class Service:
+    """Everything a request needs: the model, its backend, the batcher and the limits."""
+
+    def __init__(self, clf, backend, s: ServeSettings):
+        self.clf, self.backend, self.s = clf, backend, s
+        self.batcher = DynamicBatcher(backend.logits, s.max_batch, s.max_wait_ms / 1000, s.max_queue)
+        self.budget = PixelBudget(2 * pixel_limit(s.max_pixels), s.max_waiting_uploads)
+        self.explainer = Lane("explain", s.max_explain)
+        self.explain_clf = _own_model(clf, backend)
+        self.transform = clf.preprocessing.pil_transform()
+        self.started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: FastAPI):
+        await self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.stop()
+
+    async def read(self, request: Request) -> Upload:
+        """The uploaded bytes and options of a multipart or JSON request."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        top_k, target = request.query_params.get("top_k"), request.query_params.get("target")
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file") or form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise UploadError(400, "multipart upload needs a file field named 'file'")
+            return Upload(await upload.read(), upload.filename or "upload", form.get("top_k", top_k),
+                          form.get("target", target))
+        if ctype == "application/json":
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                raise UploadError(400, "the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise UploadError(400, "JSON body must be an object: {\"image\": base64, \"top_k\": 5}")
+            return Upload(decode_base64(body.get("image"), self.s.max_bytes), "image", body.get("top_k", top_k),
+                          body.get("target", target))
+        raise UploadError(415, f"unsupported content type '{ctype[:60] or 'none'}': send multipart/form-data "
+                               "with a 'file' field, or application/json with base64 'image'")
+
+    async def decoded(self, up: Upload, channels: int, finish, deadline: float):
+        """``finish(decoded image)``, computed in a worker thread once the pixel budget has room
+        for the upload: decoding and shrinking hold the memory, nothing after them does."""
+        pixels = await run_in_threadpool(claimed_pixels, up.data)
+        if pixels > pixel_limit(self.s.max_pixels):
+            pixels = 0  # refused from its header, before anything is decoded
+        async with self.budget.hold(pixels, deadline - asyncio.get_running_loop().time()):
+            return await run_in_threadpool(self._decode_then, up, channels, finish)
+
+    def _decode_then(self, up: Upload, channels: int, finish):
+        return finish(decode_upload(up.data, channels, self.s.max_bytes, self.s.max_pixels, up.name))
+
+    def top_k(self, v: Any) -> int:
+        n = self.clf.num_classes
+        if v is None:
+            return min(self.s.top_k, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not v.is_integer()):
+            raise UploadError(400, f"top_k must be a whole number, got {_short(v)}")
+        try:
+            k = int(v)
+        except (TypeError, ValueError, OverflowError):
+            raise UploadError(400, f"top_k must be a whole number, got {_short(v)}") from None
+        if k < 1:
+            raise UploadError(400, f"top_k must be >= 1, got {k}")
+        return min(k, n)
+
+    def target(self, v: Any) -> int | None:
+        if v is None or v == "":
+            return None
+        if isinstance(v, str) and v in self.clf.classes:
+            return self.clf.classes.index(v)
+        raise UploadError(400, f"unknown target class {_short(v)}; classes: {', '.join(self.clf.classes[:20])}")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of a batch of logits (N, K)."""
+        return self.backend.probabilities(logits)
+
+    async def predict(self, request: Request) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        up = await self.read(request)
+        k = self.top_k(up.top_k)
+        self.batcher.check_room()  # a full queue refuses before the upload is decoded
+        deadline = asyncio.get_running_loop().time() + self.s.timeout_s
+        x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
+        logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
+        p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])[0]
+        order = np.argsort(-p)[:k]
+        classes = self.clf.classes
+        return {"label": classes[order[0]],
+                "top": [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order],
+                "backend": self.backend.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    async def explain(self, request: Request) -> Response:
+        from imgcls.serve.explain import gradcam_overlay, shrink_for_explain
+
+        up = await self.read(request)
+        k, target = self.top_k(up.top_k), self.target(up.target)
+        deadline = asyncio.get_running_loop().time() + self.s.timeout_s
+        shrink = partial(shrink_for_explain, img_size=self.clf.preprocessing.img_size)
+        dev = str(getattr(self.backend, "device", None) or "cpu")
+        with self.explainer.place() as place:  # refused (503) before any decoding when the lane is full
+            img = await self.decoded(up, 3, shrink, deadline)  # RGB: the overlay shows the upload itself
+            ov = await place.run(gradcam_overlay, self.explain_clf, img, target, k, dev,
+                                 timeout=deadline - asyncio.get_running_loop().time())
+        top = [{"class": c, "probability": round(p, 6)} for c, p in ov.top]
+        return Response(ov.png, media_type="image/png",
+                        headers={"X-Imgcls-Target": header_text(ov.target), "X-Imgcls-Top": json.dumps(top),
+                                 "Cache-Control": "no-store"})
+
+    def health(self) -> dict[str, Any]:
+        s, clf = self.s, self.clf
+        return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": self.backend.name,
+                "uptime_s": round(time.time() - self.started, 1), "auth": s.api_key is not None,
+                "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, **self.batcher.stats.to_dict()},
+                "load": {"queued": self.batcher.queued, "max_queue": s.max_queue,
+                         "explain_admitted": self.explainer.admitted, "max_explain": s.max_explain,
+                         "decoding_mpx": round(self.budget.used / 1e6, 2), "uploads_waiting": self.budget.waiting,
+                         "timeout_s": s.timeout_s}}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def create_app(run: str | Path, settings: ServeSettings | None = None, classifier=None) -> FastAPI:
@@ -99,138 +238,87 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
 
     s = settings or ServeSettings()
     clf = classifier if classifier is not None else ModelBundle.load(run)
-    predictor = Predictor(clf, s.backend, s.device)  # the one inference path: backend, TTA, temperature
-    backend = predictor.backend
-    batcher = DynamicBatcher(predictor.logits, s.max_batch, s.max_wait_ms / 1000)
-    transform = clf.preprocessing.pil_transform()
-    started = time.time()
+    # the one inference path every road shares: backend, test-time augmentation, temperature
+    svc = Service(clf, Predictor(clf, s.backend, s.device), s)
+    # the OpenAPI document is served without the key: it describes the API, never the model
+    app = FastAPI(title="imgcls", version=__version__, lifespan=svc.lifespan, docs_url=None, redoc_url=None,
+                  description="An image classifier: POST an image to /predict for its top classes, to /explain "
+                              "for a Grad-CAM overlay. GET /model (with the API key, when one is set) describes "
+                              "the model.")
+    app.state.classifier, app.state.batcher, app.state.settings, app.state.service = clf, svc.batcher, s, svc
+    _add_routes(app, svc, [Depends(_key_check(s.api_key))])
+    _add_error_handlers(app)
+    _mount_docs(app)
+    app.add_middleware(BodyLimit, max_body=s.max_bytes * 4 // 3 + MULTIPART_OVERHEAD)
+    app.add_middleware(SameOrigin)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=s.allowed_hosts, www_redirect=False)
+    return app
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
 
-    app = FastAPI(title="imgcls", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"{clf.architecture} classifier of {clf.num_classes} classes: "
-                              f"{', '.join(clf.classes[:10])}{' …' if clf.num_classes > 10 else ''}")
-    app.state.classifier, app.state.batcher, app.state.settings = clf, batcher, s
+def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
+    """How ``imgcls serve`` runs the app: uvicorn with the settings' concurrency limit (beyond
+    it uvicorn itself answers 503 and closes the connection) and a short keep-alive."""
+    import uvicorn
+
+    s: ServeSettings = app.state.settings
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=s.limit_concurrency,
+                          timeout_keep_alive=5)
+
+
+def _key_check(api_key: str | None):
     bearer = HTTPBearer(auto_error=False, description="--api-key given to `imgcls serve`")
 
     async def require_key(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if s.api_key is None:
+        if api_key is None:
             return
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), s.api_key.encode()):
+        if cred is None or not hmac.compare_digest(cred.credentials.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    guarded = [Depends(require_key)]
+    return require_key
 
-    async def read_image(request: Request, channels: int | None = None):
-        """(decoded PIL image, top_k, target) from a multipart or JSON request."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        top_k, target = request.query_params.get("top_k"), request.query_params.get("target")
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("file") or form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise UploadError(400, "multipart upload needs a file field named 'file'")
-            data, name = await upload.read(), upload.filename or "upload"
-            top_k = form.get("top_k", top_k)
-            target = form.get("target", target)
-        elif ctype == "application/json":
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UploadError(400, "the body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise UploadError(400, "JSON body must be an object: {\"image\": base64, \"top_k\": 5}")
-            data, name = decode_base64(body.get("image"), s.max_bytes), "image"
-            top_k, target = body.get("top_k", top_k), body.get("target", target)
-        else:
-            raise UploadError(415, f"unsupported content type '{ctype or 'none'}': send multipart/form-data "
-                                   "with a 'file' field, or application/json with base64 'image'")
-        img = await run_in_threadpool(decode_upload, data, channels or clf.preprocessing.in_chans, s.max_bytes,
-                                      s.max_pixels, name)
-        return img, _top_k(top_k), _target(target)
 
-    def _top_k(v) -> int:
-        if v is None:
-            return min(s.top_k, clf.num_classes)
-        try:
-            k = int(v)
-        except (TypeError, ValueError):
-            raise UploadError(400, f"top_k must be an integer, got {v!r}") from None
-        if k < 1:
-            raise UploadError(400, f"top_k must be >= 1, got {k}")
-        return min(k, clf.num_classes)
-
-    def _target(v) -> int | None:
-        if v is None or v == "":
-            return None
-        if v in clf.classes:
-            return clf.classes.index(v)
-        raise UploadError(400, f"unknown target class {v!r}; classes: {', '.join(clf.classes[:20])}")
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, exc: UploadError):
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
-    upload_doc = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}}}},
-        "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "description": "base64 image bytes (a data: URL works too)"},
-            "top_k": {"type": "integer"}, "target": {"type": "string"}}}}}}}
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded):
+        return JSONResponse({"detail": f"server busy: {exc.message}"}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after)})
 
-    @app.post("/predict", dependencies=guarded, openapi_extra=upload_doc,
+
+UPLOAD_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "description": "base64 image bytes (a data: URL works too)"},
+        "top_k": {"type": "integer"}, "target": {"type": "string"}}}}}}}
+BUSY = {503: {"description": "server busy (queue full or timed out): retry after the Retry-After seconds"}}
+
+
+def _add_routes(app: FastAPI, svc: Service, guarded: list) -> None:
+    @app.post("/predict", dependencies=guarded, openapi_extra=UPLOAD_DOC, responses=BUSY,
               summary="Top-k classes of one image")
     async def predict(request: Request) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        img, k, _ = await read_image(request)
-        x = await run_in_threadpool(transform, img)
-        logits = await batcher.submit(x)
-        p = predictor.probabilities(np.asarray(logits, dtype=np.float64)[None])[0]
-        order = np.argsort(-p)[:k]
-        return {"label": clf.classes[order[0]],
-                "top": [{"class": clf.classes[i], "probability": round(float(p[i]), 6)} for i in order],
-                "backend": backend.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+        return await svc.predict(request)
 
-    @app.post("/explain", dependencies=guarded, openapi_extra=upload_doc, response_class=Response,
+    @app.post("/explain", dependencies=guarded, openapi_extra=UPLOAD_DOC, response_class=Response,
               summary="Grad-CAM overlay PNG of one image",
-              responses={200: {"content": {"image/png": {}}, "description": "the overlay"}})
+              responses={200: {"content": {"image/png": {}}, "description": "the overlay"}, **BUSY})
     async def explain(request: Request) -> Response:
-        img, k, target = await read_image(request, channels=3)  # RGB: the overlay shows the upload itself
-        ov = await batcher.run_exclusive(_explain, img, target, k)
-        top = [{"class": c, "probability": round(p, 6)} for c, p in ov.top]
-        return Response(ov.png, media_type="image/png",
-                        headers={"X-Imgcls-Target": ov.target, "X-Imgcls-Top": json.dumps(top),
-                                 "Cache-Control": "no-store"})
+        return await svc.explain(request)
 
-    def _explain(img, target, k):
-        from imgcls.serve.explain import gradcam_overlay
-
-        dev = getattr(backend, "device", None)
-        try:
-            return gradcam_overlay(clf, img, target, k, device=str(dev or "cpu"))
-        finally:
-            if dev is not None:  # the explainer hands the module back on the CPU: restore the backend's setup
-                backend.model.to(dev)
-                if backend.channels_last:
-                    backend.model.to(memory_format=torch.channels_last)
-
-    @app.get("/health", summary="Liveness and batching counters (no API key needed)")
+    @app.get("/health", summary="Liveness, batching and load counters (no API key needed)")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": backend.name,
-                "uptime_s": round(time.time() - started, 1), "auth": s.api_key is not None,
-                "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, **batcher.stats.to_dict()}}
+        return svc.health()
 
     @app.get("/model", dependencies=guarded, summary="The model card (model.json)")
     async def model_card() -> dict[str, Any]:
-        return {**clf.card, "serving": {"backend": backend.name, "max_upload_mb": s.max_upload_mb,
-                                        "max_batch": s.max_batch}}
+        s = svc.s
+        return {**svc.clf.card, "serving": {"backend": svc.backend.name, "max_upload_mb": s.max_upload_mb,
+                                            "max_pixels": pixel_limit(s.max_pixels), "max_batch": s.max_batch}}
 
     # The page and the docs are static shells with no model data: they load without the
     # key, and the page sends the key (typed into it) with every API call it makes.
@@ -244,10 +332,6 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
         if name not in types:
             raise HTTPException(404, "not found")
         return Response(_static(name), media_type=types[name])
-
-    _mount_docs(app)
-    app.add_middleware(BodyLimit, max_body=s.max_bytes * 4 // 3 + MULTIPART_OVERHEAD)
-    return app
 
 
 def _mount_docs(app: FastAPI) -> None:
@@ -265,4 +349,3 @@ def _mount_docs(app: FastAPI) -> None:
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
-

@@ -6,8 +6,9 @@ batch is not full, runs the batch in a single worker thread and hands each reque
 row. While one batch computes, the next one fills up, so under load batches grow by
 themselves and at low load a lone request waits at most ``max_wait_s``.
 
-The worker thread is also where anything else that touches the model runs (Grad-CAM),
-so hooks and gradients never meet a concurrent forward pass.
+The queue is bounded (``max_queue``) and a request waits at most its ``timeout``: under
+overload a request is refused at once (:class:`~imgcls.serve.limits.Overloaded`, answered
+503 with Retry-After) instead of joining a queue whose wait grows without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from imgcls.serve.limits import Overloaded
 
 
 @dataclass
@@ -42,17 +45,18 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], max_batch: int = 32,
-                 max_wait_s: float = 0.005):
+                 max_wait_s: float = 0.005, max_queue: int = 256):
         self.infer = infer  # uint8 (N, C, S, S) -> logits (N, K), called in the worker thread
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="imgcls-infer")
         self.stats = BatchStats()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(self.max_queue)
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -64,20 +68,32 @@ class DynamicBatcher:
                 pass
             self._task = None
 
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
 
-    async def submit(self, image: torch.Tensor) -> np.ndarray:
-        """Logits for one uint8 image ``(C, S, S)``."""
+    def check_room(self) -> None:
+        """Overloaded now if the queue is full: lets a request give up before it decodes."""
+        if self._queue is not None and self._queue.full():
+            raise Overloaded(f"{self.max_queue} requests are already waiting for the model; retry shortly")
+
+    async def submit(self, image: torch.Tensor, timeout: float | None = None) -> np.ndarray:
+        """Logits for one uint8 image ``(C, S, S)``; Overloaded when the queue is full or the
+        answer takes longer than ``timeout`` seconds."""
         if self._queue is None:
             raise RuntimeError("the batcher was not started (run the app with its lifespan)")
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, fut))
-        return await fut
-
-    async def run_exclusive(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in the inference thread, between batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        try:
+            self._queue.put_nowait((image, fut))
+        except asyncio.QueueFull:
+            raise Overloaded(f"{self.max_queue} requests are already waiting for the model; retry shortly") from None
+        try:
+            return await asyncio.wait_for(fut, None if timeout is None else max(timeout, 0.001))
+        except TimeoutError:  # wait_for cancelled the future: the loop skips it
+            raise Overloaded(f"no answer from the model within {timeout:.1f} s; retry shortly") from None
 
     async def _collect(self) -> list:
         loop = asyncio.get_running_loop()

@@ -76,7 +76,9 @@ async function classify(file) {
   const ex = await fetch("/explain", { method: "POST", body: form(), headers: headers() });
   if (ex.ok) {
     $("overlay").src = URL.createObjectURL(await ex.blob());
-    $("overlay-caption").textContent = `Grad-CAM for "${ex.headers.get("X-Imgcls-Target")}": where the model looked`;
+    // the class name comes percent-encoded when it is not plain ASCII (HTTP headers are latin-1)
+    const target = decodeURIComponent(ex.headers.get("X-Imgcls-Target") || "");
+    $("overlay-caption").textContent = `Grad-CAM for "${target}": where the model looked`;
   } else {
     $("overlay-caption").textContent = `Grad-CAM failed: ${await errorText(ex)}`;
   }
