@@ -107,7 +107,8 @@ def test_tta_same_answer_on_every_road(tta_run, capsys):
                                                                               capsys)])
     roads["predict --backend onnx"] = np.array([idx[c] for c in _cli_labels(run_dir, data / "test", "onnx",
                                                                              capsys)])
-    with TestClient(create_app(run_dir, ServeSettings(backend="auto", max_wait_ms=1))) as client:
+    with TestClient(create_app(run_dir, ServeSettings(backend="auto", max_wait_ms=1)),
+                    base_url="http://127.0.0.1") as client:
         assert client.get("/health").json()["backend"] == "onnx"  # auto picks the up-to-date export
         roads["POST /predict"] = np.array([idx[client.post("/predict", files={"file": (f.name, f.read_bytes(),
                                                                                         "image/png")}).json()["label"]]
