@@ -66,7 +66,7 @@ def library_versions() -> dict[str, str]:
 
 def _data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) -> tuple[tuple, tuple]:
     """Per-channel mean/std of (a sample of) uint8 training images, after channel conversion."""
-    x = images[:: max(1, len(images) // max_images)].float() / 255.0
+    x = images[:: max(1, len(images) // max_images)].float() / (65535.0 if images.dtype == torch.uint16 else 255.0)
     if x.shape[1] != in_chans:
         x = x.mean(1, keepdim=True).expand(-1, in_chans, -1, -1) if in_chans == 3 else x.mean(1, keepdim=True)
     mean = x.mean(dim=(0, 2, 3))
@@ -739,6 +739,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built, before training
     clf, in_chans, img_size = _new_classifier(cfg, data, arch, model_kwargs)
+    clf.preprocessing = dataclasses.replace(clf.preprocessing, intensity=cfg.intensity, bit_depth=cfg.bit_depth,
+                                            frames=cfg.frames)  # decode settings travel in model.json
     resolved = cfg.model_copy(update={"img_size": img_size, "in_chans": in_chans})
 
     def make_run_dir() -> str:
