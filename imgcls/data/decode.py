@@ -226,6 +226,12 @@ def _need_plugin(path: Path, fmt: str | None) -> None:
                               f"unsupported format — {pip}")
 
 
+def largest_icon(im: Image.Image) -> None:
+    """An ICO file holds several sizes: use the largest (Pillow opens some other one)."""
+    if im.format == "ICO" and im.info.get("sizes"):
+        im.size = max(im.info["sizes"], key=lambda s: s[0] * s[1])
+
+
 def open_pillow(path: Path, frame: int = 0, min_side: int | None = None, square: bool = False) -> Image.Image:
     """Decode ``path`` with Pillow: frame ``frame``, EXIF orientation applied, ICO at its
     largest size. Pillow's exceptions pass through (see :func:`load_image`)."""
@@ -234,8 +240,7 @@ def open_pillow(path: Path, frame: int = 0, min_side: int | None = None, square:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(path)
     with im:
-        if im.format == "ICO":
-            im.size = max(im.info.get("sizes") or [im.size], key=lambda s: s[0] * s[1])
+        largest_icon(im)
         check_pixels(im, path)
         if frame >= getattr(im, "n_frames", 1):
             raise IndexError(f"frame {frame} requested, the file has {getattr(im, 'n_frames', 1)}")
