@@ -47,7 +47,7 @@ def server():
     hits: dict[str, int] = {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's naming)
+        def do_GET(self):
             hits[self.path] = hits.get(self.path, 0) + 1
             body = files.get(self.path)
             if body is None:

@@ -34,8 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.data.balance import imbalance_ratio
 from imgcls.data import formats
-from imgcls.data.decode import (DECODE_ERRORS, UnreadableImage, check_pixels, decode_file, header_mode,
-                                largest_icon, path_problem)
+from imgcls.data.decode import (DECODE_ERRORS, UnreadableImage, as_unreadable, check_pixels, decode_file,
+                                header_mode, largest_icon, path_problem)
 from imgcls.data.intensity import map_8bit, parse_intensity
 from imgcls.data.records import ImageData
 from imgcls.errors import ImgclsError
@@ -98,16 +98,10 @@ def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
             im.draft("L", (64, 64))  # JPEG only: decode at reduced scale, still reading every byte
             im.load()
             out.update(_thumb_stats(ImageOps.exif_transpose(im) or im, out["width"], out["height"]))
-    except UnreadableImage as exc:
+    except UnreadableImage as exc:  # check_pixels, and the DICOM decoder
         out["error"] = exc.reason
-    except ImgclsError:
-        out["error"] = "too many pixels (a decompression bomb?)"
-    except Image.DecompressionBombError:
-        out["error"] = "too many pixels (a decompression bomb?)"
-    except UnidentifiedImageError:
-        out["error"] = "not an image"
-    except DECODE_ERRORS as exc:
-        out["error"] = f"truncated or corrupt ({type(exc).__name__}: {exc})"
+    except (Image.DecompressionBombError, UnidentifiedImageError, *DECODE_ERRORS) as exc:
+        out["error"] = as_unreadable(exc, Path(path), fmt).reason
     return out
 
 

@@ -255,6 +255,7 @@ def decode_file(path: Path, frame: int = 0, min_side: int | None = None, square:
     problem = path_problem(path)
     if problem is not None:
         raise problem
+    fmt = None
     try:
         head = _head(path)
         if not head:
@@ -267,20 +268,29 @@ def decode_file(path: Path, frame: int = 0, min_side: int | None = None, square:
         return open_pillow(path, frame, min_side, square)
     except UnreadableImage:
         raise
-    except PermissionError:
-        raise UnreadableImage(f"cannot read {path}: permission denied", "fix the file's permissions",
-                              "permission denied") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own check in open(): over 2x the limit
+    except (PermissionError, Image.DecompressionBombError, UnidentifiedImageError, *DECODE_ERRORS) as exc:
+        raise as_unreadable(exc, path, fmt) from None
+
+
+def as_unreadable(exc: Exception, path: Path, fmt: str | None = None) -> UnreadableImage:
+    """The UnreadableImage (message, hint, reason) for what Pillow raised decoding ``path``
+    (``fmt``: what its bytes say it is, see formats.sniff)."""
+    if isinstance(exc, PermissionError):
+        return UnreadableImage(f"cannot read {path}: permission denied", "fix the file's permissions",
+                               "permission denied")
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own check in open(): over 2x the limit
         claimed = str(exc).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
-        raise UnreadableImage(f"refused {path}: {claimed} (a decompression bomb?)",
-                              "set IMGCLS_MAX_IMAGE_PIXELS to a larger pixel count if the image is genuine",
-                              "too many pixels (a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(f"{path} is not an image Pillow can read", "remove it or replace it with a valid image",
-                              "not an image") from None
-    except DECODE_ERRORS as exc:
-        raise UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
-                              f"truncated or corrupt ({exc})") from None
+        return UnreadableImage(f"refused {path}: {claimed} (a decompression bomb?)",
+                               "set IMGCLS_MAX_IMAGE_PIXELS to a larger pixel count if the image is genuine",
+                               "too many pixels (a decompression bomb?)")
+    if isinstance(exc, UnidentifiedImageError):
+        if fmt is not None:  # its signature says HEIF/AVIF/JXL, its plugin cannot read it: damaged
+            return UnreadableImage(f"cannot decode {path}: a damaged {fmt} file", "remove or replace it",
+                                   f"truncated or corrupt (unreadable {fmt} data)")
+        return UnreadableImage(f"{path} is not an image Pillow can read", "remove it or replace it with a valid image",
+                               "not an image")
+    return UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
+                           f"truncated or corrupt ({type(exc).__name__}: {exc})")
 
 
 def _dicom(path: Path, frame: int) -> Image.Image:
@@ -291,7 +301,7 @@ def _dicom(path: Path, frame: int) -> Image.Image:
                               "not an image (DICOM without pixel data)") from None
     except (RuntimeError, NotImplementedError) as exc:  # pydicom: no decoder for this compression
         pip = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
-        raise UnreadableImage(f"cannot decode {path}: {str(exc).splitlines()[0]}", pip,
+        raise UnreadableImage(f"cannot decode {path}: {str(exc).splitlines()[0].rstrip(':')}", pip,
                               f"unsupported format — {pip}") from None
     except (IndexError, *DECODE_ERRORS, AttributeError, KeyError, TypeError) as exc:
         raise UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",

@@ -50,7 +50,7 @@ def sniff(head: bytes, name: str = "") -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plugin_available(fmt: str) -> bool:
     """Import (and register with Pillow) the package a format needs; False when it is missing."""
     if fmt == "AVIF":
