@@ -138,6 +138,7 @@ def _broken(d: Path) -> dict[str, object]:
     files = {
         "truncated.jpg": (good[: len(good) // 2], "truncated or corrupt"),
         "truncated.heic": (heic[: len(heic) // 2], "truncated or corrupt"),
+        "damaged.jxl": (b"\xff\n" + bytes(range(40)), "truncated or corrupt"),  # the plugin raises RuntimeError
         "corrupt.png": (png[:60] + bytes(range(256)) * 4 + png[-12:], "truncated or corrupt"),
         "zero.jpg": (b"", "empty file"),
         "text.jpg": (b"this is not a picture\n", "not an image"),

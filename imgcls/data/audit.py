@@ -100,7 +100,7 @@ def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
             out.update(_thumb_stats(ImageOps.exif_transpose(im) or im, out["width"], out["height"]))
     except UnreadableImage as exc:  # check_pixels, and the DICOM decoder
         out["error"] = exc.reason
-    except (Image.DecompressionBombError, UnidentifiedImageError, *DECODE_ERRORS) as exc:
+    except (Image.DecompressionBombError, UnidentifiedImageError, RuntimeError, *DECODE_ERRORS) as exc:
         out["error"] = as_unreadable(exc, Path(path), fmt).reason
     return out
 

@@ -268,7 +268,8 @@ def decode_file(path: Path, frame: int = 0, min_side: int | None = None, square:
         return open_pillow(path, frame, min_side, square)
     except UnreadableImage:
         raise
-    except (PermissionError, Image.DecompressionBombError, UnidentifiedImageError, *DECODE_ERRORS) as exc:
+    except (PermissionError, Image.DecompressionBombError, UnidentifiedImageError, RuntimeError,
+            *DECODE_ERRORS) as exc:  # RuntimeError: pillow-jxl-plugin on damaged data
         raise as_unreadable(exc, path, fmt) from None
 
 
@@ -283,12 +284,13 @@ def as_unreadable(exc: Exception, path: Path, fmt: str | None = None) -> Unreada
         return UnreadableImage(f"refused {path}: {claimed} (a decompression bomb?)",
                                "set IMGCLS_MAX_IMAGE_PIXELS to a larger pixel count if the image is genuine",
                                "too many pixels (a decompression bomb?)")
-    if isinstance(exc, UnidentifiedImageError):
+    if isinstance(exc, (UnidentifiedImageError, RuntimeError)):
         if fmt is not None:  # its signature says HEIF/AVIF/JXL, its plugin cannot read it: damaged
             return UnreadableImage(f"cannot decode {path}: a damaged {fmt} file", "remove or replace it",
                                    f"truncated or corrupt (unreadable {fmt} data)")
-        return UnreadableImage(f"{path} is not an image Pillow can read", "remove it or replace it with a valid image",
-                               "not an image")
+        if isinstance(exc, UnidentifiedImageError):
+            return UnreadableImage(f"{path} is not an image Pillow can read",
+                                   "remove it or replace it with a valid image", "not an image")
     return UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
                            f"truncated or corrupt ({type(exc).__name__}: {exc})")
 
