@@ -16,6 +16,7 @@ data pipeline (:mod:`imgcls.data.pipeline`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,12 +120,17 @@ class Classifier(ModelBundle):
         arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built
         in_chans = cfg.in_chans or data.channels
         if cfg.pretrained or cfg.weights:
-            return cls.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
-                                       img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
-        native = data.native_size if data.train is not None and data.train.in_memory else None
-        img_size = cfg.img_size or native or MODEL_DEFAULTS.get(arch, {}).get("img_size", 224)
-        return cls.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
-                          **model_kwargs)
+            clf = cls.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
+                                      img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
+        else:
+            native = data.native_size if data.train is not None and data.train.in_memory else None
+            img_size = cfg.img_size or native or MODEL_DEFAULTS.get(arch, {}).get("img_size", 224)
+            clf = cls.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
+                             **model_kwargs)
+        # decode settings travel in model.json: every later road maps a file as training did
+        clf.preprocessing = dataclasses.replace(clf.preprocessing, intensity=cfg.intensity, bit_depth=cfg.bit_depth,
+                                                frames=cfg.frames)
+        return clf
 
     # ------------------------------------------------------------------ training
     def fit(self, data: Any, config: TrainConfig | dict[str, Any] | None = None, *,

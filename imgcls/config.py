@@ -30,6 +30,10 @@ class TrainConfig(BaseModel):
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
     cache: bool = True  # keep decoded images on disk (IMGCLS_CACHE_DIR) for later epochs and runs
+    # high bit depth / float pixels -> model input (imgcls/data/intensity.py), saved in model.json
+    intensity: str = "auto"  # auto | full-range | minmax | percentile:LO,HI | window:LO,HI
+    bit_depth: Literal[8, 16] = 8  # 16: keep 16-bit data at 16 bits through the decode cache
+    frames: Literal["first", "all"] = "first"  # multi-frame DICOM: first frame, or every frame an image
     # recipe: a named preset (imgcls/engine/recipes.py) fills every field not given explicitly;
     # auto picks one from the data (fast for in-memory small images, else default)
     recipe: Literal["auto", "fast", "accurate", "reference", "default"] = "auto"
@@ -85,6 +89,16 @@ class TrainConfig(BaseModel):
         if v is not None and len(v) < 2:
             raise ValueError("needs at least two classes")
         return v
+
+    @field_validator("intensity")
+    @classmethod
+    def _intensity(cls, v: str) -> str:
+        from imgcls.data.intensity import parse_intensity
+
+        try:
+            return str(parse_intensity(v))
+        except ImgclsError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("epochs", "batch_size", "devices")
     @classmethod

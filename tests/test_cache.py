@@ -283,3 +283,41 @@ def test_hymenoptera_trains_end_to_end_from_the_cache(shared_data, tmp_path):
     second = train(cfg, progress=False)
     assert second.summary["files"]["decoded_now"] == 0
     assert (second.run_dir / "model.safetensors").is_file()
+
+
+def test_prune_and_clear_refuse_a_folder_that_is_not_a_cache(tmp_path, capsys):
+    home = tmp_path / "home"  # e.g. a mistyped --dir ~
+    (home / "keep").mkdir(parents=True)
+    (home / "keep" / "file.txt").write_text("precious\n")
+    (home / "v1-looks-like-a-key").mkdir()
+    for flag in ("--prune", "--clear"):
+        assert main(["cache", "--dir", str(home), flag]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"refusing to {flag[2:]} {home}: it is not an imgcls decode cache" in err
+    assert (home / "keep" / "file.txt").read_text() == "precious\n" and (home / "v1-looks-like-a-key").is_dir()
+
+
+def test_the_cache_marks_its_folder_and_prune_touches_only_cache_folders(tmp_path, capsys):
+    from imgcls.data.cache import MARKER
+
+    root = photo_tree(tmp_path / "d", n=2)
+    cache = tmp_path / "cache"
+    decoded_split(from_folder(root).train, PRE, cache_root=cache, workers=0)
+    assert (cache / MARKER).read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    (cache / "notes").mkdir()  # something a user put there: not a cache folder
+    (cache / "v2-shorter_side-32px-3ch-bilinear").mkdir()  # an older format's folder
+    assert main(["cache", "--dir", str(cache)]) == 0
+    assert "notes: not a cache folder (left alone)" in capsys.readouterr().out
+    assert main(["cache", "--dir", str(cache), "--prune"]) == 0
+    assert (cache / "notes").is_dir() and not (cache / "v2-shorter_side-32px-3ch-bilinear").exists()
+    # a cache written before the marker existed (only cache folders in it) is adopted on the next write
+    old = tmp_path / "old"
+    (old / "v2-shorter_side-32px-3ch-bilinear").mkdir(parents=True)
+    decoded_split(from_folder(root).train, PRE, cache_root=old, workers=0)
+    assert (old / MARKER).is_file()
+    # ... but a folder holding anything else never is: the cache is written, prune still refuses
+    mixed = tmp_path / "mixed"
+    (mixed / "photos").mkdir(parents=True)
+    decoded_split(from_folder(root).train, PRE, cache_root=mixed, workers=0)
+    assert not (mixed / MARKER).exists()
+    assert main(["cache", "--dir", str(mixed), "--clear"]) == 1 and (mixed / "photos").is_dir()

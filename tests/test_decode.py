@@ -34,7 +34,8 @@ def test_png_bit_depths_palette_and_alpha(tmp_path):
     g16 = np.array([[0, 257 * 10, 32768, 65535]], np.uint16).repeat(3, 0)
     Image.fromarray(g16).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    assert px(load_image(tmp_path / "g16.png", 1))[0].tolist() == [0, 10, 128, 255]  # scaled, not clipped
+    assert Image.open(tmp_path / "g16.png").mode == load_image(tmp_path / "g16.png", 1).mode  # kept for the model
+    assert px(load_image(tmp_path / "g16.png", 1, intensity="auto"))[0].tolist() == [0, 10, 128, 255]  # scaled
     (tmp_path / "rgb16.png").write_bytes(png16_rgb(np.full((4, 5, 3), [40000, 65535, 0], np.uint16)))
     assert px(load_image(tmp_path / "rgb16.png", 3))[0, 0].tolist() == [156, 255, 0]
     Image.fromarray(np.array([[0, 255, 0, 255]], np.uint8) > 0).save(tmp_path / "bw.png")  # 1-bit
@@ -70,7 +71,7 @@ def test_webp_bmp_tiff_gif(tmp_path):
     for name in ("a.webp", "a.bmp", "a.tif"):
         assert np.array_equal(px(load_image(tmp_path / name, 3)), rgb.astype(int)), name
     Image.fromarray(np.full((3, 3), 65535, np.uint16)).save(tmp_path / "g16.tif")
-    assert px(load_image(tmp_path / "g16.tif", 1)).min() == 255
+    assert px(load_image(tmp_path / "g16.tif", 1, intensity="auto")).min() == 255  # constant: its place in 0..65535
     frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (30, 220)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert Image.open(tmp_path / "anim.gif").n_frames == 2

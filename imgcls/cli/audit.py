@@ -57,6 +57,9 @@ def print_report(r: dict, max_listed: int = 10) -> None:
     con.print("formats: " + ", ".join(f"{k} {v}" for k, v in r["formats"].items())
               + " | modes: " + ", ".join(f"{k} {v}" for k, v in r["modes"].items()))
     con.print("shorter side (px): " + ", ".join(f"{k}: {v}" for k, v in r["shorter_side"].items()))
+    if r.get("passed_over"):
+        con.print("passed over (not images): " + ", ".join(f"{v} {k}{'s' if v > 1 else ''}"
+                                                          for k, v in r["passed_over"].items()))
     if r["clean"]:
         con.print("[green]clean: no problems found[/green]")
         return

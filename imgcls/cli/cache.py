@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prune", action="store_true",
                    help="keep only images of files that still exist unchanged; delete older cache formats")
-    g.add_argument("--clear", action="store_true", help="delete the whole cache (the next run decodes again)")
+    g.add_argument("--clear", action="store_true", help="delete the whole cache folder (the next run decodes again); "
+                   "--prune and --clear refuse a folder without imgcls's CACHEDIR.TAG marker")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--dir", default=None, help="cache folder (default: $IMGCLS_DECODE_CACHE_DIR, "
                                                "else $IMGCLS_CACHE_DIR/decoded, else ~/.cache/imgcls/decoded)")
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{root}:")
     for e in entries:
+        if not e["cache_folder"]:
+            print(f"  {e['key']}: not a cache folder (left alone)")
+            continue
         if not e["current_format"]:
             print(f"  {e['key']}: {_mb(e['bytes'])}, an older cache format (imgcls cache --prune deletes it)")
             continue

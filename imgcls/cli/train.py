@@ -42,6 +42,10 @@ _HELP = {
     "balance": "class imbalance: weighted loss, balanced sampler, none, or auto (weights when the "
                "largest class has 3x the images of the smallest)",
     "cache": "keep decoded images on disk so later epochs and runs skip JPEG decoding",
+    "intensity": "16-bit / float pixels -> model input: auto, full-range, minmax, percentile:0.5,99.5 or "
+                 "window:LO,HI (auto: full range for 8-bit and full-range 16-bit data, else a percentile window)",
+    "bit_depth": "16 keeps 16-bit images (radiographs, microscopy) at 16 bits through the decode cache",
+    "frames": "multi-frame DICOM files: the first frame, or every frame as an image",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
     "devices": "processes on this machine (one per GPU, or CPU processes): >1 runs DistributedDataParallel "
@@ -57,7 +61,8 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     if len(args) > 1 and any(typing.get_origin(a) is typing.Literal for a in args):
         return str, None  # e.g. a number or "auto": pydantic converts
     if typing.get_origin(annotation) is typing.Literal:
-        return str, list(typing.get_args(annotation))
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices  # str, or int for Literal[8, 16]
     if annotation in (int, float, str):
         return annotation, None
     for a in args:

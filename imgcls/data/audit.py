@@ -33,7 +33,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.data.balance import imbalance_ratio
-from imgcls.data.decode import DECODE_ERRORS, check_pixels
+from imgcls.data import formats
+from imgcls.data.decode import (DECODE_ERRORS, UnreadableImage, as_unreadable, check_pixels, decode_file,
+                                header_mode, largest_icon, path_problem)
+from imgcls.data.intensity import map_8bit, parse_intensity
 from imgcls.data.records import ImageData
 from imgcls.errors import ImgclsError
 
@@ -63,11 +66,12 @@ class FileInfo:
 
 def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
     """Everything the audit needs from one file (runs in a worker process)."""
+    problem = path_problem(Path(path))  # missing, broken link, symlink loop, FIFO, ...
+    if problem is not None:
+        return {"error": problem.reason}
     out: dict[str, Any] = {}
     try:
         raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        return {"error": "file not found"}
     except PermissionError:
         return {"error": "permission denied"}
     except OSError as exc:
@@ -76,35 +80,50 @@ def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
     out["sha256"] = hashlib.sha256(raw).hexdigest()
     if not raw:
         return out | {"error": "empty file"}
+    fmt = formats.sniff(raw[:256], Path(path).name)
+    if fmt is not None and not formats.plugin_available(fmt):
+        return out | {"error": f"unsupported format — {formats.missing_plugin(fmt)[1]}"}
     try:
+        if fmt == "DICOM":
+            return out | _inspect_decoded(Path(path), pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(raw))
         with im:
+            largest_icon(im)
             out.update(format=im.format or "", mode=im.mode, width=im.size[0], height=im.size[1])
             check_pixels(im, Path(path))
             if not pixels:
                 return out
             im.draft("L", (64, 64))  # JPEG only: decode at reduced scale, still reading every byte
             im.load()
-            thumb = ImageOps.exif_transpose(im) or im
-            if thumb.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(thumb, dtype=np.float64)
-                thumb = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-            gray = thumb.convert("L")
-            gray.thumbnail((64, 64))
-            out["std"] = float(np.asarray(gray, dtype=np.float32).std())
-            out["dhash"] = _dhash(gray)
-            if (thumb.size[0] > thumb.size[1]) != (out["width"] > out["height"]) and thumb.size[0] != thumb.size[1]:
-                out["width"], out["height"] = out["height"], out["width"]  # EXIF-rotated: report as seen
-    except ImgclsError:
-        out["error"] = "too many pixels (a decompression bomb?)"
-    except Image.DecompressionBombError:
-        out["error"] = "too many pixels (a decompression bomb?)"
-    except UnidentifiedImageError:
-        out["error"] = "not an image"
-    except DECODE_ERRORS as exc:
-        out["error"] = f"truncated or corrupt ({type(exc).__name__}: {exc})"
+            out.update(_thumb_stats(ImageOps.exif_transpose(im) or im, out["width"], out["height"]))
+    except UnreadableImage as exc:  # check_pixels, and the DICOM decoder
+        out["error"] = exc.reason
+    except (Image.DecompressionBombError, UnidentifiedImageError, RuntimeError, *DECODE_ERRORS) as exc:
+        out["error"] = as_unreadable(exc, Path(path), fmt).reason
+    return out
+
+
+def _inspect_decoded(path: Path, pixels: bool) -> dict[str, Any]:
+    """Formats decoded outside Pillow's open (DICOM): the decoder's image (and, with ``pixels``, its stats)."""
+    if not pixels:
+        mode = header_mode(path)
+        if mode is None:
+            raise UnreadableImage(f"cannot read {path}", "", "truncated or corrupt (unreadable header)")
+        return {"format": "DICOM", "mode": mode}
+    img = decode_file(path)
+    return {"format": "DICOM", "mode": img.mode, "width": img.size[0], "height": img.size[1]} | \
+        _thumb_stats(img, *img.size)
+
+
+def _thumb_stats(img: Image.Image, width: int, height: int) -> dict[str, Any]:
+    """Grayscale std and dHash of a 64 px thumbnail (high bit depth mapped as ``--intensity auto``)."""
+    gray = map_8bit(img, parse_intensity("auto"), 1)
+    gray.thumbnail((64, 64))
+    out: dict[str, Any] = {"std": float(np.asarray(gray, dtype=np.float32).std()), "dhash": _dhash(gray)}
+    if (img.size[0] > img.size[1]) != (width > height) and img.size[0] != img.size[1]:
+        out["width"], out["height"] = height, width  # EXIF-rotated: report as seen
     return out
 
 
@@ -291,6 +310,8 @@ def audit_files(data: ImageData, pixels: bool = True, workers: int | None = None
         for k, v in info.items():
             setattr(f, k, v)
     report = _report(data, files, pixels)
+    report["passed_over"] = dict(Counter(why for _, _, why in data.passed_over))
+    report["passed_over_files"] = [{"split": s, "path": str(p), "why": why} for s, p, why in data.passed_over]
     try:
         report["root"] = os.path.commonpath([os.path.dirname(f.path) for f in files]) if files else ""
     except ValueError:  # relative and absolute paths mixed

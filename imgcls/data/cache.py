@@ -23,6 +23,12 @@ Center-cropping a cached image to ``img_size`` gives exactly what
 ``Preprocessing.pil_transform`` gives for the file, so evaluation from the cache and
 prediction from files agree.
 
+16-bit models (``Preprocessing.bit_depth == 16``) keep 2-byte rows (uint16). Multi-frame
+DICOM files give one row per frame with ``frames="all"`` (keys ``... \t#<frame>``).
+
+The cache root holds a ``CACHEDIR.TAG`` marker (the Cache Directory Tagging convention,
+which backup tools such as ``tar --exclude-caches`` honour). ``imgcls cache --prune`` and
+``--clear`` refuse a folder without it, so a mistyped ``--dir ~`` deletes nothing.
 Deleting the folder is always safe; it only costs one decode pass.
 """
 
@@ -32,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +48,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from imgcls.data.decode import UnreadableImage, load_image
+from imgcls.data.decode import UnreadableImage, frame_count, load_image, path_problem
 from imgcls.data.download import cache_dir
 from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
 
-CACHE_FORMAT = 2  # bump when the stored bytes would change for the same spec (2: rows stored HWC)
+CACHE_FORMAT = 3  # bump when the stored bytes would change for the same spec (2: rows stored HWC; 3: intensity)
+MARKER = "CACHEDIR.TAG"
+MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+               "# This file is a cache directory tag created by imgcls (decoded images).\n"
+               "# For information about cache directory tags, see https://bford.info/cachedir/\n")
+_KEY = re.compile(r"^v(\d+)-(squash|shorter_side)-(\d+)px-(\d+)ch-(.+?)-(8|16)bit-(first|all)-i(.+)$")
+_ANY_KEY = re.compile(r"^v\d+-")  # a cache folder of any format version (older ones are pruned)
 
 
 @dataclass(frozen=True)
@@ -58,42 +71,53 @@ class CacheSpec:
     channels: int
     resize: str = "shorter_side"  # shorter_side: resize shorter side, centre square; squash: side x side
     interpolation: str = "bilinear"
+    intensity: str = "auto"  # high bit depth -> model input (imgcls.data.intensity)
+    bit_depth: int = 8  # 8: uint8 rows; 16: uint16 rows
+    frames: str = "first"  # multi-frame DICOM: first frame, or one row per frame
 
     @classmethod
     def for_preprocessing(cls, pre: Preprocessing) -> CacheSpec:
         side = int(round(pre.img_size / pre.crop_pct)) if pre.resize == "shorter_side" else pre.img_size
-        return cls(side=side, channels=pre.in_chans, resize=pre.resize, interpolation=pre.interpolation)
+        return cls(side=side, channels=pre.in_chans, resize=pre.resize, interpolation=pre.interpolation,
+                   intensity=pre.intensity, bit_depth=pre.bit_depth, frames=pre.frames)
 
     @property
     def key(self) -> str:
-        return f"v{CACHE_FORMAT}-{self.resize}-{self.side}px-{self.channels}ch-{self.interpolation}"
+        intensity = self.intensity.replace(":", "_", 1)
+        return (f"v{CACHE_FORMAT}-{self.resize}-{self.side}px-{self.channels}ch-{self.interpolation}-"
+                f"{self.bit_depth}bit-{self.frames}-i{intensity}")
 
     @classmethod
     def from_key(cls, key: str) -> CacheSpec | None:
         """The inverse of :attr:`key` (None: not a key, or one of an older cache format)."""
-        parts = key.split("-")
-        if len(parts) != 5 or parts[0] != f"v{CACHE_FORMAT}" or parts[2][-2:] != "px" or parts[3][-2:] != "ch":
+        m = _KEY.match(key)
+        if not m or int(m.group(1)) != CACHE_FORMAT:
             return None
-        try:
-            return cls(side=int(parts[2][:-2]), channels=int(parts[3][:-2]), resize=parts[1], interpolation=parts[4])
-        except ValueError:
-            return None
+        spec = cls(side=int(m.group(3)), channels=int(m.group(4)), resize=m.group(2), interpolation=m.group(5),
+                   bit_depth=int(m.group(6)), frames=m.group(7), intensity=m.group(8).replace("_", ":", 1))
+        return spec if spec.key == key else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint16 if self.bit_depth == 16 else torch.uint8
 
     @property
     def row_bytes(self) -> int:
-        return self.channels * self.side * self.side
+        return self.channels * self.side * self.side * (self.bit_depth // 8)
+
+    def preprocessing(self) -> Preprocessing:
+        """A Preprocessing whose eval transform gives exactly this cache's rows."""
+        return Preprocessing(img_size=self.side, in_chans=self.channels, mean=(0.0,) * self.channels,
+                             std=(1.0,) * self.channels, resize=self.resize, crop_pct=1.0,
+                             interpolation=self.interpolation, intensity=self.intensity, bit_depth=self.bit_depth,
+                             frames=self.frames)
 
     def transform(self) -> v2.Compose:
-        interp = v2.InterpolationMode(self.interpolation)
-        if self.resize == "shorter_side":
-            ops = [v2.Resize(self.side, interpolation=interp, antialias=True), v2.CenterCrop(self.side)]
-        else:
-            ops = [v2.Resize((self.side, self.side), interpolation=interp, antialias=True)]
-        return v2.Compose([v2.PILToTensor(), *ops])
+        return self.preprocessing().pil_transform()
 
-    def decode(self, path: Path) -> torch.Tensor:
-        """One file -> uint8 (C, side, side). Raises ImgclsError naming the file."""
-        img = load_image(path, self.channels, min_side=self.side, square=self.resize == "squash")
+    def decode(self, path: Path, frame: int = 0) -> torch.Tensor:
+        """One file (one frame of it) -> (C, side, side) uint8 or uint16. Raises ImgclsError naming the file."""
+        img = load_image(path, self.channels, min_side=self.side, square=self.resize == "squash", frame=frame)
         return self.transform()(img)
 
 
@@ -105,15 +129,16 @@ def file_key(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- parallel decode
 class _DecodeFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], spec: CacheSpec):
+    def __init__(self, paths: Sequence[Path], spec: CacheSpec, frames: Sequence[int] | None = None):
         self.paths, self.spec = paths, spec
+        self.frames = frames if frames is not None else [0] * len(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.spec.decode(self.paths[i]), ""
+            return i, self.spec.decode(self.paths[i], self.frames[i]), ""
         except UnreadableImage as exc:  # reported to the main process, never a dead worker
             return i, None, exc.reason
 
@@ -131,14 +156,15 @@ def decode_workers(requested: int | None, n_files: int) -> int:
     return 0 if n_files < 64 else min(os.cpu_count() or 1, 8)
 
 
-def decode_files(paths: Sequence[Path], spec: CacheSpec, workers: int | None = None
-                 ) -> Iterator[tuple[int, torch.Tensor | None, str]]:
-    """Yield ``(i, image or None, error)`` for every path, in completion order."""
+def decode_files(paths: Sequence[Path], spec: CacheSpec, workers: int | None = None,
+                 frames: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor | None, str]]:
+    """Yield ``(i, image or None, error)`` for every path (its frame ``frames[i]``), in completion order."""
     n_workers = decode_workers(workers, len(paths))
+    files = _DecodeFiles(paths, spec, frames)
     if n_workers == 0:
-        yield from (_DecodeFiles(paths, spec)[i] for i in range(len(paths)))
+        yield from (files[i] for i in range(len(paths)))
         return
-    loader = DataLoader(_DecodeFiles(paths, spec), batch_size=8, num_workers=n_workers,
+    loader = DataLoader(files, batch_size=8, num_workers=n_workers,
                         collate_fn=list, worker_init_fn=_one_thread, prefetch_factor=4)
     for batch in loader:
         yield from batch
@@ -165,7 +191,7 @@ class MemoryStore:
     def tensor(self) -> torch.Tensor:
         s = self.spec
         if not self._rows:
-            return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
+            return torch.empty(0, s.channels, s.side, s.side, dtype=s.dtype)
         return torch.stack(self._rows).contiguous(memory_format=torch.channels_last)  # as DiskStore's
 
 
@@ -183,6 +209,7 @@ class DiskStore:
     def locked(self) -> Iterator[None]:
         """Serialise runs sharing the cache (two trainings at once on the same folder)."""
         try:
+            mark_cache_root(self.dir.parent)
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = open(self.dir / "lock", "a+")
         except OSError as exc:
@@ -233,9 +260,10 @@ class DiskStore:
         s = self.spec
         rows = self._rows_on_disk()
         if rows == 0:
-            return torch.empty(0, s.channels, s.side, s.side, dtype=torch.uint8)
+            return torch.empty(0, s.channels, s.side, s.side, dtype=s.dtype)
         # copy-on-write mapping: pages come from the OS page cache, nothing is read up front
-        arr = np.memmap(self.data_path, dtype=np.uint8, mode="c", shape=(rows, s.side, s.side, s.channels))
+        arr = np.memmap(self.data_path, dtype=np.uint16 if s.bit_depth == 16 else np.uint8, mode="c",
+                        shape=(rows, s.side, s.side, s.channels))
         return torch.from_numpy(arr).permute(0, 3, 1, 2)  # (N, C, S, S), channels_last strides
 
 
@@ -250,6 +278,24 @@ def open_store(spec: CacheSpec, cache: bool = True, root: str | Path | None = No
 
 
 # ----------------------------------------------------------------------------- maintenance
+def mark_cache_root(root: Path) -> None:
+    """Write the marker into ``root`` (created if needed) when it holds nothing but cache
+    folders: a new cache, or one written before the marker existed. A folder with other
+    things in it is never claimed, so prune/clear will refuse it."""
+    marker = root / MARKER
+    if marker.is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if all(e.name == MARKER or (e.is_dir() and _ANY_KEY.match(e.name)) for e in root.iterdir()):
+        marker.write_text(MARKER_TEXT)
+
+
+def _require_marker(base: Path, action: str) -> None:
+    if not (base / MARKER).is_file():
+        raise ImgclsError(f"refusing to {action} {base}: it is not an imgcls decode cache (no {MARKER} in it)",
+                          "check --dir (imgcls marks the cache folders it creates)")
+
+
 def _folders(base: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
@@ -262,7 +308,7 @@ def _live(key: str) -> bool:
     """Whether the file behind an index key still exists unchanged (same size and mtime)."""
     path = key.split("\t", 1)[0]
     try:
-        return file_key(Path(path)) == key
+        return file_key(Path(path)) == key.split("\t#", 1)[0]  # a frame's key: the file's, then \t#N
     except OSError:
         return False
 
@@ -276,7 +322,8 @@ def cache_report(root: str | Path | None = None, check_files: bool = False) -> l
         spec = CacheSpec.from_key(folder.name)
         data = folder / "images.u8"
         size = data.stat().st_size if data.exists() else 0
-        entry = {"key": folder.name, "path": str(folder), "bytes": size, "current_format": spec is not None}
+        entry = {"key": folder.name, "path": str(folder), "bytes": size, "current_format": spec is not None,
+                 "cache_folder": bool(_ANY_KEY.match(folder.name))}
         if spec is not None:
             store = DiskStore(base, spec)
             index = store._read_index()
@@ -291,15 +338,20 @@ def cache_report(root: str | Path | None = None, check_files: bool = False) -> l
 def prune_cache(root: str | Path | None = None) -> dict[str, int]:
     """The cache's eviction: rewrite every cache folder with only the rows of files that
     still exist unchanged (edited files left their old rows behind; deleted files all of
-    theirs), and delete folders of older cache formats. Runs under each folder's lock, so
+    theirs), and delete folders of older cache formats (``v1-...``; other folders are left
+    alone). Refuses a folder without the cache marker. Runs under each folder's lock, so
     a training reading the cache at the same time waits; a training that has the old file
     mapped keeps reading it (the new data file replaces it atomically). Returns counts."""
     import shutil
 
     base = cache_root(root)
     kept = dropped = freed = 0
+    if base.is_dir():
+        _require_marker(base, "prune")
     for folder in _folders(base):
         spec = CacheSpec.from_key(folder.name)
+        if spec is None and not _ANY_KEY.match(folder.name):
+            continue  # not a cache folder: left alone
         if spec is None:
             freed += _bytes_under(folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -333,12 +385,14 @@ def prune_cache(root: str | Path | None = None) -> dict[str, int]:
 
 
 def clear_cache(root: str | Path | None = None) -> int:
-    """Delete the whole decode cache (always safe: it costs one decode pass); returns bytes freed."""
+    """Delete the whole decode cache folder (always safe: it costs one decode pass); returns
+    bytes freed. Refuses a folder without the cache marker."""
     import shutil
 
     base = cache_root(root)
     if not base.is_dir():
         return 0
+    _require_marker(base, "clear")
     freed = _bytes_under(base)
     shutil.rmtree(base)
     return freed
@@ -350,9 +404,10 @@ class DecodedSplit:
     """A file split turned into an in-memory (memory-mapped) split of decoded images."""
 
     split: Split  # images: uint8 (N, C, side, side) channels_last, files that failed are left out
-    paths: list[Path]  # the files behind split.images, in order
+    paths: list[Path]  # the files behind split.images, in order (a multi-frame file once per frame)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
-    decoded: int = 0  # files decoded now (the rest came from the cache)
+    decoded: int = 0  # images decoded now (the rest came from the cache)
+    frames: list[int] = field(default_factory=list)  # the frame of each row's file (0 unless frames="all")
 
     def center_cropped(self, size: int) -> torch.Tensor:
         """uint8 (N, C, size, size): what evaluation feeds the model (before normalising)."""
@@ -381,21 +436,19 @@ def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: Cache
             raise ValueError("give pre or spec")
         spec = CacheSpec.for_preprocessing(pre)
     store = open_store(spec, cache, cache_root)
-    paths = list(split.paths)
+    paths, frames, owner = _units(split.paths, spec.frames)
     keys: list[str | None] = []
     skipped: dict[int, str] = {}
-    for i, p in enumerate(paths):
+    for i, (p, frame) in enumerate(zip(paths, frames)):
         try:
-            keys.append(file_key(p))
-        except FileNotFoundError:
+            keys.append(file_key(p) + (f"\t#{frame}" if frame else ""))
+        except OSError:
             keys.append(None)
-            skipped[i] = "file not found"
-        except OSError as exc:
-            keys.append(None)
-            skipped[i] = f"cannot read: {exc.strerror or exc}"
+            problem = path_problem(p)
+            skipped[i] = problem.reason if problem is not None else "cannot read"
     with store.locked():
         missing = [i for i, k in enumerate(keys) if k is not None and k not in store.index]
-        _fill(store, [paths[i] for i in missing], [keys[i] for i in missing], missing, skipped,
+        _fill(store, [(paths[i], frames[i]) for i in missing], [keys[i] for i in missing], missing, skipped,
               workers, progress, what)
         rows = [store.index[k] for i, k in enumerate(keys) if i not in skipped]
         images = store.tensor()
@@ -404,17 +457,30 @@ def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: Cache
         x = images[rows[0]:rows[0] + len(rows)]  # a view of the memory map: nothing copied
     else:
         x = images[torch.tensor(rows, dtype=torch.long)] if rows else images[:0]
-    labels = split.labels[torch.tensor(good, dtype=torch.long)] if good else split.labels[:0]
+    labels = split.labels[torch.tensor([owner[i] for i in good], dtype=torch.long)] if good else split.labels[:0]
     return DecodedSplit(split=Split(labels=labels, images=x), paths=[paths[i] for i in good],
                         skipped=[(paths[i], skipped[i]) for i in sorted(skipped)],
-                        decoded=sum(1 for i in missing if i not in skipped))
+                        decoded=sum(1 for i in missing if i not in skipped), frames=[frames[i] for i in good])
 
 
-def _fill(store, paths: list[Path], keys: list[str], positions: list[int], skipped: dict[int, str],
+def _units(files: Sequence[Path], frames: str) -> tuple[list[Path], list[int], list[int]]:
+    """(path, frame, index of the file in the split) per image: one per file, or with
+    ``frames="all"`` one per frame of a multi-frame (DICOM) file."""
+    paths, out_frames, owner = [], [], []
+    for i, p in enumerate(files):
+        n = frame_count(p) if frames == "all" else 1
+        paths += [p] * n
+        out_frames += list(range(n))
+        owner += [i] * n
+    return paths, out_frames, owner
+
+
+def _fill(store, units: list[tuple[Path, int]], keys: list[str], positions: list[int], skipped: dict[int, str],
           workers: int | None, progress: bool, what: str) -> None:
-    """Decode ``paths`` and append the good ones to ``store``; record failures in ``skipped``."""
-    if not paths:
+    """Decode ``units`` (path, frame) and append the good ones to ``store``; record failures in ``skipped``."""
+    if not units:
         return
+    paths, frames = [u[0] for u in units], [u[1] for u in units]
     bar = None
     if progress and len(paths) >= 32:
         from rich.console import Console
@@ -425,7 +491,7 @@ def _fill(store, paths: list[Path], keys: list[str], positions: list[int], skipp
         bar.start()
     done: dict[int, torch.Tensor] = {}
     try:
-        for i, img, err in decode_files(paths, store.spec, workers):
+        for i, img, err in decode_files(paths, store.spec, workers, frames):
             if img is None:
                 skipped[positions[i]] = err
             else:

@@ -25,6 +25,9 @@ DATASETS: Registry = Registry("dataset")
 
 _KERAS = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 _ZALANDO = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -76,9 +79,7 @@ def digits() -> ImageData:
 @DATASETS.register("mnist")
 def mnist() -> ImageData:
     local = _local_copy("mnist.npz")
-    path = local or download(_KERAS + "mnist.npz", "mnist.npz",
-                             "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
-                             offline_hint=_offline_hint("mnist.npz"))
+    path = local or download(_KERAS + "mnist.npz", "mnist.npz", MNIST_SHA256, offline_hint=_offline_hint("mnist.npz"))
     return _from_local_npz(path, "mnist", [str(i) for i in range(10)], "digits")
 
 
@@ -125,9 +126,7 @@ def cifar10() -> ImageData:
     local = _local_copy("cifar10.npz")
     if local:
         return _from_local_npz(local, "cifar10", CIFAR10_CLASSES, "small-colour")
-    path = download("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "cifar-10-binary.tar.gz",
-                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-                    offline_hint=_offline_hint("cifar10.npz"))
+    path = download(CIFAR10_URL, "cifar-10-binary.tar.gz", CIFAR10_SHA256, offline_hint=_offline_hint("cifar10.npz"))
     return cifar10_from_binary_tar(path)
 
 

@@ -1,25 +1,45 @@
 """The only place that opens image files.
 
-Decoding goes through Pillow (every common format; EXIF orientation applied) and ends
-in an RGB or L image, whichever the model needs. Every failure becomes an
-:class:`ImgclsError` that names the file.
+Decoding goes through Pillow (every common format, plus HEIC/HEIF, AVIF, JPEG XL and
+DICOM through :mod:`imgcls.data.formats`; EXIF orientation applied) and ends in an L or
+RGB image, whichever the model needs, or, for 16-bit, 32-bit and float data, in a
+single-channel high-bit-depth image (``I;16``, ``I``, ``F``) that the model's
+:class:`~imgcls.data.transforms.Preprocessing` maps with its intensity setting
+(:mod:`imgcls.data.intensity`). Files are recognised by their bytes, not their names.
+Every failure becomes an :class:`UnreadableImage` that names the file and has a short
+``reason`` for reports.
+
+Folder scans (:func:`scan_folder`) account for every entry: a file is a candidate (decoded,
+or reported with its reason: not an image, broken link, symlink loop, unsupported format
+— pip install ...) unless it is hidden or a known non-image sidecar, which are passed over
+and counted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgcls.data import formats
+from imgcls.data.intensity import HIGH_DEPTH_MODES, map_8bit, parse_intensity
 from imgcls.errors import ImgclsError
 
-# Extensions treated as images when scanning folders (Pillow decodes all of them).
+# Extensions of the image formats imgcls decodes (for documentation and quick checks; folder
+# scans look at every file's bytes, whatever its name).
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .png .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm".split()
+    (".jpg .jpeg .jpe .jfif .png .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm .ico .avif .heic .heif "
+     ".jxl .dcm .dicom").split()
 )
+# Passed over by folder scans (and counted): known non-image companions of image files.
+SIDECAR_SUFFIXES = frozenset(".txt .json .csv .xml".split())
+SIDECAR_NAMES = frozenset(["thumbs.db", "desktop.ini"])
 
 # Refuse decompression bombs outright. Pillow checks the header's size in Image.open
 # (before any pixel memory is allocated) but only *warns* between MAX_IMAGE_PIXELS and
@@ -52,16 +72,111 @@ class UnreadableImage(ImgclsError):
         self.reason = reason
 
 
+def passed_over(path: Path) -> str | None:
+    """Why a folder scan passes ``path`` over ("hidden file", "sidecar"), or None: a candidate."""
+    name = path.name
+    if name.startswith("."):
+        return "hidden file"
+    if path.suffix.lower() in SIDECAR_SUFFIXES or name.lower() in SIDECAR_NAMES:
+        return "sidecar"
+    return None
+
+
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """Whether a folder scan hands ``path`` to the decoder (everything but hidden files and sidecars)."""
+    return passed_over(path) is None
+
+
+@dataclass
+class FolderScan:
+    files: list[Path] = field(default_factory=list)  # candidates, sorted: decoded or reported with a reason
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)  # (entry, "hidden file" | "sidecar")
+
+
+def scan_folder(folder: str | Path) -> FolderScan:
+    """Every entry below ``folder``, recursively: links to folders are followed (a link back
+    to a folder above it is a candidate that decodes to "symlink loop"), broken links,
+    link loops, FIFOs and other special files are candidates too, so each gets its reason."""
+    out = FolderScan()
+    _walk(Path(folder), out, set())
+    out.files.sort()
+    out.passed_over.sort()
+    return out
+
+
+def _walk(folder: Path, out: FolderScan, above: set[tuple[int, int]]) -> None:
+    try:
+        st = os.stat(folder)
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        out.files.append(folder)  # unreadable folder: the decoder says why
+        return
+    here = above | {(st.st_dev, st.st_ino)}
+    for e in entries:
+        p = Path(e.path)
+        why = passed_over(p)
+        if why:
+            out.passed_over.append((p, why))
+            continue
+        try:
+            is_dir = e.is_dir()  # follows links
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            out.files.append(p)
+            continue
+        try:
+            target = os.stat(p)
+        except OSError:
+            out.files.append(p)
+            continue
+        if (target.st_dev, target.st_ino) in here:
+            out.files.append(p)  # a link to a folder above it: "symlink loop"
+        else:
+            _walk(p, out, here)
 
 
 def images_in_folder(folder: Path) -> list[Path]:
-    """Every image file below ``folder`` (recursively, sorted); an error when there is none."""
-    found = sorted(f for f in Path(folder).rglob("*") if f.is_file() and is_image_file(f))
+    """Every candidate file below ``folder`` (recursively, sorted; see :func:`scan_folder`);
+    an error when there is none."""
+    found = scan_folder(folder).files
     if not found:
         raise ImgclsError(f"no images in folder {folder}", "give image files or a folder that has some")
     return found
+
+
+def path_problem(path: Path) -> UnreadableImage | None:
+    """Why ``path`` cannot be opened as a file (missing, broken link, link loop, a folder, a
+    FIFO or device, no permission), or None when it is a regular file."""
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return UnreadableImage(f"image not found: {path}", "check the path", "file not found")
+    except OSError as exc:
+        return UnreadableImage(f"cannot read {path}: {exc.strerror}", "check the path", f"cannot read ({exc.strerror})")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return UnreadableImage(f"{path} is a symlink loop", "remove the link or point it at an image",
+                                   "symlink loop")
+        if stat.S_ISLNK(lst.st_mode):
+            return UnreadableImage(f"{path} is a broken link (to {os.readlink(path)})",
+                                   "remove the link or restore the file it points to", "broken link")
+        return UnreadableImage(f"cannot read {path}: {exc.strerror}", "check the path", f"cannot read ({exc.strerror})")
+    if stat.S_ISDIR(st.st_mode):
+        real, parent = os.path.realpath(path), os.path.realpath(path.parent)
+        if stat.S_ISLNK(lst.st_mode) and (parent + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+            return UnreadableImage(f"{path} is a symlink loop (a link to {real}, a folder above it)",
+                                   "remove the link", "symlink loop")
+        return UnreadableImage(f"{path} is a folder, not an image", "give image files", "a folder")
+    if not stat.S_ISREG(st.st_mode):
+        return UnreadableImage(f"{path} is not a regular file (a FIFO, socket or device)", "remove it",
+                               "not a regular file")
+    if not os.access(path, os.R_OK):
+        return UnreadableImage(f"cannot read {path}: permission denied", "fix the file's permissions",
+                               "permission denied")
+    return None
 
 
 def _flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -72,21 +187,16 @@ def _flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert a decoded image to 'L' (channels=1) or 'RGB' (channels=3)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype("uint8"), "L")
+    """Convert a decoded image to 'L' (channels=1) or 'RGB' (channels=3). High-bit-depth
+    single-channel images (``I;16``, ``I``, ``F``) are returned as they are: the model's
+    intensity setting maps them (``Preprocessing.pil_transform``, :mod:`imgcls.data.intensity`)."""
+    if channels not in (1, 3):
+        raise ImgclsError(f"unsupported channel count {channels}", "use 1 (grayscale) or 3 (RGB)")
+    if img.mode in HIGH_DEPTH_MODES:
+        return img
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = _flatten_alpha(img)
-    if channels == 1:
-        return img.convert("L")
-    if channels == 3:
-        return img.convert("RGB")
-    raise ImgclsError(f"unsupported channel count {channels}", "use 1 (grayscale) or 3 (RGB)")
+    return img.convert("L" if channels == 1 else "RGB")
 
 
 def _draft(im: Image.Image, min_side: int | None, square: bool) -> None:
@@ -104,48 +214,144 @@ def _draft(im: Image.Image, min_side: int | None, square: bool) -> None:
     im.draft(im.mode, want)
 
 
-def load_image(path: str | Path, channels: int = 3, min_side: int | None = None,
-               square: bool = False) -> Image.Image:
-    """Decode ``path`` fully (first frame of animations), apply EXIF orientation and
-    convert to ``channels``. ``min_side`` allows a reduced-size JPEG decode that keeps
-    the shorter side (both sides with ``square``) at least that long. Raises
-    ImgclsError naming the file on any failure."""
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(256)
+
+
+def _need_plugin(path: Path, fmt: str | None) -> None:
+    if fmt is not None and not formats.plugin_available(fmt):
+        what, pip = formats.missing_plugin(fmt)
+        raise UnreadableImage(f"{path} is {what}, which needs an optional package", pip,
+                              f"unsupported format — {pip}")
+
+
+def largest_icon(im: Image.Image) -> None:
+    """An ICO file holds several sizes: use the largest (Pillow opens some other one)."""
+    if im.format == "ICO" and im.info.get("sizes"):
+        im.size = max(im.info["sizes"], key=lambda s: s[0] * s[1])
+
+
+def open_pillow(path: Path, frame: int = 0, min_side: int | None = None, square: bool = False) -> Image.Image:
+    """Decode ``path`` with Pillow: frame ``frame``, EXIF orientation applied, ICO at its
+    largest size. Pillow's exceptions pass through (see :func:`load_image`)."""
+    with warnings.catch_warnings():
+        # Pillow warns for headers between 1x and 2x the limit; check_pixels refuses them
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
+        largest_icon(im)
+        check_pixels(im, path)
+        if frame >= getattr(im, "n_frames", 1):
+            raise IndexError(f"frame {frame} requested, the file has {getattr(im, 'n_frames', 1)}")
+        im.seek(frame)
+        _draft(im, min_side, square)
+        im.load()
+        return ImageOps.exif_transpose(im) or im
+
+
+def decode_file(path: Path, frame: int = 0, min_side: int | None = None, square: bool = False) -> Image.Image:
+    """``path`` decoded as it is (any mode); raises UnreadableImage naming the file."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise problem
+    fmt = None
+    try:
+        head = _head(path)
+        if not head:
+            raise UnreadableImage(f"{path} is an empty file", "remove it or replace it with a valid image",
+                                  "empty file")
+        fmt = formats.sniff(head, path.name)
+        _need_plugin(path, fmt)
+        if fmt == "DICOM":
+            return _dicom(path, frame)
+        return open_pillow(path, frame, min_side, square)
+    except UnreadableImage:
+        raise
+    except (PermissionError, Image.DecompressionBombError, UnidentifiedImageError, RuntimeError,
+            *DECODE_ERRORS) as exc:  # RuntimeError: pillow-jxl-plugin on damaged data
+        raise as_unreadable(exc, path, fmt) from None
+
+
+def as_unreadable(exc: Exception, path: Path, fmt: str | None = None) -> UnreadableImage:
+    """The UnreadableImage (message, hint, reason) for what Pillow raised decoding ``path``
+    (``fmt``: what its bytes say it is, see formats.sniff)."""
+    if isinstance(exc, PermissionError):
+        return UnreadableImage(f"cannot read {path}: permission denied", "fix the file's permissions",
+                               "permission denied")
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own check in open(): over 2x the limit
+        claimed = str(exc).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        return UnreadableImage(f"refused {path}: {claimed} (a decompression bomb?)",
+                               "set IMGCLS_MAX_IMAGE_PIXELS to a larger pixel count if the image is genuine",
+                               "too many pixels (a decompression bomb?)")
+    if isinstance(exc, (UnidentifiedImageError, RuntimeError)):
+        if fmt is not None:  # its signature says HEIF/AVIF/JXL, its plugin cannot read it: damaged
+            return UnreadableImage(f"cannot decode {path}: a damaged {fmt} file", "remove or replace it",
+                                   f"truncated or corrupt (unreadable {fmt} data)")
+        if isinstance(exc, UnidentifiedImageError):
+            return UnreadableImage(f"{path} is not an image Pillow can read",
+                                   "remove it or replace it with a valid image", "not an image")
+    return UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
+                           f"truncated or corrupt ({type(exc).__name__}: {exc})")
+
+
+def _dicom(path: Path, frame: int) -> Image.Image:
+    try:
+        img = formats.load_dicom(path, frame)
+    except LookupError:
+        raise UnreadableImage(f"{path} is a DICOM file without an image (no Pixel Data)", "remove it",
+                              "not an image (DICOM without pixel data)") from None
+    except (RuntimeError, NotImplementedError) as exc:  # pydicom: no decoder for this compression
+        pip = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+        raise UnreadableImage(f"cannot decode {path}: {str(exc).splitlines()[0].rstrip(':')}", pip,
+                              f"unsupported format — {pip}") from None
+    except (IndexError, *DECODE_ERRORS, AttributeError, KeyError, TypeError) as exc:
+        raise UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
+                              f"truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    check_pixels(img, path)
+    return img
+
+
+def header_mode(path: Path) -> str | None:
+    """The mode a file decodes to, from its header only (None: it cannot be read)."""
     path = Path(path)
     try:
+        if path_problem(path) is not None:
+            return None
+        fmt = formats.sniff(_head(path), path.name)
+        if fmt is not None and not formats.plugin_available(fmt):
+            return None
+        if fmt == "DICOM":
+            return formats.dicom_mode(path)
         with warnings.catch_warnings():
-            # Pillow warns for headers between 1x and 2x the limit; check_pixels refuses them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            check_pixels(im, path)
-            im.seek(0)
-            _draft(im, min_side, square)
-            im.load()
-            img = ImageOps.exif_transpose(im) or im
-            return to_mode(img, channels)
-    except FileNotFoundError:
-        raise UnreadableImage(f"image not found: {path}", "check the path", "file not found") from None
-    except PermissionError:
-        raise UnreadableImage(f"cannot read {path}: permission denied", "fix the file's permissions",
-                              "permission denied") from None
-    except IsADirectoryError:
-        raise UnreadableImage(f"{path} is a folder, not an image", "give image files", "a folder") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own check in open(): over 2x the limit
-        claimed = str(exc).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
-        raise UnreadableImage(f"refused {path}: {claimed} (a decompression bomb?)",
-                              "set IMGCLS_MAX_IMAGE_PIXELS to a larger pixel count if the image is genuine",
-                              "too many pixels (a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        what = "an empty file" if _size(path) == 0 else "not an image Pillow can read"
-        raise UnreadableImage(f"{path} is {what}", "remove it or replace it with a valid image",
-                              what.replace("an empty", "empty").replace(" Pillow can read", "")) from None
-    except DECODE_ERRORS as exc:
-        raise UnreadableImage(f"cannot decode {path}: {exc}", "the file is corrupt or truncated; remove or replace it",
-                              f"truncated or corrupt ({exc})") from None
+            with Image.open(path) as im:
+                return im.mode
+    except Exception:  # any failure is reported, with its reason, when the file is decoded
+        return None
 
 
-def _size(path: Path) -> int:
+def frame_count(path: Path) -> int:
+    """Frames of a multi-frame DICOM file (its header only); 1 for every other file, and
+    for files that cannot be read (their decode reports why)."""
     try:
-        return path.stat().st_size
-    except OSError:
-        return -1
+        if path_problem(Path(path)) is not None:
+            return 1
+        if formats.sniff(_head(Path(path)), Path(path).name) == "DICOM" and formats.plugin_available("DICOM"):
+            return formats.dicom_frames(path)
+    except Exception:  # reported, with its reason, when the file is decoded
+        return 1
+    return 1
+
+
+def load_image(path: str | Path, channels: int = 3, min_side: int | None = None,
+               square: bool = False, frame: int = 0, intensity: str | None = None) -> Image.Image:
+    """Decode ``path`` fully (frame ``frame``, default the first), apply EXIF orientation and
+    convert to ``channels`` (high-bit-depth grayscale stays as it is unless ``intensity``
+    is given, e.g. "auto": then it is mapped to 8 bits here). ``min_side`` allows a
+    reduced-size JPEG decode that keeps the shorter side (both sides with ``square``) at
+    least that long. Raises UnreadableImage naming the file on any failure."""
+    path = Path(path)
+    img = to_mode(decode_file(path, frame, min_side, square), channels)
+    return map_8bit(img, parse_intensity(intensity), channels) if intensity is not None else img
+

@@ -9,6 +9,7 @@ good one.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -37,16 +38,20 @@ def download(urls: str | list[str], filename: str, sha256: str, subdir: str = "d
     """Return a verified local copy of ``filename``, fetching it from the first URL that
     works. Raises ImgclsError (naming ``offline_hint``) when none can be reached."""
     urls = [urls] if isinstance(urls, str) else list(urls)
-    dest_dir = cache_dir() / subdir
-    dest = dest_dir / filename
+    dest = cache_dir() / subdir / filename  # filename may hold a subfolder: fashion-mnist/train-...gz
+    dest_dir = dest.parent
     if dest.is_file():
         if sha256sum(dest) == sha256:
             return dest
         dest.unlink()  # stale or corrupt: fetch again
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImgclsError(f"cannot create the download folder {dest_dir}: {exc.strerror or exc}",
+                          "set IMGCLS_CACHE_DIR to a writable folder") from None
     errors = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 shutil.copyfileobj(resp, out, 1 << 20)
@@ -56,7 +61,7 @@ def download(urls: str | list[str], filename: str, sha256: str, subdir: str = "d
                 continue
             os.replace(tmp, dest)
             return dest
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
         finally:
             if os.path.exists(tmp):

@@ -69,7 +69,11 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
         if split_cell not in SPLIT_NAMES:
             raise ImgclsError(f"{path} line {line}: unknown split '{cells[cols[2]]}'",
                               "use train, val (valid, validation) or test, or leave it empty")
-        file = Path(cells[cols[0]]).expanduser()
+        try:
+            file = Path(cells[cols[0]]).expanduser()
+        except RuntimeError:  # ~user whose home folder is unknown
+            raise ImgclsError(f"{path} line {line}: cannot expand '{cells[cols[0]]}' (no such user's home folder)",
+                              "write the path in full") from None
         paths, labels = entries[SPLIT_NAMES[split_cell]]
         paths.append(file if file.is_absolute() else base / file)
         labels.append(cells[cols[1]])

@@ -36,8 +36,9 @@ from imgcls.errors import ImgclsError
 
 
 def data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) -> tuple[tuple, tuple]:
-    """Per-channel mean/std of (a sample of) uint8 training images, after channel conversion."""
-    x = images[:: max(1, len(images) // max_images)].float() / 255.0
+    """Per-channel mean/std of (a sample of) uint8 (or uint16) training images, after channel
+    conversion."""
+    x = images[:: max(1, len(images) // max_images)].float() / (65535.0 if images.dtype == torch.uint16 else 255.0)
     if x.shape[1] != in_chans:
         x = x.mean(1, keepdim=True).expand(-1, in_chans, -1, -1) if in_chans == 3 else x.mean(1, keepdim=True)
     mean = x.mean(dim=(0, 2, 3))

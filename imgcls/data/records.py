@@ -56,6 +56,8 @@ class ImageData:
     native_size: int | None = None  # side of in-memory images; None for files of many sizes
     kind: str = "photos"  # "digits" (small grayscale), "small-colour", "photos": picks presets
     notes: list[str] = field(default_factory=list)  # what loading did (held-out val split, ...)
+    # entries of class folders that are not decoded: hidden files and sidecars (split, path, why)
+    passed_over: list[tuple[str, Path, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls.data.decode import is_image_file
+from imgcls.data.decode import scan_folder
 from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
 from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
@@ -26,16 +26,18 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    paths, labels = [], []
+def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int], list[tuple[Path, str]]]:
+    """Every file of every class folder (see decode.scan_folder): paths, labels, passed over."""
+    paths, labels, over = [], [], []
     for label, name in enumerate(classes):
         d = root / name
         if not d.is_dir():
             continue
-        files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels
+        scan = scan_folder(d)
+        paths += scan.files
+        labels += [label] * len(scan.files)
+        over += scan.passed_over
+    return paths, labels, over
 
 
 def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData:
@@ -58,14 +60,16 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
         raise ImgclsError(f"only one class ('{classes[0]}') in {class_root}",
                           "a classifier needs at least two class folders")
     splits: dict[str, Split] = {}
+    passed: list[tuple[str, Path, str]] = []
     for split, base in ({"train": class_root} | {k: v for k, v in split_dirs.items() if k != "train"}).items():
         extra = sorted(d.name for d in _class_dirs(base) if d.name not in classes)
         if extra:
             raise ImgclsError(f"{base} has class folder(s) {extra} that {class_root} lacks",
                               "use the same class folders in every split" if len(classes) == len(found)
                               else "add them to --classes or remove them")
-        paths, labels = _scan_classes(base, classes)
+        paths, labels, over = _scan_classes(base, classes)
         splits[split] = Split(labels=torch.tensor(labels, dtype=torch.long), paths=paths)
+        passed += [(split, p, why) for p, why in over]
     counts = splits["train"].class_counts(len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
@@ -73,21 +77,18 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
                           "add images (jpg, png, ...) to it or remove the folder")
     return ImageData(classes=classes, train=splits["train"], val=splits.get("val"),
                      test=splits.get("test"), name=root.name, channels=_guess_channels(splits["train"]),
-                     native_size=None, kind="photos")
+                     native_size=None, kind="photos", passed_over=passed)
 
 
 def _guess_channels(split: Split, sample: int = 32) -> int:
     """1 when every sampled image is grayscale, else 3 (reads headers only)."""
-    from PIL import Image
+    from imgcls.data.decode import header_mode
 
     step = max(1, len(split.paths) // sample)
     for p in split.paths[::step][:sample]:
-        try:
-            with Image.open(p) as im:
-                if im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L"):
-                    return 3
-        except Exception:  # unreadable files are reported when they are decoded
-            continue
+        mode = header_mode(p)  # None: unreadable, reported when it is decoded
+        if mode is not None and mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            return 3
     return 1
 
 

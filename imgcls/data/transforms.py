@@ -29,6 +29,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+RESIZES = ("squash", "shorter_side")
+FRAMES = ("first", "all")
+
+
 @dataclass
 class Preprocessing:
     img_size: int
@@ -38,6 +42,10 @@ class Preprocessing:
     resize: str = "squash"  # "squash": resize to img_size x img_size; "shorter_side": resize + center crop
     crop_pct: float = 1.0  # shorter_side only: resize to img_size / crop_pct, then center crop
     interpolation: str = "bilinear"
+    # high bit depth / float pixels -> model input (imgcls.data.intensity); 8-bit images: as they are
+    intensity: str = "auto"
+    bit_depth: int = 8  # 8: uint8 tensors; 16: uint16 tensors (16-bit data keeps its levels)
+    frames: str = "first"  # multi-frame DICOM: the first frame, or every frame as an image ("all")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,23 +53,41 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["mean"], known["std"] = tuple(known["mean"]), tuple(known["std"])
-        return cls(**known)
+    def from_dict(cls, d: Any) -> Preprocessing:
+        """From a model card's ``preprocessing``; cards written before a field existed get
+        its default. Anything malformed is an ImgclsError naming the field."""
+        from imgcls.data.preprocessing_card import validated
+
+        return cls(**validated(d))
 
     # ------------------------------------------------------------------ images
     def _interp(self) -> v2.InterpolationMode:
         return v2.InterpolationMode(self.interpolation)
 
-    def pil_transform(self) -> v2.Compose:
-        """Eval transform for one decoded PIL image (already in the right mode) -> uint8 (C,S,S)."""
+    def geometry(self) -> list:
+        """The resize (and centre crop) ops on a (C, H, W) tensor."""
         if self.resize == "shorter_side":
-            ops = [v2.Resize(int(round(self.img_size / self.crop_pct)), interpolation=self._interp(), antialias=True),
-                   v2.CenterCrop(self.img_size)]
-        else:
-            ops = [v2.Resize((self.img_size, self.img_size), interpolation=self._interp(), antialias=True)]
-        return v2.Compose([v2.PILToTensor(), *ops])
+            return [v2.Resize(int(round(self.img_size / self.crop_pct)), interpolation=self._interp(), antialias=True),
+                    v2.CenterCrop(self.img_size)]
+        return [v2.Resize((self.img_size, self.img_size), interpolation=self._interp(), antialias=True)]
+
+    def to_tensor(self) -> list:
+        """Decoded PIL image (any mode load_image gives) -> (C, H, W) tensor: the intensity
+        mapping and channel conversion, then uint8 (bit_depth 8) or float32 holding
+        0..65535 (bit_depth 16: resized as float, see :class:`ToUInt16`)."""
+        return [MapIntensity(self.intensity, self.in_chans, self.bit_depth)] + \
+            ([v2.PILToTensor()] if self.bit_depth == 8 else [])
+
+    def finish(self) -> list:
+        return [ToUInt16()] if self.bit_depth == 16 else []
+
+    def pil_transform(self) -> v2.Compose:
+        """Eval transform for one decoded PIL image -> uint8 (C,S,S) (uint16 for bit_depth 16)."""
+        return v2.Compose([*self.to_tensor(), *self.geometry(), *self.finish()])
+
+    def to_display(self, img) -> Any:
+        """A decoded image as 8-bit RGB through this intensity setting (for showing it)."""
+        return MapIntensity(self.intensity, 3, 8)(img)
 
     # ------------------------------------------------------------------ batches
     def normalize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -69,10 +95,10 @@ class Preprocessing:
         normalised. Also accepts float input already in [0, 1]."""
         # one pass to float, one fused in-place affine at the end: (x/255 - mean)/std is folded into
         # (x - 255 mean) / (255 std) (channel mixing and resizing are linear, so the /255 can wait)
-        k = 255.0 if x.dtype == torch.uint8 else 1.0
+        k = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype, 1.0)
         c = x.shape[1]
         same_geometry = c == self.in_chans and x.shape[-2:] == (self.img_size, self.img_size)
-        if channels_last and same_geometry and x.dtype == torch.uint8:
+        if channels_last and same_geometry and x.dtype in (torch.uint8, torch.uint16):
             x = x.contiguous(memory_format=torch.channels_last)  # reorder the 1-byte values, not floats
         own = x.dtype != torch.float32  # .float() below makes a new tensor we may modify in place
         x = x.float()
@@ -142,6 +168,31 @@ def augment_preset(preset: str, kind: str, hflip: bool | None) -> AugmentSpec:
     if preset == "photo":
         return AugmentSpec("photo", 0, flip)
     raise ValueError(preset)
+
+
+class MapIntensity:
+    """PIL image from the decoder -> 'L'/'RGB' (bit_depth 8) or a float32 (C, H, W) tensor
+    of 16-bit values (bit_depth 16), through an intensity setting (imgcls.data.intensity)."""
+
+    def __init__(self, intensity: str, channels: int, bit_depth: int = 8):
+        from imgcls.data.intensity import parse_intensity
+
+        self.setting, self.channels, self.bit_depth = parse_intensity(intensity), channels, bit_depth
+
+    def __call__(self, img):
+        from imgcls.data.intensity import map_8bit, map_16bit
+
+        if self.bit_depth == 16:
+            return torch.from_numpy(map_16bit(img, self.setting, self.channels))
+        return map_8bit(img, self.setting, self.channels)
+
+
+class ToUInt16:
+    """Float (C, H, W) of 16-bit values (resized as float: PyTorch's resize has no uint16
+    kernel) -> uint16, rounded and clipped."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.round().clamp_(0, 65535).to(torch.int32).to(torch.uint16)
 
 
 def randaugment_transform(config: str, img_size: int, channels: int):
@@ -258,7 +309,7 @@ class BatchResizedCrop:
         n = len(index) if index is not None else len(x)
         b = self.boxes(n, h, w, gen)
         flip = (torch.rand(n, generator=gen) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
-        if x.device.type == "cpu" and x.dtype == torch.uint8:
+        if x.device.type == "cpu" and x.dtype in (torch.uint8, torch.uint16):
             return self._per_image(x, b, flip, index, out)
         if index is not None:
             x = x[index.to(x.device)]
@@ -270,7 +321,8 @@ class BatchResizedCrop:
         theta[:, 1, 1] = b[:, 2] / h
         theta[:, 1, 2] = (2 * b[:, 0] + b[:, 2]) / h - 1
         grid = F.affine_grid(theta.to(x.device), [n, c, self.size, self.size], align_corners=False)
-        xf = x.float() if x.dtype == torch.uint8 else x * 255.0
+        top = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype)
+        xf = x.float() / (top / 255.0) if top else x * 255.0
         out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.div_(255.0)
 
@@ -283,8 +335,9 @@ class BatchResizedCrop:
         cost more in synchronisation than they save (measured 2-3x slower with 2 threads on
         a busy 2-core machine; splitting the batch over Python threads did no better)."""
         s = self.size
-        if out is None:  # channels_last, the layout the model runs in: normalising keeps it
-            out = torch.empty(len(b), s, s, x.shape[1], dtype=torch.uint8).permute(0, 3, 1, 2)
+        if out is None or out.dtype != x.dtype:  # channels_last, the layout the model runs in: normalising keeps it
+            out = torch.empty(len(b), s, s, x.shape[1], dtype=x.dtype).permute(0, 3, 1, 2)
+        wide = x.dtype == torch.uint16  # PyTorch resizes uint16 only as float
         rows = range(len(b)) if index is None else index.tolist()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -292,7 +345,9 @@ class BatchResizedCrop:
             for i, (j, (top, left, bh, bw), f) in enumerate(zip(rows, b.long().tolist(), flip.tolist())):
                 crop = x[j:j + 1, :, top:top + bh, left:left + bw].contiguous(memory_format=torch.channels_last)
                 if (bh, bw) != (s, s):
+                    crop = crop.float() if wide else crop
                     crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                    crop = ToUInt16()(crop) if wide else crop
                 out[i] = crop[0].flip(-1) if f else crop[0]
         finally:
             torch.set_num_threads(threads)

@@ -39,7 +39,7 @@ def _crop_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int,
 
 
 def _from_pil(img: Image.Image, source: str, pre: Preprocessing) -> ExplainImage:
-    display = to_mode(img, 3)
+    display = pre.to_display(img)  # 16-bit / float images through the model's intensity setting
     t = pre.pil_transform()(to_mode(img, pre.in_chans))
     return ExplainImage(source, display, _model_pixels(t, pre), _crop_box(display.size, pre))
 
