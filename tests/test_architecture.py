@@ -12,8 +12,9 @@ PKG = Path(__file__).resolve().parents[1] / "imgcls"
 
 # rank of each top-level part of the package: a module may import its own part and lower ranks
 LAYERS = {
-    "errors": 0, "registry": 0, "version": 0, "config": 0,
+    "errors": 0, "registry": 0, "version": 0,
     "data": 1,
+    "config": 1.5,  # validates decode settings with data/intensity.py
     "models": 2,
     "artifact": 3, "bundle": 3, "rundir": 3,
     "engine": 4,

@@ -133,3 +133,25 @@ def test_train_flags_reach_the_model_card(tmp_path):
     card = json.loads((tmp_path / "runs" / "r" / "model.json").read_text())
     assert card["preprocessing"]["intensity"] == "window:250,800" and card["preprocessing"]["bit_depth"] == 16
     assert "intensity: window:250,800" in (tmp_path / "runs" / "r" / "config.yaml").read_text()
+
+
+def test_unreadable_file_in_a_16_bit_predict_batch(tmp_path):
+    """The blank stand-in for an unreadable file has the batch's dtype (uint16 at 16 bits)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from imgcls.data.loaders import Batches
+    from imgcls.data.records import Split
+    from imgcls.data.transforms import Preprocessing
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((20, 20), 40_000, dtype=np.uint16)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    pre = Preprocessing(img_size=16, in_chans=1, mean=(0.5,), std=(0.5,), bit_depth=16)
+    skipped: dict[int, str] = {}
+    b = Batches(Split(labels=torch.zeros(2, dtype=torch.long), paths=[good, bad]), 2, transform=pre.pil_transform(),
+                channels=1, size=16, workers=0, skipped=skipped)
+    [(x, _)] = list(b)
+    assert x.dtype == torch.uint16 and list(skipped) == [1]

@@ -118,7 +118,8 @@ class FileDataset(Dataset):
             x = self.transform(load_image(self.paths[i], self.channels, min_side=self.min_side))
             return x, label, ""
         except ImgclsError as exc:
-            return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), label, exc.oneline()
+            dtype = getattr(self.transform, "dtype", torch.uint8)  # as the transform's output (uint16: 16-bit)
+            return torch.zeros(self.channels, self.size, self.size, dtype=dtype), label, exc.oneline()
 
 
 class TensorBatches(Dataset):

@@ -82,8 +82,12 @@ class Preprocessing:
         return [ToUInt16()] if self.bit_depth == 16 else []
 
     def pil_transform(self) -> v2.Compose:
-        """Eval transform for one decoded PIL image -> uint8 (C,S,S) (uint16 for bit_depth 16)."""
-        return v2.Compose([*self.to_tensor(), *self.geometry(), *self.finish()])
+        """Eval transform for one decoded PIL image -> uint8 (C,S,S) (uint16 for bit_depth 16).
+        ``.dtype`` on the result says which (a loader's blank stand-in for an unreadable file
+        must match the batch it joins)."""
+        tf = v2.Compose([*self.to_tensor(), *self.geometry(), *self.finish()])
+        tf.dtype = torch.uint16 if self.bit_depth == 16 else torch.uint8
+        return tf
 
     def to_display(self, img) -> Any:
         """A decoded image as 8-bit RGB through this intensity setting (for showing it)."""
