@@ -12,6 +12,7 @@ import torch
 
 from imgcls.api import Classifier
 from imgcls.config import TrainConfig
+from imgcls.data.pipeline import require_train
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
@@ -108,7 +109,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         from imgcls.engine.loggers import parse_log
 
         parse_log(cfg.log)
-    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    data = require_train(load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes))
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     clf = Classifier.from_config(cfg, data)

@@ -290,3 +290,17 @@ def test_run_dir_updates_metrics_and_card(trained_run, tmp_path):
     assert Classifier.load(run.path).temperature == 1.5  # weights untouched: the sha256 still holds
     assert (run.read_config().epochs, run.read_config().batch_size) == (4, 16)  # as trained_run was trained
     assert not list(run.path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_a_folder_of_only_test_images_is_evaluated_and_refused_for_training(tmp_path, capsys):
+    write_split(tmp_path / "train", 10, seed=0)
+    res = train({"data": str(tmp_path / "train"), "img_size": 24, "epochs": 1, "batch_size": 8, "workers": 0,
+                 "out": str(tmp_path / "runs")}, progress=False)
+    write_split(tmp_path / "held" / "test", 7, seed=2)  # test/ only, as users keep a test set
+    m = res.classifier.evaluate(tmp_path / "held")
+    assert (m["split"], m["num_images"]) == ("test", 21)
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "held"), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert "has no training images (it has test/ but no train/ folder)" in err and err.count("\n") == 1
+    assert not (tmp_path / "r2").exists()  # refused before a run folder was made

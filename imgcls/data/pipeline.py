@@ -46,6 +46,16 @@ def data_stats(images: torch.Tensor, in_chans: int, max_images: int = 10_000) ->
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
+def require_train(data: ImageData) -> ImageData:
+    """``data`` when it has training images; else the one-line refusal training gives."""
+    if data.train is None or not len(data.train):
+        have = [s for s in ("val", "test") if getattr(data, s) is not None]
+        raise ImgclsError(f"{data.name} has no training images" + (f" (it has {'/, '.join(have)}/ but no train/ "
+                                                                  "folder)" if have else ""),
+                          "add train/<class>/ folders; a folder of only val/ or test/ can be evaluated on")
+    return data
+
+
 def derive_preprocessing(pre: Preprocessing, data: ImageData, pretrained: bool) -> Preprocessing:
     """The preprocessing a model trains with on ``data``. A pretrained model keeps its own
     (its pretrained mean/std, resize and crop); otherwise it follows the data: the

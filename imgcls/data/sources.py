@@ -43,14 +43,14 @@ def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int]
 def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData:
     """One subfolder per class, optionally inside ``train/`` + ``val/`` (or ``valid``,
     ``validation``) and/or ``test/`` split folders. ``classes`` fixes the class list
-    and order (default: the folder names, sorted)."""
+    and order (default: the folder names, sorted). A folder with only ``val/`` or ``test/``
+    has no training split: it can be evaluated on, and training refuses it."""
     root = Path(root)
     subdirs = _class_dirs(root)
     split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES}
-    if split_dirs and "train" not in split_dirs:
-        raise ImgclsError(f"{root} has {', '.join(sorted(split_dirs))}/ but no train/ folder",
-                          "add train/<class>/ folders, or remove the split folders")
-    class_root = split_dirs.get("train", root)
+    # the split whose class folders name the classes: train/, else (a folder to evaluate on) val/ or test/
+    main = next((s for s in ("train", "val", "test") if s in split_dirs), "train")
+    class_root = split_dirs.get(main, root)
     found = [d.name for d in _class_dirs(class_root)]
     classes = ordered_classes(found, classes, f"{class_root} has class folder(s)", f"move them out of {class_root}")
     if not classes:
@@ -61,7 +61,7 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
                           "a classifier needs at least two class folders")
     splits: dict[str, Split] = {}
     passed: list[tuple[str, Path, str]] = []
-    for split, base in ({"train": class_root} | {k: v for k, v in split_dirs.items() if k != "train"}).items():
+    for split, base in ({main: class_root} | {k: v for k, v in split_dirs.items() if k != main}).items():
         extra = sorted(d.name for d in _class_dirs(base) if d.name not in classes)
         if extra:
             raise ImgclsError(f"{base} has class folder(s) {extra} that {class_root} lacks",
@@ -70,13 +70,13 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
         paths, labels, over = _scan_classes(base, classes)
         splits[split] = Split(labels=torch.tensor(labels, dtype=torch.long), paths=paths)
         passed += [(split, p, why) for p, why in over]
-    counts = splits["train"].class_counts(len(classes))
+    counts = splits[main].class_counts(len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         raise ImgclsError(f"class folder '{class_root / empty[0]}' has no images",
                           "add images (jpg, png, ...) to it or remove the folder")
-    return ImageData(classes=classes, train=splits["train"], val=splits.get("val"),
-                     test=splits.get("test"), name=root.name, channels=_guess_channels(splits["train"]),
+    return ImageData(classes=classes, train=splits.get("train"), val=splits.get("val"),
+                     test=splits.get("test"), name=root.name, channels=_guess_channels(splits[main]),
                      native_size=None, kind="photos", passed_over=passed)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
-from imgcls.data.pipeline import TrainInputs, TrainSettings, derive_preprocessing, training_inputs
+from imgcls.data.pipeline import TrainInputs, TrainSettings, derive_preprocessing, require_train, training_inputs
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
@@ -88,7 +88,7 @@ class TrainingSession:
 
     def load(self, data: Any) -> ImageData:
         cfg = self.cfg
-        data = self.bundle.check_classes(load_data(data, val_split=cfg.val_split, seed=cfg.seed))
+        data = self.bundle.check_classes(require_train(load_data(data, val_split=cfg.val_split, seed=cfg.seed)))
         resume = self.resume or {}
         self.fingerprint = data_fingerprint(data) if cfg.deterministic or resume.get("data_fingerprint") else None
         if resume.get("data_fingerprint") and resume["data_fingerprint"] != self.fingerprint:
