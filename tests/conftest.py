@@ -104,3 +104,23 @@ def digits_run(tmp_path_factory) -> Path:
     result = train({"data": "digits", "epochs": 2, "batch_size": 64, "out": str(root), "name": "run", "seed": 0},
                    progress=False)
     return result.run_dir
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[tuple[bytes, int]]:
+    """Uploads for the web-service tests (tests/serving.py)."""
+    from tests.serving import make_samples
+
+    return make_samples()
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    """The web service of ``trained_run`` in process (torch backend, small upload limit)."""
+    pytest.importorskip("fastapi")
+    from imgcls.serve.app import ServeSettings, create_app
+    from tests.serving import local_client
+
+    app = create_app(trained_run, ServeSettings(max_upload_mb=0.5, backend="torch", max_wait_ms=2))
+    with local_client(app) as c:
+        yield c

@@ -49,3 +49,12 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------------- fixtures (tests/conftest.py)
+def make_samples() -> list[tuple[bytes, int]]:
+    """6 PNG uploads of the pattern images (classes 0..2 of ``trained_run``) with their labels."""
+    from tests.conftest import pattern_images
+
+    x, y = pattern_images(2, size=16, seed=11)
+    return [(png_bytes(img), int(label)) for img, label in zip(x, y)]

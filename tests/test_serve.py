@@ -16,25 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import pattern_images
-from tests.serving import LiveServer, local_client, png_bytes
+from tests.serving import LiveServer, local_client
 
 pytest.importorskip("fastapi")
 
 from imgcls.serve.app import ServeSettings, create_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def samples() -> list[tuple[bytes, int]]:
-    x, y = pattern_images(2, size=16, seed=11)  # 6 images, classes 0..2
-    return [(png_bytes(img), int(label)) for img, label in zip(x, y)]
-
-
-@pytest.fixture(scope="module")
-def client(trained_run):
-    app = create_app(trained_run, ServeSettings(max_upload_mb=0.5, backend="torch", max_wait_ms=2))
-    with local_client(app) as c:
-        yield c
 
 
 def bomb_png(side: int = 50_000) -> bytes:

@@ -15,7 +15,6 @@ import tracemalloc
 import pytest
 from PIL import Image
 
-from tests.conftest import pattern_images
 from tests.imagefiles import bomb_png
 from tests.serving import LiveServer, local_client, png_bytes
 
@@ -25,19 +24,6 @@ httpx = pytest.importorskip("httpx")
 from imgcls import Classifier  # noqa: E402
 from imgcls.serve.app import ServeSettings, create_app, uvicorn_config  # noqa: E402
 from imgcls.serve.uploads import UploadError, decode_upload  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def samples() -> list[tuple[bytes, int]]:
-    x, y = pattern_images(2, size=16, seed=11)  # 6 images, classes 0..2 ("abc")
-    return [(png_bytes(img), int(label)) for img, label in zip(x, y)]
-
-
-@pytest.fixture(scope="module")
-def client(trained_run):
-    app = create_app(trained_run, ServeSettings(max_upload_mb=0.5, backend="torch", max_wait_ms=2))
-    with local_client(app) as c:
-        yield c
 
 
 def solid_png(w: int, h: int) -> bytes:
