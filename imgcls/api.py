@@ -26,7 +26,7 @@ import torch
 
 from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
-from imgcls.data.pipeline import as_split
+from imgcls.data.pipeline import as_split, expand_frames
 from imgcls.data.records import ImageData
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from imgcls.engine.callbacks import Callback
@@ -214,6 +214,11 @@ class Classifier(ModelBundle):
                progress: bool, backend: str, strict: bool) -> tuple[np.ndarray, list[str], dict[int, str]]:
         split, sources = as_split(images, self.preprocessing)
         skipped: dict[int, str] | None = None if strict else {}
+        if self.preprocessing.frames == "all" and not split.in_memory:  # one row per frame of multi-frame files
+            split, sources, unreadable = expand_frames(split, sources, self.preprocessing)
+            if unreadable and strict:
+                raise ImgclsError(next(iter(unreadable.values())), "fix or remove the file, or drop --strict")
+            skipped = unreadable
         with self.predictor(backend, device, precision, batch_size, workers) as p:
             logits, _ = p.run(split, progress=progress, skipped=skipped)
             probs = p.probabilities(logits)

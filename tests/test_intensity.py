@@ -155,3 +155,28 @@ def test_unreadable_file_in_a_16_bit_predict_batch(tmp_path):
                 channels=1, size=16, workers=0, skipped=skipped)
     [(x, _)] = list(b)
     assert x.dtype == torch.uint16 and list(skipped) == [1]
+
+
+def test_predict_every_frame_of_a_multi_frame_dicom(tmp_path):
+    """frames=all: prediction gives a row per frame (file#frameN), as training and
+    evaluation decode them; an unreadable file keeps its row, with the reason."""
+    pytest.importorskip("pydicom")
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from imgcls import Classifier
+
+    shutil.copy(get_testdata_file("rtdose.dcm"), tmp_path / "dose.dcm")  # 15 frames
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")  # 1 frame
+    (tmp_path / "broken.dcm").write_bytes(b"DICM" * 10)
+    clf = Classifier.create("reference_cnn", num_classes=2, in_chans=1, img_size=16, seed=0)
+    clf.preprocessing = dataclasses.replace(clf.preprocessing, frames="all")
+    preds = clf.predict([tmp_path / "ct.dcm", tmp_path / "dose.dcm", tmp_path / "broken.dcm"], precision="fp32")
+    names = [p.source for p in preds]
+    assert names[0] == str(tmp_path / "ct.dcm") and len(preds) == 1 + 15 + 1
+    assert names[1:16] == [f"{tmp_path / 'dose.dcm'}#frame{i}" for i in range(15)]
+    assert all(p.label for p in preds[:16]) and preds[16].error and "broken.dcm" in preds[16].error
+    assert len(clf.predict(tmp_path / "dose.dcm", precision="fp32")) == 15
+    clf.preprocessing = dataclasses.replace(clf.preprocessing, frames="first")  # the default: the first frame
+    assert len(clf.predict(tmp_path / "dose.dcm", precision="fp32")) == 1

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from imgcls.data.balance import BalancePlan, plan_balance
-from imgcls.data.cache import CacheSpec
+from imgcls.data.cache import CacheSpec, decoded_split
 from imgcls.data.decode import images_in_folder, to_mode
 from imgcls.data.decode_pass import DecodedData, decode_data
 from imgcls.data.loaders import BalancedOrder, Batches
@@ -154,6 +154,32 @@ def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1,
     whole = dataclasses.replace(data, train=None, test=data.train,
                                 notes=[*data.notes, f"evaluated whole: all {len(data.train)} images"])
     return whole, "all", "test"
+
+
+def expand_frames(split: Split, names: list[str], pre: Preprocessing) -> tuple[Split, list[str], dict[int, str]]:
+    """``frames="all"`` at prediction: every frame of a multi-frame (DICOM) file becomes a row
+    of its own, named ``file#frameN``, decoded once through the cache as training and
+    evaluation decode it. An unreadable file keeps one blank row, returned with its reason
+    (row index -> reason), so the caller reports it in place."""
+    d = decoded_split(split, pre)
+    bad = {str(p): why for p, why in d.skipped}
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for row, (p, frame) in enumerate(zip(d.paths, d.frames)):
+        rows.setdefault(str(p), []).append((row, frame))
+    side = CacheSpec.for_preprocessing(pre).side
+    blank = torch.zeros(1, pre.in_chans, side, side, dtype=torch.uint16 if pre.bit_depth == 16 else torch.uint8)
+    parts, out_names, skipped = [], [], {}
+    for p, name in zip(split.paths, names):
+        units = rows.get(str(p))
+        if units is None:
+            skipped[len(out_names)] = f"{p}: {bad.get(str(p), 'cannot be read')}"
+            parts.append(blank)
+            out_names.append(name)
+            continue
+        for row, frame in units:
+            parts.append(d.split.images[row:row + 1])
+            out_names.append(name if len(units) == 1 else f"{name}#frame{frame}")
+    return Split(labels=torch.zeros(len(parts), dtype=torch.long), images=torch.cat(parts)), out_names, skipped
 
 
 def decode_split(data: ImageData, name: str, pre: Preprocessing, *, strict: bool = False, cache: bool = True,
