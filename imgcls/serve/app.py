@@ -90,10 +90,10 @@ def header_text(text: str) -> str:
     return quote(text, safe=_HEADER_SAFE)
 
 
-def _own_model(clf, backend):
+def _own_model(clf, predictor):
     """The classifier Grad-CAM uses. It hooks the module and needs gradients, so when /predict's
     backend runs the same module (torch) it gets a copy of its own, and neither waits for the other."""
-    inner = getattr(backend, "backend", backend)  # a Predictor wraps the backend that holds the module
+    inner = predictor.backend  # the backend that holds the module (torch) or a session (ONNX)
     if getattr(inner, "model", None) is not clf.model:
         return clf
     twin = copy.copy(clf)
@@ -102,14 +102,15 @@ def _own_model(clf, backend):
 
 
 class Service:
-    """Everything a request needs: the model, its backend, the batcher and the limits."""
+    """Everything a request needs: the model, its predictor (backend, TTA, temperature: the one
+    every road uses), the batcher and the limits."""
 
-    def __init__(self, clf, backend, s: ServeSettings):
-        self.clf, self.backend, self.s = clf, backend, s
-        self.batcher = DynamicBatcher(backend.logits, s.max_batch, s.max_wait_ms / 1000, s.max_queue)
+    def __init__(self, clf, predictor, s: ServeSettings):
+        self.clf, self.predictor, self.s = clf, predictor, s
+        self.batcher = DynamicBatcher(predictor.logits, s.max_batch, s.max_wait_ms / 1000, s.max_queue)
         self.budget = PixelBudget(2 * pixel_limit(s.max_pixels), s.max_waiting_uploads)
         self.explainer = Lane("explain", s.max_explain)
-        self.explain_clf = _own_model(clf, backend)
+        self.explain_clf = _own_model(clf, predictor)
         self.transform = clf.preprocessing.pil_transform()
         self.started = time.time()
 
@@ -179,7 +180,7 @@ class Service:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities of a batch of logits (N, K)."""
-        return self.backend.probabilities(logits)
+        return self.predictor.probabilities(logits)
 
     async def predict(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -194,7 +195,7 @@ class Service:
         classes = self.clf.classes
         return {"label": classes[order[0]],
                 "top": [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order],
-                "backend": self.backend.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+                "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     async def explain(self, request: Request) -> Response:
         from imgcls.serve.explain import gradcam_overlay, shrink_for_explain
@@ -203,7 +204,7 @@ class Service:
         k, target = self.top_k(up.top_k), self.target(up.target)
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         shrink = partial(shrink_for_explain, img_size=self.clf.preprocessing.img_size)
-        dev = str(getattr(self.backend, "device", None) or "cpu")
+        dev = str(self.predictor.device)
         with self.explainer.place() as place:  # refused (503) before any decoding when the lane is full
             img = await self.decoded(up, 3, shrink, deadline)  # RGB: the overlay shows the upload itself
             ov = await place.run(gradcam_overlay, self.explain_clf, img, target, k, dev,
@@ -215,7 +216,7 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         s, clf = self.s, self.clf
-        return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": self.backend.name,
+        return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": self.predictor.name,
                 "uptime_s": round(time.time() - self.started, 1), "auth": s.api_key is not None,
                 "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, **self.batcher.stats.to_dict()},
                 "load": {"queued": self.batcher.queued, "max_queue": s.max_queue,
@@ -317,7 +318,7 @@ def _add_routes(app: FastAPI, svc: Service, guarded: list) -> None:
     @app.get("/model", dependencies=guarded, summary="The model card (model.json)")
     async def model_card() -> dict[str, Any]:
         s = svc.s
-        return {**svc.clf.card, "serving": {"backend": svc.backend.name, "max_upload_mb": s.max_upload_mb,
+        return {**svc.clf.card, "serving": {"backend": svc.predictor.name, "max_upload_mb": s.max_upload_mb,
                                             "max_pixels": pixel_limit(s.max_pixels), "max_batch": s.max_batch}}
 
     # The page and the docs are static shells with no model data: they load without the
