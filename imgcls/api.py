@@ -154,11 +154,7 @@ class Classifier(ModelBundle):
         """Learning-rate range test on a copy of this model (its weights stay as they are),
         on exactly the batches ``fit`` with the same config would train on."""
         session = TrainingSession(self, _config(config, overrides), progress=False)
-        pre = self.preprocessing
-        try:
-            return session.find_lr(data, steps=steps, start_lr=start_lr, end_lr=end_lr)
-        finally:
-            self.preprocessing = pre  # the finder derives preprocessing for the data; fit does that itself
+        return session.find_lr(data, steps=steps, start_lr=start_lr, end_lr=end_lr)
 
     # ------------------------------------------------------------------ inference
     def predictor(self, backend: str = "torch", device: str = "auto", precision: str = "auto",

@@ -69,6 +69,13 @@ def derive_preprocessing(pre: Preprocessing, data: ImageData, pretrained: bool) 
 
 
 # ---------------------------------------------------------------------- evaluation / prediction
+def stored_crop(split: Split, pre: Preprocessing) -> int | None:
+    """The centre crop an in-memory split needs: decoded-once photos are stored
+    ``img_size / crop_pct`` square, larger than the model input (None: already its size)."""
+    big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
+    return pre.img_size if big else None
+
+
 def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: int | None = None,
                  device: torch.device | None = None, skipped: dict[int, str] | None = None) -> Batches:
     """Every image of ``split`` once, in order, as the model sees it at inference: files
@@ -76,8 +83,7 @@ def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: 
     (stored ``img_size / crop_pct`` square) centre-cropped."""
     pin = device is not None and device.type == "cuda"
     if split.in_memory:
-        big = pre.resize == "shorter_side" and split.images.shape[-1] > pre.img_size
-        return Batches(split, batch_size, pin_memory=pin, center_crop=pre.img_size if big else None)
+        return Batches(split, batch_size, pin_memory=pin, center_crop=stored_crop(split, pre))
     spec = CacheSpec.for_preprocessing(pre)  # the same reduced JPEG decode as the cache
     return Batches(split, batch_size, transform=pre.pil_transform(), channels=pre.in_chans, size=pre.img_size,
                    workers=workers, pin_memory=pin, skipped=skipped,
@@ -211,6 +217,7 @@ class TrainSettings:
 
 @dataclass
 class TrainInputs:
+    pre: Preprocessing  # what the batches were built for (the model trains and is saved with it)
     data: ImageData  # file splits replaced by decoded ones
     train: Batches
     val: Batches | None
@@ -250,12 +257,10 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
     crop = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip) if photo_crop else None
     in_workers = photo_crop and device.type == "cpu"
     pin = device.type == "cuda"
-    # decoded-once photos are stored img_size / crop_pct square: centre-crop them unless
-    # training crops them at random
-    big = pre.resize == "shorter_side" and data.train.images.shape[-1] > pre.img_size
+    # decoded-once photos are centre-cropped to the model input unless training crops them at random
     train = Batches(data.train, batch_size, shuffle=True, seed=s.seed, drop_last=True, pin_memory=pin, order=order,
                     transform=crop if in_workers else None, workers=s.workers,
-                    center_crop=pre.img_size if big and not photo_crop else None)
+                    center_crop=None if photo_crop else stored_crop(data.train, pre))
     val = eval_batches(data.val, pre, max(256, batch_size), workers=s.workers, device=device) \
         if data.val is not None else None
     if world > 1:  # each process reads its share (engine/distributed.py)
@@ -270,4 +275,5 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
             train.alternate_flips(s.seed)
         batch_aug = BatchAugment(aug.translate, aug.hflip and aug.flip_order != "alternate", s.randaugment) \
             if data.train.in_memory and (aug.preset != "none" or s.randaugment) else None
-    return TrainInputs(data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan, files=files)
+    return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
+                       files=files)

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgcls.data.loaders import Batches
+from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.engine.callbacks import Callback, TrainState
 from imgcls.engine.device import autocast
+from imgcls.engine.trainer import Trainer
 from imgcls.errors import ImgclsError
 
 
@@ -226,10 +229,6 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     (and validation) images, then only the classifier trains - on the ordinary
     :class:`~imgcls.engine.trainer.Trainer`, with its optimizer, schedule and callbacks,
     over batches of feature vectors - for ``settings.epochs`` epochs."""
-    from imgcls.data.loaders import Batches
-    from imgcls.data.records import Split
-    from imgcls.engine.trainer import Trainer
-
     say = log or (lambda _m: None)
     model.to(device)
     t0 = time.perf_counter()
@@ -247,7 +246,8 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
                     seed=s.seed, drop_last=True)
     val_feats = Batches(Split(labels=y_va.cpu(), images=x_va.cpu()), 4096) if x_va is not None else None
     drop = float(getattr(model, "drop_rate", 0.0) or 0.0)  # the head dropout the cache skipped
-    trainer = Trainer(model.get_classifier(), None, s, device, None, batch_augment=FeatureDropout(drop) if drop else None,
+    trainer = Trainer(model.get_classifier(), None, s, device, None,
+                      batch_augment=FeatureDropout(drop) if drop else None,
                       callbacks=callbacks, class_weights=class_weights)
     t1 = time.perf_counter()
     # The head's steps are tiny (a (B, D) x (D, K) matmul): on the CPU one thread is ~30x faster

@@ -22,7 +22,8 @@ import torch
 
 from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
-from imgcls.data.pipeline import TrainInputs, TrainSettings, derive_preprocessing, require_train, training_inputs
+from imgcls.data.pipeline import (TrainInputs, TrainSettings, derive_preprocessing, eval_batches, require_train,
+                                  training_inputs)
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
@@ -97,13 +98,13 @@ class TrainingSession:
         return data
 
     def inputs(self, data: ImageData) -> TrainInputs:
-        """The bundle's preprocessing derived for this data (a new object), then the data
-        pipeline's training and validation batches."""
+        """The data pipeline's training and validation batches, for the bundle's preprocessing
+        derived for this data (a new object, ``inputs.pre``: ``run`` gives it to the bundle)."""
         cfg, b = self.cfg, self.bundle
-        b.preprocessing = derive_preprocessing(b.preprocessing, data, b.pretrained)
+        pre = derive_preprocessing(b.preprocessing, data, b.pretrained)
         s = TrainSettings(augment=cfg.augment, hflip=cfg.hflip, randaugment=cfg.randaugment, balance=cfg.balance,
                           seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers)
-        return training_inputs(data, b.preprocessing, s, self.local_batch, device=self.device, rank=self.ctx.rank,
+        return training_inputs(data, pre, s, self.local_batch, device=self.device, rank=self.ctx.rank,
                                world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
                                report_dir=self.writer, announce=self.ctx.is_main)
 
@@ -171,8 +172,6 @@ class TrainingSession:
 
     def _eval_train(self, inp: TrainInputs):
         """The training images in eval view (the feature cache's input)."""
-        from imgcls.data.pipeline import eval_batches
-
         return eval_batches(inp.data.train, self.bundle.preprocessing, max(256, self.local_batch),
                             workers=self.cfg.workers, device=self.device)
 
@@ -182,12 +181,13 @@ class TrainingSession:
         cfg = self.cfg
         self.start()
         inp = self.inputs(self.load(data))
+        self.bundle.preprocessing = inp.pre  # the model trains, and is saved, with what its batches were built for
         lr, found = cfg.lr, None
         if lr == "auto":
             found = self._lr_find(inp)
             lr = found.suggestion
         # flip TTA by default only for small colour images trained with flips (cheap there)
-        tta = ("flip" if inp.aug.hflip and inp.data.kind == "small-colour" else "none") if cfg.tta == "auto" else cfg.tta
+        tta = cfg.tta if cfg.tta != "auto" else "flip" if inp.aug.hflip and inp.data.kind == "small-colour" else "none"
         self.bundle.card["tta"] = tta
         ft = self.finetune(lr)
         self._announce()
@@ -205,7 +205,7 @@ class TrainingSession:
     def _lr_find(self, inp: TrainInputs, steps: int = 100, start_lr: float = 1e-7,
                  end_lr: float = 10.0) -> LRFindResult:
         try:
-            return lr_find(self.bundle.model, self.bundle.preprocessing, inp.train, self.device, self.amp,
+            return lr_find(self.bundle.model, inp.pre, inp.train, self.device, self.amp,
                            fit_settings(self.cfg, start_lr), batch_augment=inp.batch_augment, start_lr=start_lr,
                            end_lr=end_lr, steps=steps, channels_last=self.device.type != "mps")
         except ValueError as exc:

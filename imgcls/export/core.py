@@ -2,9 +2,9 @@
 
 One registry entry per format; each writes the file and returns a backend that can run it
 for the parity check. The run's test-time augmentation is written into the graph, and the
-check compares it with PyTorch running the same TTA: like with like. Anything that is an ``nn.Module`` taking ``(N, C, H, W)`` float
-images and returning ``(N, K)`` logits exports: reference_cnn, timm models and
-layer-list models alike.
+check compares it with PyTorch running the same TTA: like with like. Anything that is an
+``nn.Module`` taking ``(N, C, H, W)`` float images and returning ``(N, K)`` logits exports:
+reference_cnn, timm models and layer-list models alike.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ def data_spec(run_dir: Path | None, card: dict[str, Any], override: str | None) 
     """Where the run's data is: --data, else config.yaml's data, else the card's data name."""
     if override:
         return override
-    if run_dir is not None and RunDir(run_dir).config_values().get("data"):
-        return str(RunDir(run_dir).config_values()["data"])
+    configured = RunDir(run_dir).config_values().get("data") if run_dir is not None else None
+    if configured:
+        return str(configured)
     name = card.get("training", {}).get("data")
     if name:
         return str(name)
