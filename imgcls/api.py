@@ -17,7 +17,6 @@ data pipeline (:mod:`imgcls.data.pipeline`).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from imgcls.data.pipeline import as_split, expand_frames
 from imgcls.data.records import ImageData
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from imgcls.engine.callbacks import Callback
+from imgcls.engine.decisions import Prediction, decide  # noqa: F401 (Prediction: part of the API)
 from imgcls.engine.lr_find import LRFindResult
 from imgcls.engine.predictor import Predictor, eval_data
 from imgcls.engine.reproducibility import seed_everything
@@ -38,25 +38,6 @@ from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.models import MODEL_DEFAULTS, create_model, model_from_config
 from imgcls.version import library_versions  # noqa: F401 (part of the API since 0.1)
-
-
-@dataclass
-class Prediction:
-    source: str
-    top: list[tuple[str, float]]  # (class, probability), best first; empty when the file was unreadable
-    probabilities: list[float] = field(repr=False, default_factory=list)
-    error: str | None = None  # why the image could not be read (it has no prediction)
-
-    @property
-    def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"source": self.source, "label": self.label,
-             "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
-        if self.error:
-            d["error"] = self.error
-        return d
 
 
 def _class_names(num_classes: int | None, classes: list[str] | None, what: str) -> list[str]:
@@ -230,15 +211,7 @@ class Classifier(ModelBundle):
         an error naming it instead)."""
         probs, sources, skipped = self._proba(images, batch_size, device, precision, workers, progress, backend,
                                               strict)
-        k = max(1, min(top_k, self.num_classes))
-        out = []
-        for n, (src, p) in enumerate(zip(sources, probs)):
-            if n in skipped:
-                out.append(Prediction(src, [], [], error=skipped[n]))
-                continue
-            idx = np.argsort(-p)[:k]
-            out.append(Prediction(src, [(self.classes[i], float(p[i])) for i in idx], p.tolist()))
-        return out
+        return decide(self.classes, probs, sources, top_k, skipped)
 
     def explain(self, images: Any, method: str = "gradcam", target: Any = None, layer: str | None = None,
                 **opts: Any) -> list:

@@ -304,3 +304,17 @@ def test_a_folder_of_only_test_images_is_evaluated_and_refused_for_training(tmp_
     err = capsys.readouterr().err
     assert "has no training images (it has test/ but no train/ folder)" in err and err.count("\n") == 1
     assert not (tmp_path / "r2").exists()  # refused before a run folder was made
+
+
+def test_decide_is_the_one_decision_rule():
+    """Classifier.predict, imgcls predict and serve answer through engine/decisions.decide."""
+    import numpy as np
+
+    from imgcls.engine.decisions import decide
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.0, 0.0, 0.0], [0.5, 0.2, 0.3]])
+    preds = decide(["a", "b", "c"], probs, ["x.png", "bad.png", "z.png"], top_k=2, skipped={1: "bad.png: truncated"})
+    assert [p.label for p in preds] == ["b", None, "a"]
+    assert preds[0].top == [("b", 0.7), ("c", 0.2)]
+    assert preds[1].to_dict() == {"source": "bad.png", "label": None, "top": [], "error": "bad.png: truncated"}
+    assert len(decide(["a", "b", "c"], probs, ["1", "2", "3"], top_k=9)[0].top) == 3

@@ -38,6 +38,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from imgcls.engine.decisions import decide
 from imgcls.serve.batching import DynamicBatcher
 from imgcls.serve.limits import Lane, Overloaded, PixelBudget
 from imgcls.serve.middleware import LOCAL_NAMES, BodyLimit, SameOrigin
@@ -190,12 +191,11 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
         logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
-        p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])[0]
-        order = np.argsort(-p)[:k]
-        classes = self.clf.classes
-        return {"label": classes[order[0]],
-                "top": [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order],
-                "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+        p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])
+        [pred] = decide(self.clf.classes, p, [up.name], k)
+        answer = pred.to_dict()
+        del answer["source"]
+        return {**answer, "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     async def explain(self, request: Request) -> Response:
         from imgcls.serve.explain import gradcam_overlay, shrink_for_explain

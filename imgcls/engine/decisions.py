@@ -1,0 +1,48 @@
+"""What a prediction says: the one place a row of class probabilities becomes a Prediction.
+
+``Classifier.predict``, ``imgcls predict`` (text, CSV, JSON) and ``imgcls serve`` all build
+their answers with :func:`decide`, so a decision rule added here (per-class thresholds,
+"unknown" rejection, prediction sets) reaches every road at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when the file was unreadable
+    probabilities: list[float] = field(repr=False, default_factory=list)
+    error: str | None = None  # why the image could not be read (it has no prediction)
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.source, "label": self.label,
+                             "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def decide(classes: Sequence[str], probs: np.ndarray, sources: Sequence[str], top_k: int = 1,
+           skipped: dict[int, str] | None = None) -> list[Prediction]:
+    """One Prediction per row of ``probs`` (N, K): the top-k classes, best first. Row n in
+    ``skipped`` (an unreadable file) gets ``error`` set and no classes."""
+    skipped = skipped or {}
+    k = max(1, min(top_k, len(classes)))
+    out = []
+    for n, (src, p) in enumerate(zip(sources, probs)):
+        if n in skipped:
+            out.append(Prediction(src, [], [], error=skipped[n]))
+            continue
+        idx = np.argsort(-p, kind="stable")[:k]
+        out.append(Prediction(src, [(classes[i], float(p[i])) for i in idx], p.tolist()))
+    return out
