@@ -37,6 +37,8 @@ def configs(weights: Path) -> dict[str, tuple[str, list[str]]]:
     return {
         "hymenoptera_auto": ("hymenoptera", user),
         "signdigits_auto": ("signdigits", user),
+        # the same with mirror-image test-time augmentation at the final evaluation
+        "signdigits_auto_tta": ("signdigits", [*user, "--tta", "flip"]),
         # the full fine-tuning option: the default recipe (Adam 3e-3 one-cycle, batch 128, 3 epochs)
         "hymenoptera_full_finetune": ("hymenoptera", [*user, "--freeze", "none"]),
         "signdigits_full_finetune": ("signdigits", [*user, "--freeze", "none"]),
