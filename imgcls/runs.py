@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +115,6 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     clf = Classifier.from_config(cfg, data)
-    if progress and ctx.is_main and resume is None:  # the model exists: training starts now
-        print(f"imgcls: {cfg.recipe_choice}", file=sys.stderr, flush=True)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
     summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)

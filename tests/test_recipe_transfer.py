@@ -75,7 +75,7 @@ def test_train_with_only_weights_runs_the_probe_and_records_the_choice(photo_fol
     assert "linear probe on cached features" in line and "pretrained backbone, 96 px input, photos ~20 px" in line
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["recipe"] == "transfer" and saved["freeze"] == "backbone" and saved["img_size"] == 96
-    assert saved["recipe_choice"] == line.removeprefix("imgcls: ")
+    assert saved["recipe_choice"] == line
     assert result.summary["finetune"]["feature_cache"] is True
     assert TrainConfig.from_yaml(result.run_dir / "config.yaml").recipe == "transfer"  # loads back
 

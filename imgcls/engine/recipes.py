@@ -137,9 +137,10 @@ def explain_choice(name: str, ctx: RecipeContext, cfg) -> str:
             what = "fine-tuning the pretrained network"
         seen = f", photos ~{ctx.image_side} px" if ctx.image_side else ""
         return f"{what}: {images}, pretrained backbone, {cfg.img_size} px input{seen}"
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
     if name == "fast":
-        return f"fast: {images} held in memory ({ctx.kind}), {cfg.epochs} epochs of {cfg.model}"
-    return f"{name}: {images} ({ctx.kind}), {cfg.epochs} epochs"
+        return f"fast: {images} held in memory ({ctx.kind}), {epochs} of {cfg.model}"
+    return f"{name}: {images} ({ctx.kind}), {epochs}"
 
 
 def _airbench_sgd(batch_size: int) -> dict[str, Any]:
