@@ -35,8 +35,10 @@ class TrainConfig(BaseModel):
     bit_depth: Literal[8, 16] = 8  # 16: keep 16-bit data at 16 bits through the decode cache
     frames: Literal["first", "all"] = "first"  # multi-frame DICOM: first frame, or every frame an image
     # recipe: a named preset (imgcls/engine/recipes.py) fills every field not given explicitly;
-    # auto picks one from the data (fast for in-memory small images, else default)
-    recipe: Literal["auto", "fast", "accurate", "reference", "default"] = "auto"
+    # auto picks one from the data (transfer for a pretrained backbone, fast for in-memory small
+    # images, else default)
+    recipe: Literal["auto", "fast", "accurate", "reference", "default", "transfer"] = "auto"
+    recipe_choice: str | None = None  # written by a run: the one-line reason for its recipe (not a flag)
     epochs: int = 3
     batch_size: int = 128
     lr: float | Literal["auto"] = 3e-3  # auto: run the learning-rate finder first

@@ -13,6 +13,7 @@ import torch
 from imgcls.api import Classifier
 from imgcls.config import TrainConfig
 from imgcls.data.pipeline import require_train
+from imgcls.data.decode import typical_side
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
@@ -22,6 +23,7 @@ from imgcls.engine.lr_find import LRFindResult
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
 from imgcls.engine.reproducibility import set_deterministic
 from imgcls.errors import ImgclsError
+from imgcls.models import model_from_config
 from imgcls.rundir import RunDir
 
 
@@ -130,9 +132,17 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
 
 
 def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
-    return RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
-                         in_memory=bool(data.train is not None and data.train.in_memory),
-                         device_type=resolve_device(cfg.device).type)
+    in_memory = bool(data.train is not None and data.train.in_memory)
+    ctx = RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
+                        in_memory=in_memory, device_type=resolve_device(cfg.device).type,
+                        pretrained=bool(cfg.pretrained or cfg.weights))
+    if ctx.pretrained and data.train is not None:
+        from imgcls.models.pretrained import pretrained_input
+
+        arch, _ = model_from_config(cfg.model)
+        ctx.pretrained_side, ctx.fixed_side = pretrained_input(arch)
+        ctx.image_side = data.native_size if in_memory else typical_side(data.train.paths)
+    return ctx
 
 
 def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: float = 1e-7,

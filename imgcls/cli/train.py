@@ -27,7 +27,8 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
     "workers": "image-decoding processes (default: automatic)",
-    "recipe": "preset of the fields below (fast, accurate, reference, default); explicit flags override it",
+    "recipe": "preset of the fields below (fast, accurate, reference, default, transfer); explicit flags override "
+              "it; auto: transfer with --weights/--pretrained, fast for large in-memory sets, else default",
     "lr": "learning rate, or auto to pick one with the learning-rate finder",
     "mixup": "mixup alpha (timm), e.g. 0.2; 0 = off",
     "cutmix": "cutmix alpha (timm), e.g. 1.0; 0 = off",
@@ -56,6 +57,9 @@ _HELP = {
 }
 
 
+_NOT_FLAGS = {"recipe_choice"}  # written by a run into config.yaml, not set by users
+
+
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if len(args) > 1 and any(typing.get_origin(a) is typing.Literal for a in args):
@@ -79,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/checkpoint.pt, with its "
                    "own config.yaml (only --checkpoint-every and --workers may change)")
     for name, field in TrainConfig.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
         flag = "--" + name.replace("_", "-")
         default = field.default
         helptext = f"{_HELP.get(name, name.replace('_', ' '))} (default: {default})"

@@ -42,17 +42,20 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from imgcls.data.decode import UnreadableImage, frame_count, load_image, path_problem
 from imgcls.data.download import cache_dir
 from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 CACHE_FORMAT = 3  # bump when the stored bytes would change for the same spec (2: rows stored HWC; 3: intensity)
 MARKER = "CACHEDIR.TAG"

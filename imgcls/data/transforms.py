@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torchvision is imported where an image-file transform is built (_v2), not at module load:
+# `import torchvision` pulls in torch._dynamo and sympy (~1-2 s), which in-memory data never needs
+
+
+def _v2():
+    from torchvision.transforms import v2
+
+    return v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,10 +73,11 @@ class Preprocessing:
 
     # ------------------------------------------------------------------ images
     def _interp(self) -> v2.InterpolationMode:
-        return v2.InterpolationMode(self.interpolation)
+        return _v2().InterpolationMode(self.interpolation)
 
     def geometry(self) -> list:
         """The resize (and centre crop) ops on a (C, H, W) tensor."""
+        v2 = _v2()
         if self.resize == "shorter_side":
             return [v2.Resize(int(round(self.img_size / self.crop_pct)), interpolation=self._interp(), antialias=True),
                     v2.CenterCrop(self.img_size)]
@@ -76,7 +88,7 @@ class Preprocessing:
         mapping and channel conversion, then uint8 (bit_depth 8) or float32 holding
         0..65535 (bit_depth 16: resized as float, see :class:`ToUInt16`)."""
         return [MapIntensity(self.intensity, self.in_chans, self.bit_depth)] + \
-            ([v2.PILToTensor()] if self.bit_depth == 8 else [])
+            ([_v2().PILToTensor()] if self.bit_depth == 8 else [])
 
     def finish(self) -> list:
         return [ToUInt16()] if self.bit_depth == 16 else []
@@ -85,7 +97,7 @@ class Preprocessing:
         """Eval transform for one decoded PIL image -> uint8 (C,S,S) (uint16 for bit_depth 16).
         ``.dtype`` on the result says which (a loader's blank stand-in for an unreadable file
         must match the batch it joins)."""
-        tf = v2.Compose([*self.to_tensor(), *self.geometry(), *self.finish()])
+        tf = _v2().Compose([*self.to_tensor(), *self.geometry(), *self.finish()])
         tf.dtype = torch.uint16 if self.bit_depth == 16 else torch.uint8
         return tf
 

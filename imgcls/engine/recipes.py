@@ -25,12 +25,24 @@ RECIPES: Registry = Registry("recipe")
 AUTO_FAST_MIN_IMAGES = 5000
 
 
+# transfer: the input side for photos smaller than the pretrained input is this multiple of
+# their own side (rounded up to 32 px, at least TRANSFER_MIN_SIDE): signdigits' 100 px photos,
+# Lite0 linear probe (docs/bench-transfer.md): 128 px 94.0%, 160 px 95.0%, 224 px 95.7% at
+# 1 : 1.6 : 3.2 of the feature-extraction time
+TRANSFER_UPSCALE = 1.6
+TRANSFER_MIN_SIDE = 96
+
+
 @dataclass
 class RecipeContext:
     kind: str  # "digits", "small-colour", "photos" (ImageData.kind)
     num_train: int
     in_memory: bool
     device_type: str  # "cpu", "cuda", "mps"
+    pretrained: bool = False  # --pretrained / --weights
+    image_side: int | None = None  # typical (median) shorter side of the training images
+    pretrained_side: int = 224  # the input side the pretrained weights were trained at
+    fixed_side: bool = False  # the architecture takes only that side (ViT, Swin)
 
 
 @RECIPES.register("default")
@@ -93,6 +105,44 @@ def accurate_recipe(ctx: RecipeContext) -> dict[str, Any]:
             "randaugment": "rand-m9-mstd0.5", "mixup": 0.2, "cutmix": 1.0, "ema": 0.999, "tta": "flip"}
 
 
+@RECIPES.register("transfer")
+def transfer_recipe(ctx: RecipeContext) -> dict[str, Any]:
+    """A pretrained backbone: the linear probe on cached features - the frozen backbone runs
+    once over the training images and their mirror images, then only the classifier trains
+    (Adam 3e-3 one-cycle, 20 epochs of seconds) - at an input side chosen from the data.
+    Full fine-tuning on a CPU was slower and less accurate on every set measured
+    (docs/bench-transfer.md); give --freeze none (or --recipe default) for it."""
+    return {"freeze": "backbone", "feature_cache": "auto", "epochs": 20, "batch_size": 128, "lr": 3e-3,
+            "optimizer": "adam", "schedule": "onecycle", "warmup_epochs": 0.3, "img_size": transfer_side(ctx)}
+
+
+def transfer_side(ctx: RecipeContext) -> int:
+    """The pretrained side, or less for smaller photos: TRANSFER_UPSCALE x their side,
+    rounded up to 32 px. Architectures with a fixed input keep theirs."""
+    side = ctx.pretrained_side
+    if ctx.fixed_side or not ctx.image_side or ctx.image_side >= side:
+        return side
+    scaled = -(-int(ctx.image_side * TRANSFER_UPSCALE) // 32) * 32
+    return max(TRANSFER_MIN_SIDE, min(side, scaled))
+
+
+def explain_choice(name: str, ctx: RecipeContext, cfg) -> str:
+    """One line: what the recipe does with this data, for the start of training and config.yaml."""
+    images = f"{ctx.num_train:,} training images"
+    if name == "transfer":
+        if cfg.freeze == "backbone" and cfg.unfreeze_at is None and cfg.feature_cache != "off":
+            what = "linear probe on cached features (with mirror images)" if cfg.hflip is not False \
+                else "linear probe on cached features"
+        else:
+            what = "fine-tuning the pretrained network"
+        seen = f", photos ~{ctx.image_side} px" if ctx.image_side else ""
+        return f"{what}: {images}, pretrained backbone, {cfg.img_size} px input{seen}"
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    if name == "fast":
+        return f"fast: {images} held in memory ({ctx.kind}), {epochs} of {cfg.model}"
+    return f"{name}: {images} ({ctx.kind}), {epochs}"
+
+
 def _airbench_sgd(batch_size: int) -> dict[str, Any]:
     """airbench94's optimiser for a mean (not summed) loss: its lr 11.5 and decay 0.0153
     'per 1024 examples' with momentum 0.85 come out as lr = 1.5 * batch/1024 and a
@@ -102,6 +152,8 @@ def _airbench_sgd(batch_size: int) -> dict[str, Any]:
 
 
 def choose_recipe(ctx: RecipeContext) -> str:
+    if ctx.pretrained:
+        return "transfer"
     if ctx.in_memory and ctx.kind in ("digits", "small-colour") and ctx.num_train >= AUTO_FAST_MIN_IMAGES:
         return "fast"
     return "default"
@@ -109,15 +161,21 @@ def choose_recipe(ctx: RecipeContext) -> str:
 
 def resolve_recipe(cfg, ctx: RecipeContext):
     """A copy of ``cfg`` (TrainConfig) with the recipe's values in every field the user did
-    not set, and ``recipe`` set to the concrete name (never 'auto')."""
-    name = choose_recipe(ctx) if cfg.recipe == "auto" else cfg.recipe
-    values = RECIPES.get(name)(ctx)
+    not set, ``recipe`` set to the concrete name (never 'auto') and ``recipe_choice`` to the
+    one-line explanation (:func:`explain_choice`)."""
+    auto = cfg.recipe == "auto"
+    name = choose_recipe(ctx) if auto else cfg.recipe
     explicit = cfg.model_fields_set
+    if auto and name == "transfer" and (cfg.freeze == "none" and "freeze" in explicit or cfg.unfreeze_at):
+        name = "default"  # the user asked for the backbone to train: full fine-tuning, as before
+    values = RECIPES.get(name)(ctx)
     update = {k: v for k, v in values.items() if k not in explicit}
     if "batch_size" in explicit and "lr" in update and "batch_size" in values:
         update["lr"] = scale_lr(update["lr"], values["batch_size"], cfg.batch_size,
                                 update.get("optimizer", cfg.optimizer))
-    return cfg.model_copy(update={**update, "recipe": name})
+    out = cfg.model_copy(update={**update, "recipe": name})
+    line = f"recipe {'auto → ' if auto else ''}{explain_choice(name, ctx, out)}"
+    return out.model_copy(update={"recipe_choice": line})
 
 
 def scale_lr(lr: float, from_batch: int, to_batch: int, optimizer: str) -> float:

@@ -213,6 +213,8 @@ class TrainingSession:
 
     def _announce(self) -> None:
         cfg, ctx, say = self.cfg, self.ctx, self.say
+        if say and cfg.recipe_choice and self.resume is None:  # why this recipe (runs.train resolved it)
+            say(cfg.recipe_choice)
         if say and self.resume is not None:
             r = self.resume
             say(f"resuming {self.run_dir} at epoch {r['epoch']}, batch {r['batch_in_epoch']}/{r['steps_per_epoch']} "

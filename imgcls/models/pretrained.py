@@ -73,6 +73,19 @@ def _info_from_cfg(cfg: dict[str, Any], source: str, in_chans: int) -> Pretraine
                           crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875))
 
 
+def pretrained_input(name: str) -> tuple[int, bool]:
+    """(input side, whether the architecture needs exactly that side) of a timm name's default
+    pretrained weights, from timm's config table (no weights are read); (224, False) when
+    timm has none for it. ViTs and Swins are fixed; convolutional nets take any size."""
+    try:
+        cfg = _timm().models.get_pretrained_cfg(name)
+    except Exception:  # unknown names are refused, with close matches, when the model is built
+        cfg = None
+    if cfg is None:
+        return 224, False
+    return int(cfg.input_size[-1]), bool(getattr(cfg, "fixed_input_size", False))
+
+
 # ---------------------------------------------------------------------- local files
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file (read with

@@ -1,0 +1,88 @@
+"""The auto recipe with pretrained weights: the cached-feature linear probe at an input size
+chosen from the data, explained in one line and saved in config.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from imgcls.config import TrainConfig
+from imgcls.engine.recipes import RecipeContext, choose_recipe, resolve_recipe, transfer_side
+
+ARCH = "mobilenetv3_small_050"  # a small timm model (its default pretrained input: 224 px)
+
+
+def _ctx(side: int | None, fixed: bool = False, n: int = 245) -> RecipeContext:
+    return RecipeContext("photos", n, False, "cpu", pretrained=True, image_side=side, pretrained_side=224,
+                         fixed_side=fixed)
+
+
+def test_input_side_follows_small_photos_and_keeps_the_pretrained_one_otherwise():
+    assert transfer_side(_ctx(100)) == 160  # signdigits' 100 px photos: 1.6x, rounded up to 32 px
+    assert transfer_side(_ctx(372)) == 224  # hymenoptera: the pretrained side, never upscaled
+    assert transfer_side(_ctx(224)) == 224
+    assert transfer_side(_ctx(20)) == 96  # never below 96 px
+    assert transfer_side(_ctx(100, fixed=True)) == 224  # a ViT takes only its own side
+    assert transfer_side(_ctx(None)) == 224  # sizes unreadable: the pretrained side
+
+
+def test_auto_with_weights_is_the_cached_linear_probe():
+    assert choose_recipe(_ctx(100)) == "transfer"
+    cfg = resolve_recipe(TrainConfig(data="x", model=ARCH, weights="w.safetensors"), _ctx(100, n=1642))
+    assert (cfg.recipe, cfg.freeze, cfg.feature_cache, cfg.epochs, cfg.img_size) == \
+        ("transfer", "backbone", "auto", 20, 160)
+    assert cfg.recipe_choice == ("recipe auto → linear probe on cached features (with mirror images): "
+                                 "1,642 training images, pretrained backbone, 160 px input, photos ~100 px")
+    # explicit flags still win
+    assert resolve_recipe(TrainConfig(data="x", weights="w", img_size=224, epochs=5), _ctx(100)).img_size == 224
+
+
+def test_asking_for_the_backbone_to_train_falls_back_to_full_fine_tuning():
+    cfg = resolve_recipe(TrainConfig(data="x", weights="w", freeze="none"), _ctx(100))
+    assert cfg.recipe == "default" and cfg.freeze == "none" and cfg.epochs == 3
+    cfg = resolve_recipe(TrainConfig(data="x", weights="w", freeze="backbone", unfreeze_at=2), _ctx(100))
+    assert cfg.recipe == "default" and cfg.unfreeze_at == 2
+    # without pretrained weights nothing changes
+    assert choose_recipe(RecipeContext("photos", 245, False, "cpu")) == "default"
+
+
+def test_recipe_choice_is_not_a_flag():
+    from imgcls.cli.train import add_arguments
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert "--recipe-choice" not in p.format_help()
+
+
+def test_train_with_only_weights_runs_the_probe_and_records_the_choice(photo_folder: Path, tmp_path, capsys):
+    import timm
+
+    from imgcls import train
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model(ARCH, pretrained=False).state_dict().items()}
+    weights = tmp_path / "w.safetensors"
+    save_file(state, str(weights))
+    result = train({"data": str(photo_folder), "model": ARCH, "weights": str(weights), "out": str(tmp_path),
+                    "name": "run"})
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "recipe auto" in ln)
+    assert "linear probe on cached features" in line and "pretrained backbone, 96 px input, photos ~20 px" in line
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["recipe"] == "transfer" and saved["freeze"] == "backbone" and saved["img_size"] == 96
+    assert saved["recipe_choice"] == line
+    assert result.summary["finetune"]["feature_cache"] is True
+    assert TrainConfig.from_yaml(result.run_dir / "config.yaml").recipe == "transfer"  # loads back
+
+
+@pytest.mark.parametrize("flag", ["--freeze", "--img-size"])
+def test_flags_the_recipe_sets_are_still_documented(flag):
+    from imgcls.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert flag in sub.format_help()
