@@ -26,6 +26,7 @@ class TrainConfig(BaseModel):
     img_size: int | None = None  # None: the data's native size (arrays) or 224 (photo folders)
     in_chans: int | None = None  # None: the data's channels (1 grayscale, 3 colour)
     val_split: float = 0.1  # held out (stratified) when the data has no validation split
+    group_by: str | None = None  # manifest column or path regex: held-out split keeps each group on one side
     classes: list[str] | None = None  # fix the class list and order ("a,b,c" on the command line)
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="headers and content hashes only: faster, but no corrupt-data, near-duplicate "
                         "or constant-image checks")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--group-by", metavar="COLUMN|REGEX", help="report groups (a manifest column, or the first "
+                   "capture group of a regex on the file path) with images in more than one split")
     p.add_argument("--max-listed", type=int, default=10, help="files listed per finding in the table")
 
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     data = load_data(args.data, val_split=0.0, classes=classes)
-    report = audit(data, pixels=args.pixels, workers=args.workers)
+    report = audit(data, pixels=args.pixels, workers=args.workers, group_by=args.group_by)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

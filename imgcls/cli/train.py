@@ -20,6 +20,8 @@ _HELP = {
     "img_size": "input side in pixels (default: the data's own size, or 224 for photos)",
     "in_chans": "input channels, 1 or 3 (default: the data's)",
     "val_split": "fraction of train held out for validation when the data has no val split",
+    "group_by": "keep each group on one side of the held-out split: a manifest COLUMN (e.g. run) or a REGEX "
+                "on the file path whose first capture group is the group",
     "warmup_epochs": "linear learning-rate warm-up length, in epochs",
     "augment": "augmentation preset (auto picks by data kind)",
     "hflip": "random horizontal flips (default: on for colour, off for grayscale)",
