@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from imgcls.data.decode import scan_folder
+from imgcls.data.labelstudio import from_labelstudio, is_labelstudio
 from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
 from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
@@ -221,6 +222,10 @@ def resolve(spec: Any, classes: list[str] | None = None) -> ImageData:
     if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
             and Path(str(spec)).expanduser().is_file():
         return from_manifest(Path(str(spec)).expanduser(), classes)
+    if isinstance(spec, (str, Path)) and is_labelstudio(Path(str(spec))) and Path(str(spec)).expanduser().is_file():
+        data = from_labelstudio(Path(str(spec)).expanduser(), classes)  # a Label Studio JSON export
+        data.channels = _guess_channels(data.train)
+        return data
     return with_classes(_resolve(spec), classes)
 
 

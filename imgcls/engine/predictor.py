@@ -96,6 +96,20 @@ class Predictor:
             task = bar.add_task(f"predicting ({self.name})", total=len(split))
             return run_backend(self.backend, batches, lambda n: bar.advance(task, n))
 
+    def run_features(self, split: Split, skipped: dict[int, str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features of every image of ``split`` (torch backend, one
+        view): what diversity-based ranking (imgcls rank --strategy coreset) needs."""
+        fn = getattr(self.backend, "logits_and_features", None)
+        if fn is None:
+            raise ImgclsError(f"the {self.name} backend gives no features", "use the torch backend")
+        batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
+                               device=self.device, skipped=skipped)
+        outs = [fn(x) for x, _ in batches]
+        if not outs:
+            return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
     def close(self) -> None:
         self.backend.close()
 
