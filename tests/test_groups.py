@@ -144,3 +144,13 @@ def test_training_names_the_flag_when_val_has_near_copies_of_train(tmp_path, cap
            "out": str(tmp_path / "runs")}, progress=False)
     err = capsys.readouterr().err
     assert "near-identical image in train" in err and "--group-by" in err
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_signdigits_audit_group_by_run(shared_data, capsys):
+    import json
+
+    main(["audit", str(shared_data / "signdigits" / "runs.csv"), "--group-by", "run", "--no-pixels", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["groups_across_splits"] == 0  # its own split is grouped by run

@@ -86,3 +86,19 @@ def test_audit_labels_includes_the_summary(noisy_npz, tmp_path, capsys):
     assert "label issues" in capsys.readouterr().out
     assert main(["audit", str(path), "--no-pixels", "--labels", str(tmp_path / "nope.csv")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_mnist_subset_flipped_labels_are_found(shared_data, tmp_path, capsys):
+    with np.load(shared_data / "mnist.npz") as f:
+        x, y = f["x_train"][:4000], f["y_train"][:4000].astype(np.int64)
+    rng = np.random.default_rng(0)
+    flip = rng.choice(len(y), 200, replace=False)
+    y[flip] = (y[flip] + rng.integers(1, 10, len(flip))) % 10
+    np.savez(tmp_path / "noisy.npz", x_train=x, y_train=y)
+    out = tmp_path / "issues.csv"
+    assert main(["label-issues", str(tmp_path / "noisy.npz"), "--out", str(out), "--epochs", "4", "--json"]) == 0
+    found = {int(r["index"]) for r in csv.DictReader(out.open())}
+    hit = len(found & set(flip.tolist()))
+    assert hit / len(found) > 0.7 and hit / len(flip) > 0.7
