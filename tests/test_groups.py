@@ -154,3 +154,18 @@ def test_signdigits_audit_group_by_run(shared_data, capsys):
     main(["audit", str(shared_data / "signdigits" / "runs.csv"), "--group-by", "run", "--no-pixels", "--json"])
     r = json.loads(capsys.readouterr().out)
     assert r["groups_across_splits"] == 0  # its own split is grouped by run
+
+
+def test_train_group_by_is_recorded_and_evaluate_rebuilds_the_same_split(tmp_path, capsys):
+    import json
+
+    m = _manifest(tmp_path / "m", groups=10)
+    assert main(["train", "--data", str(m), "--group-by", "run", "--val-split", "0.3", "--epochs", "1",
+                 "--img-size", "20", "--out", str(tmp_path / "runs"), "--name", "g"]) == 0
+    run = tmp_path / "runs" / "g"
+    tr = json.loads((run / "metrics.json").read_text())["training"]
+    assert tr["group_by"] == "run" and tr["val_images"] % 3 == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(m), "--split", "val", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["num_images"] == tr["val_images"]
