@@ -1,6 +1,7 @@
 """Random vs grouped validation split on signdigits (hand photos taken in runs).
 
-The manifest ``runs.csv`` gives every image's run. This benchmark keeps its grouped split's
+The manifest ``runs.csv`` gives every image's run (``--group-by run``); a regex on the file
+name (``--group-by 'IMG_(\d\d)\d\d'``) groups by the hundreds of the file number instead. This benchmark keeps its grouped split's
 ``val`` runs (``run % 5 == 0``) as an untouched *test* set and trains on the rest twice,
 holding out 20 % for validation: at random (near-copies from one run on both sides) and
 with ``--group-by run``. The validation accuracy each run reports is compared with its
@@ -67,7 +68,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_manifest(Path(args.data), Path(tmp) / "signdigits_runs.csv")
-        for name, extra in (("random", []), ("grouped", ["--group-by", "run"])):
+        # the manifest column, and a regex on the file name: the hundreds of the file number
+        # (IMG_11xx, IMG_12xx, ...), whole runs but for the few that cross a hundred
+        arms = (("random", []), ("grouped", ["--group-by", "run"]), ("grouped_regex", ["--group-by", r"IMG_(\d\d)\d\d"]))
+        for name, extra in arms:
             rows.append(run_one(manifest, name, extra, args.model_args, Path(tmp) / "runs"))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = {"bench": "group_split_signdigits", "machine": machine(), "model_args": args.model_args, "runs": rows}
