@@ -102,3 +102,12 @@ def test_mnist_subset_flipped_labels_are_found(shared_data, tmp_path, capsys):
     found = {int(r["index"]) for r in csv.DictReader(out.open())}
     hit = len(found & set(flip.tolist()))
     assert hit / len(found) > 0.7 and hit / len(flip) > 0.7
+
+
+def test_audit_labels_without_a_csv_runs_the_finder(noisy_npz, tmp_path, monkeypatch, capsys):
+    path, _ = noisy_npz
+    monkeypatch.chdir(tmp_path)
+    main(["audit", str(path), "--no-pixels", "--labels", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["label_issues"]["images_checked"] == 180 and (tmp_path / "issues.csv").is_file()
+    assert (tmp_path / "issues.html").is_file()
