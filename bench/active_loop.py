@@ -42,7 +42,7 @@ def one_round(data, labelled: np.ndarray, args) -> tuple[Classifier, float]:
     arrays = (x.permute(0, 2, 3, 1).numpy().squeeze(-1) if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy(),
               y.numpy())
     clf.fit(arrays, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=0.1,
-            augment="light", progress=False)
+            augment="light", hflip=tr.images.shape[1] == 3, progress=False)
     m = clf.evaluate(dataclasses.replace(data, train=None, val=None), announce=False)  # the test split
     return clf, float(m["accuracy"])
 
@@ -87,9 +87,9 @@ def main() -> None:
             picked = select(strategy, softmax(logits, clf.temperature), feats, args.add, args.seed + r, lab_feats)
             labelled = np.sort(np.concatenate([labelled, pool[np.asarray(picked)]]))
         result["strategies"][strategy] = {"curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}
-    out = ROOT / "bench" / "results" / f"active_loop_{args.data}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+        out = ROOT / "bench" / "results" / f"active_loop_{args.data}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))  # after every strategy: a cut-short run keeps what it has
     print(json.dumps(result))
 
 
