@@ -39,8 +39,9 @@ def one_round(data, labelled: np.ndarray, args) -> tuple[Classifier, float]:
     y = tr.labels[torch.from_numpy(labelled)]
     clf = Classifier.create(args.model, classes=data.classes, in_chans=tr.images.shape[1],
                             img_size=tr.images.shape[-1], seed=args.seed)
-    arrays = (x.permute(0, 2, 3, 1).numpy().squeeze(-1) if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy(),
-              y.numpy())
+    hwc = x.permute(0, 2, 3, 1).numpy()
+    arrays = {"x_train": hwc.squeeze(-1) if x.shape[1] == 1 else hwc, "y_train": y.numpy(),
+              "class_names": data.classes}
     clf.fit(arrays, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_split=0.1,
             augment="light", hflip=tr.images.shape[1] == 3, progress=False)
     m = clf.evaluate(dataclasses.replace(data, train=None, val=None), announce=False)  # the test split
