@@ -26,6 +26,9 @@ class TrainConfig(BaseModel):
     img_size: int | None = None  # None: the data's native size (arrays) or 224 (photo folders)
     in_chans: int | None = None  # None: the data's channels (1 grayscale, 3 colour)
     val_split: float = 0.1  # held out (stratified) when the data has no validation split
+    group_by: str | None = None  # manifest column or path regex: held-out split keeps each group on one side
+    unlabeled: str | None = None  # folder / .npz of unlabelled images: pseudo-labels from a teacher (curation/semi.py)
+    pseudo_threshold: float = 0.95  # teacher confidence a pseudo-label needs
     classes: list[str] | None = None  # fix the class list and order ("a,b,c" on the command line)
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
@@ -144,7 +147,7 @@ class TrainConfig(BaseModel):
             raise ValueError("must be greater than 0 (minutes)")
         return v
 
-    @field_validator("val_split")
+    @field_validator("val_split", "pseudo_threshold")
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:

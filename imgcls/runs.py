@@ -111,9 +111,14 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         from imgcls.engine.loggers import parse_log
 
         parse_log(cfg.log)
-    data = require_train(load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes))
+    data = require_train(load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
+                                          group_by=cfg.group_by))
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    if cfg.unlabeled:  # semi-supervised: the teacher's confident pseudo-labels join the training split
+        from imgcls.curation.semi import add_pseudo_labels
+
+        data = add_pseudo_labels(cfg, data, progress and ctx.is_main)
     clf = Classifier.from_config(cfg, data)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
@@ -152,7 +157,8 @@ def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: fl
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
-    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes)
+    data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
+                                          group_by=cfg.group_by)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     res = Classifier.from_config(cfg, data).find_lr(data, cfg, steps=steps, start_lr=start_lr, end_lr=end_lr)
     return res, cfg

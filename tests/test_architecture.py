@@ -21,7 +21,7 @@ LAYERS = {
     "evaluation": 5, "explain": 5, "export": 5,
     "serve": 6,
     "api": 7,
-    "runs": 8,
+    "runs": 8, "curation": 8,  # label issues, ranking: workflows on the API, like runs
     "cli": 9, "__main__": 9, "__init__": 9,
 }
 # below the API: never the API, the run workflow or the package root

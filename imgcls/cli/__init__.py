@@ -16,15 +16,18 @@ from imgcls.cli import cache as _cache
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import explain as _explain
 from imgcls.cli import export as _export
+from imgcls.cli import label_issues as _label_issues
 from imgcls.cli import lr_find as _lr_find
 from imgcls.cli import models as _models
 from imgcls.cli import predict as _predict
+from imgcls.cli import rank as _rank
 from imgcls.cli import serve as _serve
 from imgcls.cli import summary as _summary
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models, _summary, _audit, _cache, _lr_find, _explain, _export, _serve]
+COMMANDS = [_train, _evaluate, _predict, _models, _summary, _audit, _cache, _lr_find, _explain, _export, _serve,
+            _label_issues, _rank]
 
 
 def build_parser() -> argparse.ArgumentParser:

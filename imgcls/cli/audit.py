@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="headers and content hashes only: faster, but no corrupt-data, near-duplicate "
                         "or constant-image checks")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--group-by", metavar="COLUMN|REGEX", help="report groups (a manifest column, or the first "
+                   "capture group of a regex on the file path) with images in more than one split")
+    p.add_argument("--labels", nargs="?", const="", metavar="ISSUES.csv",
+                   help="include label issues: the summary of an imgcls label-issues CSV, or (no value) run "
+                        "label-issues with its defaults first (writes issues.csv + issues.html here)")
     p.add_argument("--max-listed", type=int, default=10, help="files listed per finding in the table")
 
 
@@ -29,13 +34,36 @@ def run(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     data = load_data(args.data, val_split=0.0, classes=classes)
-    report = audit(data, pixels=args.pixels, workers=args.workers)
+    report = audit(data, pixels=args.pixels, workers=args.workers, group_by=args.group_by)
+    if args.labels is not None:
+        add_label_issues(report, args)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report, args.max_listed)
     sys.stdout.flush()
     return 0 if report["clean"] else 1
+
+
+def add_label_issues(report: dict, args: argparse.Namespace) -> None:
+    """The label-issue summary (imgcls label-issues) as a section and one warning finding."""
+    from imgcls.curation.label_issues import find_issues, read_summary
+
+    if args.labels:
+        s = read_summary(args.labels)
+    else:
+        from imgcls.config import TrainConfig
+
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        s = find_issues(TrainConfig(data=args.data, classes=classes), out="issues.csv", progress=not args.json)
+    report["label_issues"] = s
+    if s["issues"]:
+        report["findings"].append({"kind": "label_issues", "severity": "warning",
+                                   "message": f"{s['issues']} training label(s) look wrong (cleanlab), "
+                                              f"most suspicious first in {s['csv']}",
+                                   "files": [r.get("path") or f"train[{r['index']}]" for r in s["top"]]})
+        report["summary"]["label_issues"] = s["issues"]
+        report["clean"] = False
 
 
 def print_report(r: dict, max_listed: int = 10) -> None:
@@ -60,6 +88,11 @@ def print_report(r: dict, max_listed: int = 10) -> None:
     if r.get("passed_over"):
         con.print("passed over (not images): " + ", ".join(f"{v} {k}{'s' if v > 1 else ''}"
                                                           for k, v in r["passed_over"].items()))
+    if r.get("label_issues") is not None:
+        li = r["label_issues"]
+        per = ", ".join(f"{k} {v}" for k, v in li["issues_per_given_class"].items() if int(v))
+        con.print(f"label issues: {li['issues']} training label(s) look wrong" + (f" (given: {per})" if per else "")
+                  + f" - {li['csv']}")
     if r["clean"]:
         con.print("[green]clean: no problems found[/green]")
         return

@@ -20,6 +20,11 @@ _HELP = {
     "img_size": "input side in pixels (default: the data's own size, or 224 for photos)",
     "in_chans": "input channels, 1 or 3 (default: the data's)",
     "val_split": "fraction of train held out for validation when the data has no val split",
+    "unlabeled": "folder or .npz of unlabelled images: a teacher trained on the labelled ones pseudo-labels those "
+                 "it is sure of (--pseudo-threshold) and the model trains on both",
+    "pseudo_threshold": "teacher confidence a pseudo-label needs (with --unlabeled)",
+    "group_by": "keep each group on one side of the held-out split: a manifest COLUMN (e.g. run) or a REGEX "
+                "on the file path whose first capture group is the group",
     "warmup_epochs": "linear learning-rate warm-up length, in epochs",
     "augment": "augmentation preset (auto picks by data kind)",
     "hflip": "random horizontal flips (default: on for colour, off for grayscale)",

@@ -252,12 +252,37 @@ def _need_imagehash() -> None:
                           "pip install 'imgcls[data]', or audit with --no-pixels") from None
 
 
-def audit(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
-    """Audit ``data``: image files (folder / manifest splits) or arrays (.npz, named data sets)."""
+def audit(data: ImageData, pixels: bool = True, workers: int | None = None,
+          group_by: str | None = None) -> dict[str, Any]:
+    """Audit ``data``: image files (folder / manifest splits) or arrays (.npz, named data sets).
+    With ``group_by`` (a manifest column or path regex, data/groups.py) groups whose images
+    sit in more than one split are findings too (leakage)."""
     parts = [getattr(data, s) for s in ("train", "val", "test") if getattr(data, s) is not None]
     if parts and all(p.in_memory for p in parts):
-        return audit_arrays(data, pixels)
-    return audit_files(data, pixels, workers)
+        report = audit_arrays(data, pixels)
+    else:
+        report = audit_files(data, pixels, workers)
+    if group_by:
+        add_group_findings(report, data, group_by)
+    return report
+
+
+def add_group_findings(report: dict[str, Any], data: ImageData, group_by: str) -> None:
+    """Groups (``--group-by``) with images in two or more splits, as one error finding each."""
+    from imgcls.data.groups import group_of, groups_across_splits
+
+    spans = groups_across_splits(data, group_by)
+    report["groups_across_splits"] = len(spans)
+    named = {s: list(zip(getattr(data, s).paths, group_of(data, getattr(data, s), group_by)))
+             for s in {s for _, ss in spans for s in ss}}
+    for g, splits in spans:
+        files = [str(p) for s in splits for p, gg in named[s] if gg == g]
+        report["findings"].append(asdict(Finding("group_across_splits", "error",
+                                                 f"group '{g}' ({group_by}) has images in {' and '.join(splits)} "
+                                                 "(leakage)", files)))
+    if spans:
+        report["summary"]["group_across_splits"] = len(spans)
+        report["clean"] = False
 
 
 def audit_arrays(data: ImageData, pixels: bool = True) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 * Paths are relative to the manifest's folder (absolute paths are kept as they are).
 * A header row is recognised when its first two cells are ``path``/``file``/``filename``/
   ``image`` and ``label``/``class``; columns are then found by name (in any order,
-  extra columns ignored). Without a header the columns are path, label[, split].
+  other columns kept in ``ImageData.columns`` for ``--group-by``). Without a header the columns are path, label[, split].
 * ``.tsv`` files are tab-separated; ``.csv`` files comma-separated, or semicolon/tab when
   the first line says so (csv.Sniffer).
 * split: ``train``, ``val``/``valid``/``validation``, ``test``; empty or missing means train.
@@ -49,6 +49,8 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
         raise ImgclsError(f"manifest {path} is empty", "write one 'path,label[,split]' row per image")
     head = [c.strip().lower() for c in rows[0]]
     cols = (0, 1, 2)
+    extra: dict[int, str] = {}  # extra header columns (for --group-by COLUMN)
+    columns: dict[str, dict[str, str]] = {}
     if len(head) >= 2 and head[0] in _PATH_COLS + _LABEL_COLS and head[1] in _PATH_COLS + _LABEL_COLS + ("split",):
         try:
             p_col = next(i for i, h in enumerate(head) if h in _PATH_COLS)
@@ -57,6 +59,7 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
             raise ImgclsError(f"manifest {path} header {rows[0]} needs a 'path' and a 'label' column",
                               "name the columns path,label[,split]") from None
         cols = (p_col, l_col, head.index("split") if "split" in head else None)
+        extra = {i: h for i, h in enumerate(head) if i not in cols and h}
         rows = rows[1:]
     base = path.parent
     entries: dict[str, tuple[list[Path], list[str]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
@@ -77,6 +80,8 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
         paths, labels = entries[SPLIT_NAMES[split_cell]]
         paths.append(file if file.is_absolute() else base / file)
         labels.append(cells[cols[1]])
+        for i, name in extra.items():
+            columns.setdefault(name, {})[str(paths[-1])] = cells[i] if i < len(cells) else ""
     names = ordered_classes(sorted({lab for _, labs in entries.values() for lab in labs}), classes,
                             f"{path} has label(s)", "remove those rows")
     if not entries["train"][0]:
@@ -89,4 +94,5 @@ def from_manifest(path: str | Path, classes: list[str] | None = None) -> ImageDa
     from imgcls.data.sources import _guess_channels  # sources imports this module
 
     return ImageData(classes=names, train=splits["train"], val=splits.get("val"), test=splits.get("test"),
-                     name=path.stem, channels=_guess_channels(splits["train"]), native_size=None, kind="photos")
+                     name=path.stem, channels=_guess_channels(splits["train"]), native_size=None, kind="photos",
+                     columns=columns)

@@ -141,7 +141,7 @@ def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
 
 
 def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1,
-                    seed: int = 0) -> tuple[ImageData, str, str]:
+                    seed: int = 0, group_by: str | None = None) -> tuple[ImageData, str, str]:
     """The data to evaluate on, the name of the split to report and the attribute of
     ``data`` that holds it. ``split=None``: the test split, else the data's *own*
     validation split; data with neither (a plain folder of class folders, 240 photos) is
@@ -149,7 +149,7 @@ def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1,
     loaded, with its held-out validation split) and ``split="val"`` hold validation out
     exactly as training did (``val_split``, ``seed``)."""
     if isinstance(spec, ImageData) or split is not None:
-        data = load_data(spec, val_split=val_split, seed=seed)
+        data = load_data(spec, val_split=val_split, seed=seed, group_by=group_by)
         name = split or data.eval_split()[0]
         return data, name, name
     data = load_data(spec, val_split=0.0)

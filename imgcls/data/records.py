@@ -58,6 +58,8 @@ class ImageData:
     notes: list[str] = field(default_factory=list)  # what loading did (held-out val split, ...)
     # entries of class folders that are not decoded: hidden files and sidecars (split, path, why)
     passed_over: list[tuple[str, Path, str]] = field(default_factory=list)
+    # a manifest's extra columns (``run``, ``patient``, ...): column -> {str(path): value}, for --group-by
+    columns: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

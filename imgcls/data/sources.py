@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from imgcls.data.decode import scan_folder
+from imgcls.data.labelstudio import from_labelstudio, is_labelstudio
 from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
 from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
@@ -221,6 +222,10 @@ def resolve(spec: Any, classes: list[str] | None = None) -> ImageData:
     if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
             and Path(str(spec)).expanduser().is_file():
         return from_manifest(Path(str(spec)).expanduser(), classes)
+    if isinstance(spec, (str, Path)) and is_labelstudio(Path(str(spec))) and Path(str(spec)).expanduser().is_file():
+        data = from_labelstudio(Path(str(spec)).expanduser(), classes)  # a Label Studio JSON export
+        data.channels = _guess_channels(data.train)
+        return data
     return with_classes(_resolve(spec), classes)
 
 
@@ -257,13 +262,25 @@ def _resolve(spec: Any) -> ImageData:
                       f"{hint} known datasets: {', '.join(DATASETS.names())}".strip())
 
 
-def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[str] | None = None) -> ImageData:
+def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[str] | None = None,
+              group_by: str | None = None) -> ImageData:
     """Resolve ``spec`` and make sure there is a validation split (stratified hold-out
-    of ``val_split`` of train when the data brings none). ``classes`` fixes the class
-    list and order."""
+    of ``val_split`` of train when the data brings none; with ``group_by``, whole groups
+    only: see data/groups.py). ``classes`` fixes the class list and order."""
     data = resolve(spec, classes)
     if data.val is None and data.train is not None and val_split > 0:
-        keep, hold = stratified_split(data.train.labels, val_split, seed)
+        if group_by:
+            from imgcls.data.groups import group_of, grouped_split
+
+            keep, hold = grouped_split(data.train.labels, group_of(data, data.train, group_by), val_split, seed)
+            how = f"grouped by '{group_by}'"
+        else:
+            keep, hold = stratified_split(data.train.labels, val_split, seed)
+            how = "stratified"
         data.val, data.train = data.train.subset(hold), data.train.subset(keep)
-        data.notes.append(f"held out a stratified {val_split:.0%} of train for validation ({len(hold)} images)")
+        data.notes.append(f"held out a {how} {val_split:.0%} of train for validation ({len(hold)} images)")
+    elif group_by and data.train is not None:
+        from imgcls.data.groups import group_of
+
+        group_of(data, data.train, group_by)  # a column or regex that names no group fails here too
     return data

@@ -51,6 +51,15 @@ class TorchBackend:
             out = tta_forward(self.model, x, self.tta)
         return out.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate (pre-logits) features of one batch, one view (no TTA)."""
+        x = self.pre.normalize(x.to(self.device, non_blocking=self.device.type == "cuda"), self.channels_last)
+        with autocast(self.device, self.amp):
+            fmap = self.model.forward_features(x)
+            out, feats = self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True)
+        return out.float().cpu().numpy(), feats.float().flatten(1).cpu().numpy()
+
     def close(self) -> None:
         # hand the module back as the bundle expects it: on the CPU, contiguous
         self.model.to("cpu").to(memory_format=torch.contiguous_format)

@@ -241,15 +241,28 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     views = 2 if flip else 1
     say(f"feature cache: {len(x_tr):,} training vectors ({len(x_tr) // views:,} images x {views} view(s)) of "
         f"{x_tr.shape[1]:,} features in {extract_s:.1f}s; training the classifier on cached features")
+    t1 = time.perf_counter()
+    state = train_head(model, x_tr, y_tr, x_va, y_va, settings, device, callbacks, batch_size, class_weights)
+    head_s = time.perf_counter() - t1
+    say(f"feature cache: classifier trained for {len(state.history)} epoch(s) in {head_s:.1f}s")
+    return CachedHeadResult(state=state, extract_s=extract_s, head_s=head_s, views=views,
+                            feature_dim=int(x_tr.shape[1]))
+
+
+def train_head(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor | None,
+               y_va: torch.Tensor | None, settings: Any, device: torch.device, callbacks: list[Callback],
+               batch_size: int = 128, class_weights: torch.Tensor | None = None,
+               head: nn.Module | None = None) -> TrainState:
+    """Train ``head`` (default: ``model.get_classifier()``) on cached feature vectors, on the
+    ordinary Trainer; also what cross-validation runs per fold (engine/crossval.py)."""
     s = replace(settings, mixup=0.0, cutmix=0.0, compile=False)  # mixing is for images, not features
     feats = Batches(Split(labels=y_tr.cpu(), images=x_tr.cpu()), max(1, min(batch_size, len(x_tr))), shuffle=True,
                     seed=s.seed, drop_last=True)
     val_feats = Batches(Split(labels=y_va.cpu(), images=x_va.cpu()), 4096) if x_va is not None else None
     drop = float(getattr(model, "drop_rate", 0.0) or 0.0)  # the head dropout the cache skipped
-    trainer = Trainer(model.get_classifier(), None, s, device, None,
+    trainer = Trainer(head if head is not None else model.get_classifier(), None, s, device, None,
                       batch_augment=FeatureDropout(drop) if drop else None,
                       callbacks=callbacks, class_weights=class_weights)
-    t1 = time.perf_counter()
     # The head's steps are tiny (a (B, D) x (D, K) matmul): on the CPU one thread is ~30x faster
     # than two when the cores are shared (2 ms vs 63 ms per step measured on the 2-core box;
     # OpenMP threads spin-wait for each other); ops this small gain nothing from a second thread.
@@ -257,13 +270,9 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        state = trainer.fit(feats, val_feats)
+        return trainer.fit(feats, val_feats)
     finally:
         torch.set_num_threads(threads)
-    head_s = time.perf_counter() - t1
-    say(f"feature cache: classifier trained for {len(state.history)} epoch(s) in {head_s:.1f}s")
-    return CachedHeadResult(state=state, extract_s=extract_s, head_s=head_s, views=views,
-                            feature_dim=int(x_tr.shape[1]))
 
 
 # ---------------------------------------------------------------------- one plan for fit()

@@ -96,6 +96,20 @@ class Predictor:
             task = bar.add_task(f"predicting ({self.name})", total=len(split))
             return run_backend(self.backend, batches, lambda n: bar.advance(task, n))
 
+    def run_features(self, split: Split, skipped: dict[int, str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features of every image of ``split`` (torch backend, one
+        view): what diversity-based ranking (imgcls rank --strategy coreset) needs."""
+        fn = getattr(self.backend, "logits_and_features", None)
+        if fn is None:
+            raise ImgclsError(f"the {self.name} backend gives no features", "use the torch backend")
+        batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
+                               device=self.device, skipped=skipped)
+        outs = [fn(x) for x, _ in batches]
+        if not outs:
+            return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
     def close(self) -> None:
         self.backend.close()
 
@@ -113,7 +127,8 @@ def eval_data(bundle: ModelBundle, data: Any, split: str | None = None, *, stric
     validation split, else all of it; ``split="val"``: held out as in training), that
     split decoded once, and the files that could not be read."""
     training = bundle.card.get("training", {})
-    data, name, attr = evaluation_data(data, split, training.get("val_split", 0.1), training.get("seed", 0))
+    data, name, attr = evaluation_data(data, split, training.get("val_split", 0.1), training.get("seed", 0),
+                                         training.get("group_by"))
     data = bundle.check_classes(data)
     if getattr(data, attr, None) is None or not len(getattr(data, attr)):
         raise ImgclsError(f"the data has no '{name}' split", "use --split train, val or test")

@@ -13,6 +13,7 @@ measures the pipeline that ``fit`` trains on.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
 from imgcls.data.pipeline import (TrainInputs, TrainSettings, derive_preprocessing, eval_batches, require_train,
                                   training_inputs)
+from imgcls.data.groups import leak_hint
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
@@ -89,7 +91,8 @@ class TrainingSession:
 
     def load(self, data: Any) -> ImageData:
         cfg = self.cfg
-        data = self.bundle.check_classes(require_train(load_data(data, val_split=cfg.val_split, seed=cfg.seed)))
+        data = self.bundle.check_classes(require_train(load_data(data, val_split=cfg.val_split, seed=cfg.seed,
+                                                                    group_by=cfg.group_by)))
         resume = self.resume or {}
         self.fingerprint = data_fingerprint(data) if cfg.deterministic or resume.get("data_fingerprint") else None
         if resume.get("data_fingerprint") and resume["data_fingerprint"] != self.fingerprint:
@@ -104,9 +107,14 @@ class TrainingSession:
         pre = derive_preprocessing(b.preprocessing, data, b.pretrained)
         s = TrainSettings(augment=cfg.augment, hflip=cfg.hflip, randaugment=cfg.randaugment, balance=cfg.balance,
                           seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers)
-        return training_inputs(data, pre, s, self.local_batch, device=self.device, rank=self.ctx.rank,
-                               world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
-                               report_dir=self.writer, announce=self.ctx.is_main)
+        inp = training_inputs(data, pre, s, self.local_batch, device=self.device, rank=self.ctx.rank,
+                              world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
+                              report_dir=self.writer, announce=self.ctx.is_main)
+        if cfg.group_by is None and self.ctx.is_main and inp.data.val is not None:
+            hint = leak_hint(inp.data.train.images, inp.data.val.images)  # near-duplicates across train/val
+            if hint:
+                print(f"imgcls: {hint}", file=sys.stderr)
+        return inp
 
     def callbacks(self, inp: TrainInputs, lr: float) -> tuple[list[Callback], BestModel, Checkpoint | None]:
         cfg, writer = self.cfg, self.writer
@@ -239,7 +247,7 @@ class TrainingSession:
             "best": {k: v for k, v in state.best.items() if k != "epoch"}, "train_time_s": round(out.train_time, 2),
             "device": str(self.device), "precision": precision_name(self.amp), "augment": inp.aug.to_dict(),
             "batch_size": cfg.batch_size, "stopped_early": state.stop_reason or None,
-            "val_split": cfg.val_split, "seed": cfg.seed, "distributed": scale,
+            "val_split": cfg.val_split, "group_by": cfg.group_by, "seed": cfg.seed, "distributed": scale,
             "resumed_from_epoch": int(self.resume["epoch"]) if self.resume else None,
             "balance": inp.balance.to_dict(), "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
         }
