@@ -123,7 +123,8 @@ class Classifier(ModelBundle):
             clf = cls.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
                                       img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
         else:
-            native = data.native_size if data.train is not None and data.train.in_memory else None
+            native = data.native_size if data.train is not None and (data.train.in_memory or data.train.streamed) \
+                else None
             img_size = cfg.img_size or native or MODEL_DEFAULTS.get(arch, {}).get("img_size", 224)
             clf = cls.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
                              **model_kwargs)

@@ -103,7 +103,8 @@ class TrainingSession:
         cfg, b = self.cfg, self.bundle
         pre = derive_preprocessing(b.preprocessing, data, b.pretrained)
         s = TrainSettings(augment=cfg.augment, hflip=cfg.hflip, randaugment=cfg.randaugment, balance=cfg.balance,
-                          seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers)
+                          seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers,
+                          shuffle_buffer=cfg.shuffle_buffer)
         return training_inputs(data, pre, s, self.local_batch, device=self.device, rank=self.ctx.rank,
                                world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
                                report_dir=self.writer, announce=self.ctx.is_main)
