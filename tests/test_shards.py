@@ -308,3 +308,91 @@ def test_hymenoptera_shards_hold_every_image(shared_data, tmp_path):
     assert data.train.class_counts(2) == folder.train.class_counts(2)
     b = StreamBatches(data.val, 64, RAW.__class__(v2.Compose([v2.PILToTensor(), v2.CenterCrop(64)]), 3), workers=2)
     assert sum(len(y) for _, y in b) == len(folder.val) and not b.problems
+
+
+# ---------------------------------------------------------------------- batch prediction in parts
+@pytest.fixture
+def saved_model(tmp_path):
+    from imgcls import Classifier
+
+    clf = Classifier.create("reference_cnn", classes=["cat", "dog", "fox"], in_chans=3, img_size=16, seed=0)
+    clf.save(tmp_path / "model")
+    return Classifier.load(tmp_path / "model")
+
+
+def _rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for p in sorted(folder.glob("part-*")):
+        rows += pq.read_table(p).to_pylist() if p.suffix == ".parquet" else \
+            [json.loads(line) for line in p.read_text().splitlines()]
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_prediction_parts_cover_every_image_once_and_finished_parts_are_skipped(saved_model, tmp_path, fmt):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=7, size=20)
+    (root / "cat" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "preds"
+    for rank in range(2):
+        s = _parts(saved_model, root, out, fmt, Ranks(rank, 2))
+        assert not s["skipped"]
+    rows = _rows(out)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r["source"] for r in rows) == files  # every image once, over both parts
+    bad = next(r for r in rows if r["source"].endswith("bad.png"))
+    assert bad["error"] and bad["label"] is None
+    good = [r for r in rows if not r["error"]]
+    assert all(len(r["top_classes"]) == 2 and abs(sum(r["probabilities"]) - 1) < 1e-3 for r in good)
+    again = _parts(saved_model, root, out, fmt, Ranks(1, 2))
+    assert again["skipped"]  # rerun: the finished part is not redone
+
+
+def _parts(clf, src, out, fmt, ranks, batch_size=4):
+    from imgcls.data.pipeline import prediction_split
+    from imgcls.engine.batch_predict import predict_parts
+
+    split, names = prediction_split([src], clf.preprocessing)
+    return predict_parts(clf, split, names, out, fmt=fmt, top_k=2, batch_size=batch_size, workers=0,
+                         progress=False, ranks=ranks)
+
+
+def test_a_killed_jsonl_part_continues_after_its_last_complete_row(saved_model, tmp_path):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=5, size=20)
+    out = tmp_path / "preds"
+    _parts(saved_model, root, out, "jsonl", Ranks(0, 1))
+    full = (out / "part-00000-of-00001.jsonl").read_text().splitlines()
+    (out / "part-00000-of-00001.jsonl").unlink()
+    # as a SIGKILL leaves it: 6 rows flushed, the 7th half written
+    (out / "part-00000-of-00001.jsonl.partial").write_text("\n".join(full[:6]) + "\n" + full[6][:20])
+    s = _parts(saved_model, root, out, "jsonl", Ranks(0, 1))
+    assert s["rows"] == 15 and (out / "part-00000-of-00001.jsonl").read_text().splitlines() == full
+
+
+def test_prediction_over_a_shard_set_splits_its_shards_over_ranks(saved_model, tmp_path):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=8, size=20, splits=("train", "val"))
+    write_shards(load_data(root), tmp_path / "sh", shard_size=3000)
+    out = tmp_path / "preds"
+    for rank in range(2):
+        _parts(saved_model, tmp_path / "sh", out, "parquet", Ranks(rank, 2))
+    rows = _rows(out)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r["source"] for r in rows) == files
+
+
+@pytest.mark.slow
+def test_predict_devices_2_writes_two_parts(saved_model, tmp_path):
+    root = write_folder(tmp_path / "imgs", n_per_class=10, size=20)
+    proc = subprocess.run([PY, "-m", "imgcls", "predict", str(tmp_path / "model"), str(root), "--devices", "2",
+                           "--output", str(tmp_path / "preds") + "/", "--workers", "1", "--device", "cpu"],
+                          env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "preds").glob("part-*-of-00002.parquet"))) == 2
+    assert len(_rows(tmp_path / "preds")) == 30

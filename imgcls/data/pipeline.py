@@ -328,3 +328,25 @@ def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_
         if aug.preset != "none" or s.randaugment else None
     return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
                        files=None)
+
+
+def prediction_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
+    """:func:`as_split`, and also a shard set or a manifest (one path): every split of it,
+    in the order train, val, test (a shard set's source names come with its stream)."""
+    from imgcls.data.manifest import MANIFEST_SUFFIXES
+    from imgcls.data.shardset import ShardSplit, is_shard_spec
+
+    one = images[0] if isinstance(images, (list, tuple)) and len(images) == 1 else images
+    if not isinstance(one, (str, Path)) or not (is_shard_spec(one) or Path(str(one)).suffix.lower() in
+                                                 MANIFEST_SUFFIXES and Path(str(one)).is_file()):
+        return as_split(images, pre)
+    data = load_data(one, val_split=0.0)
+    parts = [s for s in (data.train, data.val, data.test) if s is not None]
+    labels = torch.cat([s.labels for s in parts])
+    if all(s.streamed for s in parts):
+        first = parts[0].shards
+        shards = ShardSplit([x for s in parts for x in s.shards.shards], first.format, "all", first.where,
+                            first.label_map)
+        return Split(labels=labels, shards=shards), []
+    paths = [p for s in parts for p in s.paths]
+    return Split(labels=labels, paths=paths), [str(p) for p in paths]

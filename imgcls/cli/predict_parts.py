@@ -1,0 +1,42 @@
+"""imgcls predict RUN SOURCE --output DIR/ [--devices N]: one part file per process (see
+imgcls/engine/batch_predict.py); under torchrun every process runs this."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def parts_mode(args: argparse.Namespace) -> bool:
+    """Part files: --devices > 1, torchrun, or an --output that is a folder (ends in /)."""
+    out = args.output or ""
+    return args.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or out.endswith(("/", os.sep)) \
+        or Path(out).is_dir()
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The same command for each torchrun process."""
+    argv = [args.run, *args.images, "--top-k", str(args.top_k), "--backend", args.backend, "--output", args.output,
+            "--batch-size", str(args.batch_size), "--device", args.device, "--part-format", args.part_format]
+    argv += ["--workers", str(args.workers)] if args.workers is not None else []
+    return argv + [f for f, on in (("--int8", args.int8), ("--strict", args.strict)) if on]
+
+
+def run_parts(args: argparse.Namespace) -> int:
+    from imgcls.api import Classifier
+    from imgcls.engine import distributed as D
+    from imgcls.engine.batch_predict import Ranks, announce
+    from imgcls.errors import ImgclsError
+
+    if not args.output:
+        raise ImgclsError("--devices needs --output DIR/ (one part file per process)", "e.g. --output preds/")
+    if args.devices > 1 and not D.launched_by_torchrun():
+        return D.launch(args.devices, _argv(args), command="predict")
+    backend = "onnx-int8" if args.int8 else args.backend
+    clf = Classifier.load(args.run)
+    summary = clf.predict_parts(args.images, args.output, fmt=args.part_format, top_k=args.top_k,
+                                batch_size=args.batch_size, device=args.device, backend=backend,
+                                workers=args.workers, strict=args.strict)
+    announce(summary, Ranks.from_env())
+    return 0
