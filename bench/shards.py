@@ -5,7 +5,11 @@ written with --resize) and batch prediction (1 vs 2 processes).
     flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py train --data cifar10 --subset 10000
     flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py train --data hymenoptera
 
-Writes bench/results/shards_train_<data>.json (img/s of each epoch, wall time of the whole fit).
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py predict --images 20000 \
+        --rss-sizes 1000 200000
+
+Writes bench/results/shards_train_<data>.json (img/s of each epoch, wall time of the whole fit)
+and bench/results/shards_predict.json (img/s of 1 vs 2 processes; peak RSS per job size).
 """
 
 from __future__ import annotations
@@ -83,6 +87,60 @@ def bench_train(args) -> dict:
     return out
 
 
+def _predict_job(run: Path, src: Path, out: Path, devices: int, batch: int, workers: int) -> dict:
+    """One ``imgcls predict --output DIR/`` job in a subprocess under GNU time: wall time and
+    the peak RSS of its largest process (%M: the waited-for process tree's largest)."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "imgcls", "predict", str(run), str(src),
+           "--output", str(out) + "/", "--devices", str(devices), "--batch-size", str(batch), "--workers",
+           str(workers), "--device", "cpu"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    peak = int(next(line for line in proc.stderr.splitlines() if line.startswith("MAXRSS")).split()[1])
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 1024, 1)}
+
+
+def _generated_shards(n: int, tmp: Path, size: int = 32) -> Path:
+    from imgcls.data.records import ImageData, Split
+    from imgcls.data.shard_writer import parse_size, write_shards
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    data = ImageData(classes=[str(c) for c in range(10)], train=Split(labels=torch.arange(n) % 10, images=x),
+                     name=f"gen{n}", channels=3, native_size=size, kind="small-colour")
+    write_shards(data, tmp / f"gen{n}", shard_size=parse_size("16MB"))
+    return tmp / f"gen{n}"
+
+
+def bench_predict(args) -> dict:
+    from imgcls import Classifier
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    clf = Classifier.create("reference_cnn", classes=[str(c) for c in range(10)], in_chans=3, img_size=32, seed=0)
+    clf.save(tmp / "model")
+    out = {"machine": machine(), "model": "reference_cnn 32x32", "batch_size": args.batch_size, "jobs": {}}
+    src, small = _generated_shards(args.images, tmp), _generated_shards(300, tmp)
+    for devices in (1, 2):
+        job = _predict_job(tmp / "model", src, tmp / "out", devices, args.batch_size, args.workers)
+        base = _predict_job(tmp / "model", small, tmp / "out", devices, args.batch_size, args.workers)
+        job["img_per_s"] = round(args.images / job["wall_s"], 1)
+        # start-up (imports, torchrun, model load) cancels out against a 300-image job
+        job["marginal_img_per_s"] = round((args.images - 300) / max(job["wall_s"] - base["wall_s"], 1e-9), 1)
+        job["startup_job_300_wall_s"] = base["wall_s"]
+        out["jobs"][f"{args.images}_images_{devices}_process"] = job
+        print(json.dumps(job), file=sys.stderr)
+    for n in args.rss_sizes:
+        job = _predict_job(tmp / "model", _generated_shards(n, tmp), tmp / "out", 1, args.batch_size, args.workers)
+        out["jobs"][f"rss_{n}_images"] = job
+        print(n, json.dumps(job), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
@@ -93,10 +151,15 @@ def main() -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--img-size", type=int, default=128)
     t.add_argument("--workers", type=int, default=2)
+    q = sub.add_parser("predict")
+    q.add_argument("--images", type=int, default=20000)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--workers", type=int, default=1)
+    q.add_argument("--rss-sizes", type=int, nargs="*", default=[])
     args = p.parse_args()
-    result = bench_train(args)
+    result = bench_train(args) if args.what == "train" else bench_predict(args)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"shards_{args.what}_{args.data}.json"
+    path = RESULTS / (f"shards_train_{args.data}.json" if args.what == "train" else "shards_predict.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
