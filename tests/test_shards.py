@@ -396,3 +396,21 @@ def test_predict_devices_2_writes_two_parts(saved_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "preds").glob("part-*-of-00002.parquet"))) == 2
     assert len(_rows(tmp_path / "preds")) == 30
+
+
+def test_resume_offset_replays_the_epoch_and_drops_trained_batches(tmp_path):
+    split = from_shards(_shards(tmp_path, 90, "2KB")).train
+    full = StreamBatches(split, 8, RAW, shuffle=True, seed=2, shuffle_buffer=20, workers=2)
+    full.set_epoch(3)
+    everything = [_ids(x) for x, _ in full]
+    full.skip = 4  # what the trainer sets when resuming at batch 4 of epoch 3
+    assert [_ids(x) for x, _ in full] == everything[4:]
+    assert [_ids(x) for x, _ in full] == everything  # the offset applies once
+
+
+def test_deterministic_fingerprint_of_a_shard_set(tmp_path, tiny_npz):
+    from imgcls.engine.reproducibility import data_fingerprint
+
+    write_shards(load_data(tiny_npz), tmp_path / "sh", shard_size=4000)
+    a = data_fingerprint(load_data(str(tmp_path / "sh")))
+    assert a == data_fingerprint(load_data(str(tmp_path / "sh"))) and a["images"]["train"] == 108
