@@ -10,6 +10,11 @@ written with --resize) and batch prediction (1 vs 2 processes).
 
 Writes bench/results/shards_train_<data>.json (img/s of each epoch, wall time of the whole fit)
 and bench/results/shards_predict.json (img/s of 1 vs 2 processes; peak RSS per job size).
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py mnist-http --epochs 2
+
+2-process torchrun on MNIST from shards over http://127.0.0.1 vs from the .npz
+(bench/results/shards_mnist-http.json).
 """
 
 from __future__ import annotations
@@ -141,6 +146,48 @@ def bench_predict(args) -> dict:
     return out
 
 
+def bench_mnist_http(args) -> dict:
+    """2-process torchrun training on MNIST from shards over a local HTTP server vs from the .npz."""
+    import functools
+    import subprocess
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from imgcls.data.shard_writer import parse_size, write_shards
+    from imgcls.data.sources import load_data
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mnist-http-"))
+    data = load_data(default_data("mnist.npz"))  # the same held-out val split as training from the .npz
+    t0 = time.perf_counter()
+    write_shards(data, tmp / "sh", shard_size=parse_size("4MB"))
+    out = {"machine": machine(), "epochs": args.epochs, "shard_write_s": round(time.perf_counter() - t0, 1), "runs": {}}
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/sh/"
+    for name, spec in (("npz", str(default_data("mnist.npz"))), ("http_shards", url)):
+        cmd = [sys.executable, "-m", "imgcls", "train", "--data", spec, "--devices", "2", "--epochs", str(args.epochs),
+               "--recipe", "default", "--batch-size", "128", "--out", str(tmp / "runs"), "--name", name,
+               "--device", "cpu", "--workers", "1"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        card = json.loads((tmp / "runs" / name / "model.json").read_text())
+        test = card["metrics"].get("test", {})
+        out["runs"][name] = {"wall_s": round(time.perf_counter() - t0, 1), "test_accuracy": test.get("accuracy"),
+                             "img_per_s": [round(h, 1) for h in _history_img_s(tmp / "runs" / name)]}
+        print(name, json.dumps(out["runs"][name]), file=sys.stderr)
+    server.shutdown()
+    return out
+
+
+def _history_img_s(run: Path) -> list[float]:
+    import csv
+
+    with open(run / "history.csv") as f:
+        return [float(r["img_per_s"]) for r in csv.DictReader(f) if r.get("img_per_s")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
@@ -156,10 +203,12 @@ def main() -> None:
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--workers", type=int, default=1)
     q.add_argument("--rss-sizes", type=int, nargs="*", default=[])
+    m = sub.add_parser("mnist-http")
+    m.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
-    result = bench_train(args) if args.what == "train" else bench_predict(args)
+    result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / (f"shards_train_{args.data}.json" if args.what == "train" else "shards_predict.json")
+    path = RESULTS / (f"shards_train_{args.data}.json" if args.what == "train" else f"shards_{args.what}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
