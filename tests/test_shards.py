@@ -414,3 +414,9 @@ def test_deterministic_fingerprint_of_a_shard_set(tmp_path, tiny_npz):
     write_shards(load_data(tiny_npz), tmp_path / "sh", shard_size=4000)
     a = data_fingerprint(load_data(str(tmp_path / "sh")))
     assert a == data_fingerprint(load_data(str(tmp_path / "sh"))) and a["images"]["train"] == 108
+
+
+def test_predicting_a_shard_set_needs_an_output_folder(saved_model, tmp_path, capsys):
+    sh = _shards(tmp_path, 20, "2KB")
+    assert main(["predict", str(tmp_path / "model"), str(sh)]) == 1
+    assert "--output DIR/" in capsys.readouterr().err

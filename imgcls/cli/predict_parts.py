@@ -10,9 +10,16 @@ from pathlib import Path
 
 def parts_mode(args: argparse.Namespace) -> bool:
     """Part files: --devices > 1, torchrun, or an --output that is a folder (ends in /)."""
+    from imgcls.data.shardset import is_shard_spec
+    from imgcls.errors import ImgclsError
+
     out = args.output or ""
-    return args.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or out.endswith(("/", os.sep)) \
+    parts = args.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or out.endswith(("/", os.sep)) \
         or Path(out).is_dir()
+    if not parts and len(args.images) == 1 and is_shard_spec(args.images[0]):
+        raise ImgclsError(f"{args.images[0]} is a shard set: its predictions are written as part files",
+                          "add --output DIR/ (and --devices N for several processes)")
+    return parts
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
