@@ -15,7 +15,7 @@ def parts_mode(args: argparse.Namespace) -> bool:
 
     out = args.output or ""
     parts = args.devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or out.endswith(("/", os.sep)) \
-        or Path(out).is_dir()
+        or bool(out and Path(out).is_dir())
     if not parts and len(args.images) == 1 and is_shard_spec(args.images[0]):
         raise ImgclsError(f"{args.images[0]} is a shard set: its predictions are written as part files",
                           "add --output DIR/ (and --devices N for several processes)")
