@@ -99,10 +99,17 @@ class _Progress:
             counts = [int(p.read_text() or 0) for p in self.path.parent.glob("rank-*") if p.read_text().strip()]
             self.bar.update(self.task, completed=sum(counts))
 
-    def close(self) -> None:
+    def close(self, parts: list[Path] = ()) -> None:
+        """Write the final count; rank 0 follows the others until their ``parts`` exist."""
         self.advance(0, force=True)
-        if self.bar is not None:
-            self.bar.stop()
+        if self.bar is None:
+            return
+        deadline = time.monotonic() + 24 * 3600
+        while not all(p.exists() for p in parts) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.advance(0, force=True)
+        self.advance(0, force=True)
+        self.bar.stop()
 
 
 class _PartWriter:
@@ -180,9 +187,11 @@ def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str 
     total = len(split)
     mine, my_names = my_part(split, names, r)
     t0 = time.perf_counter()
-    rows = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict,
-                _Progress(out, r, total, progress))
+    bar = _Progress(out, r, total, progress)
+    rows = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict, bar)
     part.finish()
+    others = [out / f"part-{k:05d}-of-{r.world:05d}.{fmt}" for k in range(r.world) if k != r.rank]
+    bar.close(others)
     return {"part": str(part.final), "skipped": False, "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -214,7 +223,6 @@ def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_si
             pos += len(probs)
             rows += len(out)
             part.write(out)
-    bar.close()
     return rows + (resume if not split.streamed else 0)
 
 
