@@ -420,3 +420,17 @@ def test_predicting_a_shard_set_needs_an_output_folder(saved_model, tmp_path, ca
     sh = _shards(tmp_path, 20, "2KB")
     assert main(["predict", str(tmp_path / "model"), str(sh)]) == 1
     assert "--output DIR/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_fast_path_for_images_at_their_size_gives_the_transforms_pixels(channels):
+    from PIL import Image
+
+    from imgcls.data.transforms import Preprocessing
+
+    arr = np.random.default_rng(0).integers(0, 255, (12, 12, 3)[:2 if channels == 1 else 3]).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    pre = Preprocessing(img_size=12, in_chans=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+    fast = BytesDecoder(pre.pil_transform(), channels, exact=12)(buf.getvalue(), "x.png")
+    assert torch.equal(fast, BytesDecoder(pre.pil_transform(), channels)(buf.getvalue(), "x.png"))

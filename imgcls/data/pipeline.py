@@ -298,7 +298,8 @@ def stream_batches(split: Split, pre: Preprocessing, batch_size: int, *, train: 
     spec = CacheSpec.for_preprocessing(pre)
     photo = pre.resize == "shorter_side"
     tf = spec.transform() if stored else pre.pil_transform()
-    decode = BytesDecoder(tf, pre.in_chans, min_side=spec.side if photo else None)
+    exact = pre.img_size if pre.resize == "squash" and pre.bit_depth == 8 else None
+    decode = BytesDecoder(tf, pre.in_chans, min_side=spec.side if photo else None, exact=exact)
     n = default_workers() if workers is None else workers
     return StreamBatches(split, batch_size, decode, shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer,
                          workers=n, pin_memory=pin, strict=strict)

@@ -120,6 +120,7 @@ class _Shards:
     def __init__(self, out: Path, split: str, fmt: str, size: int, index: ShardIndexWriter):
         self.out, self.split, self.fmt, self.size, self.index = out, split, fmt, size, index
         self.n, self.count, self.bytes, self.tar, self.rows = 0, 0, 0, None, []
+        self.with_json = True
 
     def path(self) -> Path:
         return self.out / f"{self.split}-{self.n:06d}{SUFFIX[self.fmt]}"
@@ -132,8 +133,10 @@ class _Shards:
                 from webdataset import TarWriter
 
                 self.tar = TarWriter(str(self.path()))
-            self.tar.write({"__key__": key, ext: blob, "cls": label,
-                            "json": {"path": source, "label": class_name, "index": int(key)}})
+            sample = {"__key__": key, ext: blob, "cls": label}
+            if self.with_json:  # files: their path (arrays: the key is the row; one tar member less to parse)
+                sample["json"] = {"path": source, "label": class_name, "index": int(key)}
+            self.tar.write(sample)
         self.count += 1
         self.bytes += len(blob) + 1536  # tar headers of the three members
         if self.bytes >= self.size:
@@ -201,6 +204,7 @@ def write_shards(data: ImageData, out: str | Path, *, fmt: str = "webdataset", s
             continue
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
         shards = _Shards(out, name, fmt, shard_size, index)
+        shards.with_json = not split.in_memory
         counts = [0] * data.num_classes
         for i, blob, ext, src, problem in _samples(split, order, data, resize, workers):
             if problem:

@@ -307,7 +307,8 @@ def _member(sample: dict, shard: ShardInfo) -> Member:
     problem = None if ext is not None else f"{shard.name}:{key}: no image member (.jpg, .png, ...)"
     if problem is None and label is None:
         problem = f"{name}: no integer .cls label"
-    return Member(key, name, sample.get(ext) if ext else None, label, str(meta.get("path", key)), problem)
+    source = str(meta["path"]) if "path" in meta else f"{shard.name}:{key}"
+    return Member(key, name, sample.get(ext) if ext else None, label, source, problem)
 
 
 def _parquet_members(data: bytes, shard: ShardInfo) -> Iterator[Member]:

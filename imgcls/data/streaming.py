@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -39,11 +40,19 @@ class BytesDecoder:
     """Image bytes -> the uint8 tensor a loader yields: ``load_image_bytes`` (decode.py) and
     a PIL -> tensor transform (the cache's or the model's eval transform)."""
 
-    def __init__(self, transform: Callable, channels: int, min_side: int | None = None, square: bool = False):
+    def __init__(self, transform: Callable, channels: int, min_side: int | None = None, square: bool = False,
+                 exact: int | None = None):
         self.transform, self.channels, self.min_side, self.square = transform, channels, min_side, square
+        # squash-resized 8-bit images already at ``exact`` x ``exact``: the transform would
+        # return their pixels unchanged; taking them directly is 5x faster (small images)
+        self.exact = exact
 
     def __call__(self, data: bytes, name: str) -> torch.Tensor:
-        return self.transform(load_image_bytes(data, name, self.channels, self.min_side, self.square))
+        img = load_image_bytes(data, name, self.channels, self.min_side, self.square)
+        if self.exact is not None and img.size == (self.exact, self.exact) and img.mode in ("L", "RGB"):
+            a = np.array(img)
+            return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+        return self.transform(img)
 
 
 class ShardStream(IterableDataset):
