@@ -236,6 +236,20 @@ def http_root(tmp_path):
     server.shutdown()
 
 
+def test_http_is_streamed_without_range_requests():
+    from imgcls.data.shardset import storage_options
+
+    assert storage_options("http://127.0.0.1:8000/x.tar")["block_size"] == 0  # plain servers answer no ranges
+    assert storage_options("/data/x.tar") == {}
+
+
+def test_an_evaluation_stream_is_never_padded(tmp_path):
+    sh = _shards(tmp_path, 60, "2KB")
+    sorted(sh.glob("train-*.tar"))[0].unlink()
+    b = StreamBatches(from_shards(sh).train, 8, RAW, workers=2)  # as eval_batches builds it
+    assert sum(len(y) for _, y in b) < 60 and b.padded == 0
+
+
 def test_http_url_and_brace_pattern(http_root):
     root, url = http_root
     sh = _shards(root, 40, "2KB")

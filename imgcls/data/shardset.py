@@ -107,11 +107,14 @@ def _locate(spec: str) -> tuple[str, list[str] | None]:
 
 
 def storage_options(url: str) -> dict:
-    """fsspec options: HTTP reads time out (a dead server is an error, never a hang)."""
+    """fsspec options: HTTP is read as one stream (``block_size=0``: no range requests, which
+    plain servers such as ``python -m http.server`` do not answer; a shard is read front to
+    back anyway), and reads time out (a dead server is an error, never a hang)."""
     if url.startswith(("http://", "https://")):
         import aiohttp
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)}}
+        return {"block_size": 0,
+                "client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)}}
     return {}
 
 

@@ -126,7 +126,8 @@ class StreamBatches:
         self.workers = max(0, workers)
         self.stream = ShardStream(split.shards, decode, batch_size, workers=max(1, self.workers), shuffle=shuffle,
                                   shuffle_buffer=shuffle_buffer, seed=seed)
-        self.rank, self.world, self.even, self.skip, self.epoch = 0, 1, True, 0, 0
+        # even (training: set by shard()): every rank the same number of steps, padded; never for evaluation
+        self.rank, self.world, self.even, self.skip, self.epoch = 0, 1, False, 0, 0
         self.padded, self.problems = 0, []
         self.on_sources: Callable[[list[str]], None] | None = None
 
