@@ -420,6 +420,9 @@ def test_resume_offset_replays_the_epoch_and_drops_trained_batches(tmp_path):
     full.skip = 4  # what the trainer sets when resuming at batch 4 of epoch 3
     assert [_ids(x) for x, _ in full] == everything[4:]
     assert [_ids(x) for x, _ in full] == everything  # the offset applies once
+    full.set_epoch(4)  # the same (persistent) workers see the new epoch: another order, every sample
+    other = [i for x, _ in full for i in _ids(x)]
+    assert sorted(other) == list(range(90)) and other != [i for b in everything for i in b]
 
 
 def test_deterministic_fingerprint_of_a_shard_set(tmp_path, tiny_npz):

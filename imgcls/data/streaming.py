@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import sys
 from collections.abc import Callable, Iterator
 
@@ -63,7 +64,21 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int, seed: int):
         self.split, self.decode, self.batch_size = split, decode, batch_size
         self.workers, self.shuffle, self.buffer, self.seed = workers, shuffle, shuffle_buffer, seed
-        self.rank, self.world, self.epoch = 0, 1, 0
+        self.rank, self.world = 0, 1
+        # shared with persistent loader workers (their copy of this object outlives an epoch)
+        self._epoch = mp.get_context("fork").Value("i", 0, lock=False) if "fork" in mp.get_all_start_methods() \
+            else None
+        self._epoch_local = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value if self._epoch is not None else self._epoch_local
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if self._epoch is not None:
+            self._epoch.value = value
+        self._epoch_local = value
 
     def units(self, rank: int, worker: int) -> list[Unit]:
         return assign(self.split.shards, self.world, self.workers, self.seed, self.epoch, self.shuffle)[rank][worker]
@@ -128,7 +143,7 @@ class StreamBatches:
                                   shuffle_buffer=shuffle_buffer, seed=seed)
         # even (training: set by shard()): every rank the same number of steps, padded; never for evaluation
         self.rank, self.world, self.even, self.skip, self.epoch = 0, 1, False, 0, 0
-        self.padded, self.problems = 0, []
+        self.padded, self.problems, self._dl = 0, [], None
         self.on_sources: Callable[[list[str]], None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -138,6 +153,7 @@ class StreamBatches:
         """Read only this rank's shards; ``even``: every rank the same number of steps (training)."""
         self.rank, self.world, self.even = rank, world, even
         self.stream.rank, self.stream.world = rank, world
+        self._dl = None  # workers copy the stream when they start
 
     def _rank_batches(self, rank: int) -> int:
         return sum(batches_of(self.stream.units(rank, w), self.split.shards.shards, self.batch_size)
@@ -160,10 +176,16 @@ class StreamBatches:
                 print("imgcls: more shard problems; the count is in the summary", file=sys.stderr)
 
     def _loader(self) -> DataLoader:
+        """One loader for all epochs; its workers persist (the epoch reaches them through
+        shared memory) where processes fork, so an epoch does not start new ones."""
         w = self.workers
-        return DataLoader(self.stream, batch_size=None, num_workers=w, pin_memory=self.pin_memory,
-                          worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None,
-                          timeout=900 if w else 0)
+        persistent = w > 0 and self.stream._epoch is not None
+        if self._dl is None or not persistent:
+            self._dl = DataLoader(self.stream, batch_size=None, num_workers=w, pin_memory=self.pin_memory,
+                                  worker_init_fn=_worker_init if w else None, prefetch_factor=2 if w else None,
+                                  timeout=900 if w else 0, persistent_workers=persistent,
+                                  multiprocessing_context="fork" if persistent else None)
+        return self._dl
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         skip, steps, self.padded = self.skip, len(self), 0
