@@ -104,7 +104,8 @@ class Classifier(ModelBundle):
             clf = cls.from_pretrained(arch, classes=data.classes, weights=cfg.weights, in_chans=in_chans,
                                       img_size=cfg.img_size, seed=cfg.seed, **model_kwargs)
         else:
-            native = data.native_size if data.train is not None and data.train.in_memory else None
+            native = data.native_size if data.train is not None and (data.train.in_memory or data.train.streamed) \
+                else None
             img_size = cfg.img_size or native or MODEL_DEFAULTS.get(arch, {}).get("img_size", 224)
             clf = cls.create(arch, classes=data.classes, in_chans=in_chans, img_size=img_size, seed=cfg.seed,
                              **model_kwargs)
@@ -212,6 +213,18 @@ class Classifier(ModelBundle):
         probs, sources, skipped = self._proba(images, batch_size, device, precision, workers, progress, backend,
                                               strict)
         return decide(self.classes, probs, sources, top_k, skipped)
+
+    def predict_parts(self, images: Any, output: str | Path, fmt: str = "parquet", top_k: int = 1,
+                      batch_size: int = 64, device: str = "auto", backend: str = "torch", workers: int | None = None,
+                      strict: bool = False, progress: bool = True) -> dict[str, Any]:
+        """This process's part of a batch-prediction job over files, folders, a manifest or a
+        shard set (one part file per rank under torchrun; see engine/batch_predict.py)."""
+        from imgcls.data.pipeline import prediction_split
+        from imgcls.engine.batch_predict import predict_parts
+
+        split, names = prediction_split(images, self.preprocessing)
+        return predict_parts(self, split, names, output, fmt=fmt, top_k=top_k, batch_size=batch_size, device=device,
+                             backend=backend, workers=workers, strict=strict, progress=progress)
 
     def explain(self, images: Any, method: str = "gradcam", target: Any = None, layer: str | None = None,
                 **opts: Any) -> list:

@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     workers: int | None = None  # data-loading processes for image files; None: automatic
+    shuffle_buffer: int = 1000  # streamed shard sets: samples each loader worker shuffles among
     threads: int | None = None  # CPU compute threads; None: the cores this process may use
     compile: bool = False  # torch.compile the model (pays off on long runs / GPUs)
     out: str = "runs"

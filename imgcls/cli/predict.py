@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it, say why in its output row)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes on this machine (torchrun): SOURCE is split over them, one part file each in "
+                        "--output DIR/ (also under torchrun, multi-node)")
+    p.add_argument("--part-format", choices=["parquet", "jsonl"], default="parquet",
+                   help="part files of --output DIR/ (default: parquet)")
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -73,9 +78,13 @@ def run(args: argparse.Namespace) -> int:
     from imgcls.api import Classifier
     from imgcls.errors import ImgclsError
 
-    fmt = _format(args)
     if args.batch_size < 1:
         raise ImgclsError(f"--batch-size {args.batch_size} is not positive", "e.g. --batch-size 64")
+    from imgcls.cli.predict_parts import parts_mode, run_parts
+
+    if parts_mode(args):
+        return run_parts(args)
+    fmt = _format(args)
     clf = Classifier.load(args.run)
     if args.int8 and args.backend == "torch":
         raise ImgclsError("--int8 runs the int8 ONNX export", "drop --backend torch")

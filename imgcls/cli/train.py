@@ -15,7 +15,8 @@ NAME = "train"
 HELP = "train a classifier and write a run folder (runs/train, runs/train2, ...)"
 
 _HELP = {
-    "data": "class folder tree, Keras-style .npz, or dataset name (digits, mnist, fashion-mnist, cifar10)",
+    "data": "class folder tree, Keras-style .npz, dataset name (digits, mnist, fashion-mnist, cifar10), or a shard "
+            "set from `imgcls shard` (folder, train-{000000..000009}.tar pattern, http(s)/s3/gs URL)",
     "model": "architecture: reference_cnn or any timm name (resnet18, efficientnet_b0, ...)",
     "img_size": "input side in pixels (default: the data's own size, or 224 for photos)",
     "in_chans": "input channels, 1 or 3 (default: the data's)",
@@ -32,6 +33,7 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "auto uses bf16 on GPUs and on CPUs with fast bf16, else fp32",
     "workers": "image-decoding processes (default: automatic)",
+    "shuffle_buffer": "streamed shard sets (imgcls shard): samples each loader worker shuffles among",
     "recipe": "preset of the fields below (fast, accurate, reference, default, transfer); explicit flags override "
               "it; auto: transfer with --weights/--pretrained, fast for large in-memory sets, else default",
     "lr": "learning rate, or auto to pick one with the learning-rate finder",

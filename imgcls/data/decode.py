@@ -232,16 +232,18 @@ def largest_icon(im: Image.Image) -> None:
         im.size = max(im.info["sizes"], key=lambda s: s[0] * s[1])
 
 
-def open_pillow(path: Path, frame: int = 0, min_side: int | None = None, square: bool = False) -> Image.Image:
-    """Decode ``path`` with Pillow: frame ``frame``, EXIF orientation applied, ICO at its
-    largest size. Pillow's exceptions pass through (see :func:`load_image`)."""
+def open_pillow(path, frame: int = 0, min_side: int | None = None, square: bool = False,
+                name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file, or a file object named ``name`` in messages) with Pillow:
+    frame ``frame``, EXIF orientation applied, ICO at its largest size. Pillow's
+    exceptions pass through (see :func:`load_image`)."""
     with warnings.catch_warnings():
         # Pillow warns for headers between 1x and 2x the limit; check_pixels refuses them
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(path)
     with im:
         largest_icon(im)
-        check_pixels(im, path)
+        check_pixels(im, name or path)
         if frame >= getattr(im, "n_frames", 1):
             raise IndexError(f"frame {frame} requested, the file has {getattr(im, 'n_frames', 1)}")
         im.seek(frame)
@@ -377,3 +379,26 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None,
     img = to_mode(decode_file(path, frame, min_side, square), channels)
     return map_8bit(img, parse_intensity(intensity), channels) if intensity is not None else img
 
+
+
+def load_image_bytes(data: bytes, name: str, channels: int = 3, min_side: int | None = None,
+                     square: bool = False) -> Image.Image:
+    """An image held as bytes (a member of a shard, named ``name`` in messages) decoded as
+    :func:`load_image` decodes a file: recognised by its bytes, first frame, EXIF
+    orientation, converted to ``channels``. Raises UnreadableImage naming ``name``."""
+    import io
+
+    if not data:
+        raise UnreadableImage(f"{name} is empty", "re-write the shard with `imgcls shard`", "empty file")
+    fmt = formats.sniff(data[:256], name)
+    try:
+        _need_plugin(Path(name), fmt)
+        if fmt == "DICOM":
+            raise UnreadableImage(f"{name} is a DICOM file inside a shard, which imgcls does not decode",
+                                  "write the shards with `imgcls shard --resize S` (re-encodes it as PNG)",
+                                  "unsupported format (DICOM in a shard)")
+        return to_mode(open_pillow(io.BytesIO(data), 0, min_side, square, name=name), channels)
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, UnidentifiedImageError, RuntimeError, *DECODE_ERRORS) as exc:
+        raise as_unreadable(exc, Path(name), fmt) from None

@@ -28,9 +28,10 @@ from imgcls.data.balance import BalancePlan, plan_balance
 from imgcls.data.cache import CacheSpec, decoded_split
 from imgcls.data.decode import images_in_folder, to_mode
 from imgcls.data.decode_pass import DecodedData, decode_data
-from imgcls.data.loaders import BalancedOrder, Batches
+from imgcls.data.loaders import BalancedOrder, Batches, default_workers
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import _to_nchw_uint8, load_data
+from imgcls.data.streaming import BytesDecoder, StreamBatches
 from imgcls.data.transforms import (AugmentSpec, BatchAugment, BatchResizedCrop, Preprocessing, augment_preset)
 from imgcls.errors import ImgclsError
 
@@ -65,6 +66,9 @@ def derive_preprocessing(pre: Preprocessing, data: ImageData, pretrained: bool) 
     if data.train.in_memory:
         mean, std = data_stats(data.train.images, pre.in_chans)
         return dataclasses.replace(pre, mean=mean, std=std)
+    if data.train.streamed and data.native_size is not None:  # in-memory data written as shards
+        stats = (data.stats or {}).get(str(pre.in_chans))
+        return dataclasses.replace(pre, **({"mean": tuple(stats["mean"]), "std": tuple(stats["std"])} if stats else {}))
     return dataclasses.replace(pre, resize="shorter_side", crop_pct=0.875)
 
 
@@ -84,6 +88,8 @@ def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: 
     pin = device is not None and device.type == "cuda"
     if split.in_memory:
         return Batches(split, batch_size, pin_memory=pin, center_crop=stored_crop(split, pre))
+    if split.streamed:
+        return stream_batches(split, pre, batch_size, workers=workers, pin=pin)  # bad members: reported, skipped
     spec = CacheSpec.for_preprocessing(pre)  # the same reduced JPEG decode as the cache
     return Batches(split, batch_size, transform=pre.pil_transform(), channels=pre.in_chans, size=pre.img_size,
                    workers=workers, pin_memory=pin, skipped=skipped,
@@ -193,7 +199,7 @@ def decode_split(data: ImageData, name: str, pre: Preprocessing, *, strict: bool
     """Split ``name`` of ``data`` decoded once (through the cache) when it is files, with
     the files that could not be read: ``(split, [(split, path, reason), ...])``."""
     part = getattr(data, name)
-    if part.in_memory:
+    if part.in_memory or part.streamed:  # a stream is decoded as it is read
         return part, []
     only = dataclasses.replace(data, **({"train": None, "val": None, "test": None} | {name: part}))
     decoded = decode_data(only, pre, strict=strict, cache=cache, splits=(name,), announce=announce)
@@ -213,6 +219,7 @@ class TrainSettings:
     strict: bool = False
     cache: bool = True
     workers: int | None = None
+    shuffle_buffer: int = 1000  # streamed (sharded) data: samples each loader worker shuffles among
 
 
 @dataclass
@@ -244,6 +251,8 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
                     device: torch.device, rank: int = 0, world: int = 1, progress: bool = False,
                     report_dir: Path | None = None, announce: bool = True) -> TrainInputs:
     """Training and validation batches of a run; ``batch_size`` is this process's."""
+    if data.train.streamed:
+        return _stream_inputs(data, pre, s, batch_size, device=device, rank=rank, world=world)
     data, files = _decode_for_training(data, pre, s, progress, report_dir, announce)
     aug = augment_preset(s.augment, data.kind, s.hflip)
     aug.randaugment = s.randaugment
@@ -277,3 +286,68 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
             if data.train.in_memory and (aug.preset != "none" or s.randaugment) else None
     return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
                        files=files)
+
+
+# ---------------------------------------------------------------------- streamed (sharded) data
+def stream_batches(split: Split, pre: Preprocessing, batch_size: int, *, train: bool = False, stored: bool = False,
+                   seed: int = 0, shuffle_buffer: int = 1000, workers: int | None = None, pin: bool = False,
+                   strict: bool = False) -> StreamBatches:
+    """Batches of a split streamed from shards, decoded in loader workers. ``stored``: photos
+    as the decode cache stores them (``img_size / crop_pct`` square, for random resized
+    crops on the device); else as the model sees them at inference (``pil_transform``)."""
+    spec = CacheSpec.for_preprocessing(pre)
+    photo = pre.resize == "shorter_side"
+    tf = spec.transform() if stored else pre.pil_transform()
+    exact = pre.img_size if pre.resize == "squash" and pre.bit_depth == 8 else None
+    decode = BytesDecoder(tf, pre.in_chans, min_side=spec.side if photo else None, exact=exact)
+    n = default_workers() if workers is None else workers
+    return StreamBatches(split, batch_size, decode, shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer,
+                         workers=n, pin_memory=pin, strict=strict)
+
+
+def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_size: int, *,
+                   device: torch.device, rank: int, world: int) -> TrainInputs:
+    """:func:`training_inputs` for a shard set: the same augmentation and normalisation on
+    the device; flips are random (alternating flips need random access)."""
+    aug = augment_preset(s.augment, data.kind, s.hflip)
+    aug.randaugment = s.randaugment
+    plan = plan_balance(data.train.labels, data.classes, s.balance)
+    if plan.mode == "sampler":
+        raise ImgclsError("--balance sampler needs random access, which streamed shards do not have",
+                          "use --balance weights (a weighted loss) with shards")
+    photo = aug.preset == "photo" and data.native_size is None
+    crop = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip) if photo else None
+    pin = device.type == "cuda"
+    train = stream_batches(data.train, pre, batch_size, train=True, stored=photo, seed=s.seed,
+                           shuffle_buffer=s.shuffle_buffer, workers=s.workers, pin=pin, strict=s.strict)
+    val = stream_batches(data.val, pre, max(256, batch_size), workers=s.workers, pin=pin, strict=s.strict) \
+        if data.val is not None else None
+    train.shard(rank, world, even=True)
+    if val is not None:
+        val.shard(rank, world, even=False)
+    batch_aug = crop if photo else BatchAugment(aug.translate, aug.hflip, s.randaugment) \
+        if aug.preset != "none" or s.randaugment else None
+    return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
+                       files=None)
+
+
+def prediction_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
+    """:func:`as_split`, and also a shard set or a manifest (one path): every split of it,
+    in the order train, val, test (a shard set's source names come with its stream)."""
+    from imgcls.data.manifest import MANIFEST_SUFFIXES
+    from imgcls.data.shardset import ShardSplit, is_shard_spec
+
+    one = images[0] if isinstance(images, (list, tuple)) and len(images) == 1 else images
+    if not isinstance(one, (str, Path)) or not (is_shard_spec(one) or Path(str(one)).suffix.lower() in
+                                                 MANIFEST_SUFFIXES and Path(str(one)).is_file()):
+        return as_split(images, pre)
+    data = load_data(one, val_split=0.0)
+    parts = [s for s in (data.train, data.val, data.test) if s is not None]
+    labels = torch.cat([s.labels for s in parts])
+    if all(s.streamed for s in parts):
+        first = parts[0].shards
+        shards = ShardSplit([x for s in parts for x in s.shards.shards], first.format, "all", first.where,
+                            first.label_map)
+        return Split(labels=labels, shards=shards), []
+    paths = [p for s in parts for p in s.paths]
+    return Split(labels=labels, paths=paths), [str(p) for p in paths]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,11 +19,15 @@ class Split:
     labels: torch.Tensor  # (N,) int64
     images: torch.Tensor | None = None  # (N, C, H, W) uint8, for in-memory data
     paths: list[Path] | None = None  # image files, for on-disk data
+    # a ShardSplit (data/shardset.py): streamed from a shard set; labels are then its class
+    # counts in class order (the stream's own order is its shards')
+    shards: Any = None
 
     def __post_init__(self) -> None:
-        if (self.images is None) == (self.paths is None):
-            raise ValueError("a Split holds either images or paths")
-        n = len(self.images) if self.images is not None else len(self.paths)
+        if sum(v is not None for v in (self.images, self.paths, self.shards)) != 1:
+            raise ValueError("a Split holds either images, paths or shards")
+        n = len(self.images) if self.images is not None else len(self.paths) if self.paths is not None \
+            else self.shards.count
         if n != len(self.labels):
             raise ValueError(f"{n} images but {len(self.labels)} labels")
 
@@ -33,7 +38,13 @@ class Split:
     def in_memory(self) -> bool:
         return self.images is not None
 
+    @property
+    def streamed(self) -> bool:
+        return self.shards is not None
+
     def subset(self, idx: torch.Tensor) -> Split:
+        if self.shards is not None:
+            raise ValueError("a streamed (sharded) split has no random access")
         idx = idx.long()
         if self.images is not None:
             return Split(labels=self.labels[idx], images=self.images[idx])
@@ -60,6 +71,8 @@ class ImageData:
     passed_over: list[tuple[str, Path, str]] = field(default_factory=list)
     # a manifest's extra columns (``run``, ``patient``, ...): column -> {str(path): value}, for --group-by
     columns: dict[str, dict[str, str]] = field(default_factory=dict)
+    # per-channel-count normalisation statistics of a shard set's training images ({"1"|"3": {mean, std}})
+    stats: dict | None = None
 
     @property
     def num_classes(self) -> int:

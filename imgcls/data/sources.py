@@ -208,6 +208,10 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
         if split is None or mapping is None:
             return split
         new = mapping[split.labels] if len(split.labels) else split.labels
+        if split.shards is not None:  # a stream maps each label as it is read
+            old = split.shards.label_map
+            table = [int(mapping[i if old is None else old[i]]) for i in range(len(old or data.classes))]
+            return Split(labels=new, shards=dataclasses.replace(split.shards, label_map=table))
         return Split(labels=new, images=split.images, paths=split.paths)
 
     return dataclasses.replace(data, classes=classes, train=relabel(data.train), val=relabel(data.val),
@@ -217,6 +221,10 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
 def resolve(spec: Any, classes: list[str] | None = None) -> ImageData:
     """Turn what the user gave (path, name, arrays, ImageData) into ImageData;
     ``classes`` fixes the class list and order."""
+    from imgcls.data.shardset import from_shards, is_shard_spec
+
+    if is_shard_spec(spec):  # a folder / pattern / URL of shards written by `imgcls shard`
+        return from_shards(str(spec), classes)
     if isinstance(spec, (str, Path)) and Path(str(spec)).expanduser().is_dir():
         return from_folder(Path(str(spec)).expanduser(), classes)
     if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
@@ -268,7 +276,9 @@ def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[st
     of ``val_split`` of train when the data brings none; with ``group_by``, whole groups
     only: see data/groups.py). ``classes`` fixes the class list and order."""
     data = resolve(spec, classes)
-    if data.val is None and data.train is not None and val_split > 0:
+    if data.val is None and data.train is not None and data.train.streamed:
+        data.notes.append("the shard set has no validation split (`imgcls shard` writes one)")
+    elif data.val is None and data.train is not None and val_split > 0:
         if group_by:
             from imgcls.data.groups import group_of, grouped_split
 

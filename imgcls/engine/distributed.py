@@ -186,12 +186,12 @@ def local_batch_size(global_batch: int, ctx: DistContext) -> int:
 
 
 # ---------------------------------------------------------------------- launcher
-def launch(nproc: int, train_args: list[str]) -> int:
-    """``imgcls train --devices N``: start N processes on this machine through PyTorch's
-    own launcher (torch.distributed.run = torchrun) and wait for them. Multi-node runs
-    call torchrun directly (see docs/distributed.md)."""
+def launch(nproc: int, train_args: list[str], command: str = "train") -> int:
+    """``imgcls train --devices N`` (or ``imgcls predict --devices N``: ``command``): start N
+    processes on this machine through PyTorch's own launcher (torch.distributed.run =
+    torchrun) and wait for them. Multi-node runs call torchrun directly (docs/distributed.md)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "imgcls", "train", *train_args]
+           "-m", "imgcls", command, *train_args]
     env = dict(os.environ)
     if not (torch.cuda.is_available() and torch.cuda.device_count() >= nproc):
         # CPU processes share the cores: split them instead of oversubscribing

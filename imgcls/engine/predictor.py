@@ -30,14 +30,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None):
+    """Logits and labels of each batch, in order, one batch at a time (memory stays flat)."""
+    for x, y in batches:
+        out = backend.logits(x)
+        if on_batch is not None:
+            on_batch(len(y))
+        yield out, y.numpy()
+
+
 def run_backend(backend, batches, on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every batch, in order."""
     outs, labels = [], []
-    for x, y in batches:
-        outs.append(backend.logits(x))
-        labels.append(y.numpy())
-        if on_batch is not None:
-            on_batch(len(y))
+    for out, y in iter_backend(backend, batches, on_batch):
+        outs.append(out)
+        labels.append(y)
     if not outs:
         return np.empty((0, 0), np.float32), np.empty(0, np.int64)
     return np.concatenate(outs), np.concatenate(labels)
@@ -109,6 +116,20 @@ class Predictor:
         if not outs:
             return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    def stream(self, split: Split, skipped: dict[int, str] | None = None, on_batch: Callable[[int], None] | None = None,
+               on_sources: Callable[[list[str]], None] | None = None, shard: tuple[int, int] | None = None):
+        """``(logits, labels)`` of each batch of ``split``, in order, as they are computed:
+        what a job over millions of images (engine/batch_predict.py) consumes without
+        holding them. ``on_sources``: a streamed split's source names per batch; ``shard``:
+        (rank, world), read only this process's share."""
+        batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
+                               device=self.device, skipped=skipped)
+        if shard is not None:
+            batches.shard(*shard, even=False)
+        if on_sources is not None:
+            batches.on_sources = on_sources
+        return iter_backend(self.backend, batches, on_batch)
 
     def close(self) -> None:
         self.backend.close()

@@ -54,6 +54,9 @@ def _hash_split(h, name: str, split: Split | None) -> int:
         return 0
     h.update(f"{name}:{len(split)}\n".encode())
     h.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
+    if split.streamed:  # a shard set: the index's sha256 of each shard stands for its bytes
+        h.update("".join(f"{s.name}:{s.count}:{s.sha256}\n" for s in split.shards.shards).encode())
+        return len(split)
     if split.in_memory:
         x = split.images.contiguous()
         h.update(repr(tuple(x.shape)).encode())

@@ -106,11 +106,12 @@ class TrainingSession:
         cfg, b = self.cfg, self.bundle
         pre = derive_preprocessing(b.preprocessing, data, b.pretrained)
         s = TrainSettings(augment=cfg.augment, hflip=cfg.hflip, randaugment=cfg.randaugment, balance=cfg.balance,
-                          seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers)
+                          seed=cfg.seed, strict=cfg.strict, cache=cfg.cache, workers=cfg.workers,
+                          shuffle_buffer=cfg.shuffle_buffer)
         inp = training_inputs(data, pre, s, self.local_batch, device=self.device, rank=self.ctx.rank,
                               world=self.ctx.world_size, progress=self.progress and self.ctx.is_main,
                               report_dir=self.writer, announce=self.ctx.is_main)
-        if cfg.group_by is None and self.ctx.is_main and inp.data.val is not None:
+        if cfg.group_by is None and self.ctx.is_main and inp.data.val is not None and not inp.data.train.streamed:
             hint = leak_hint(inp.data.train.images, inp.data.val.images)  # near-duplicates across train/val
             if hint:
                 print(f"imgcls: {hint}", file=sys.stderr)

@@ -1,0 +1,217 @@
+"""Shard sets vs today's sources: training throughput (CIFAR-10 from the .npz in memory /
+from shards; hymenoptera from the folder through the decode cache / from shards, raw and
+written with --resize) and batch prediction (1 vs 2 processes).
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py train --data cifar10 --subset 10000
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py train --data hymenoptera
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py predict --images 20000 \
+        --rss-sizes 1000 200000
+
+Writes bench/results/shards_train_<data>.json (img/s of each epoch, wall time of the whole fit)
+and bench/results/shards_predict.json (img/s of 1 vs 2 processes; peak RSS per job size).
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py mnist-http --epochs 2
+
+2-process torchrun on MNIST from shards over http://127.0.0.1 vs from the .npz
+(bench/results/shards_mnist-http.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import default_data, machine  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _fit(data, classes, in_chans, img_size, epochs, batch, workers, seed=0) -> dict:
+    from imgcls import Classifier
+
+    clf = Classifier.create("reference_cnn", classes=classes, in_chans=in_chans, img_size=img_size, seed=seed)
+    t0 = time.perf_counter()
+    s = clf.fit(data, epochs=epochs, batch_size=batch, workers=workers, progress=False, seed=seed, threads=None)
+    wall = time.perf_counter() - t0
+    return {"img_per_s": [round(h["img_per_s"], 1) for h in clf.history], "fit_wall_s": round(wall, 2),
+            "best_val_acc": round(s["best"].get("val_acc", float("nan")), 4), "train_images": s["train_images"]}
+
+
+def _cifar_subset(n: int, tmp: Path) -> Path:
+    with np.load(default_data("cifar10.npz"), allow_pickle=False) as f:
+        x, y = f["x_train"], f["y_train"].reshape(-1)
+        names = f["class_names"] if "class_names" in f.files else None
+    idx = np.random.default_rng(0).permutation(len(x))[:n]
+    path = tmp / "cifar_subset.npz"
+    extra = {"class_names": names} if names is not None else {}
+    np.savez(path, x_train=x[idx], y_train=y[idx], **extra)
+    return path
+
+
+def bench_train(args) -> dict:
+    from imgcls.data.shard_writer import parse_size, write_shards
+    from imgcls.data.sources import load_data
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    os.environ["IMGCLS_DECODE_CACHE_DIR"] = str(tmp / "decoded")  # a cold decode cache: the first run decodes
+    out = {"machine": machine(), "data": args.data, "epochs": args.epochs, "workers": args.workers, "runs": {}}
+    if args.data == "cifar10":
+        src = _cifar_subset(args.subset, tmp)
+        data = load_data(src)
+        classes, chans, size = data.classes, 3, 32
+        out["subset"] = args.subset
+        variants = {"npz_in_memory": str(src)}
+        t0 = time.perf_counter()
+        write_shards(data, tmp / "sh", shard_size=parse_size("4MB"))
+        out["shard_write_s"] = {"webdataset": round(time.perf_counter() - t0, 2)}
+        variants["shards"] = str(tmp / "sh")
+    else:
+        src = default_data("hymenoptera")
+        data = load_data(src)
+        classes, chans, size = data.classes, 3, args.img_size
+        variants = {"folder_decode_cache_cold": str(src), "folder_decode_cache_warm": str(src)}
+        out["shard_write_s"] = {}
+        for name, resize in (("shards_raw", None), ("shards_resize", int(round(size / 0.875)))):
+            t0 = time.perf_counter()
+            write_shards(data, tmp / name, shard_size=parse_size("8MB"), resize=resize)
+            out["shard_write_s"][name] = round(time.perf_counter() - t0, 2)
+            variants[name] = str(tmp / name)
+    for name, spec in variants.items():
+        print(f"bench: {name}", file=sys.stderr)
+        out["runs"][name] = _fit(spec, classes, chans, size, args.epochs, args.batch_size, args.workers)
+        print(json.dumps(out["runs"][name]), file=sys.stderr)
+    return out
+
+
+def _predict_job(run: Path, src: Path, out: Path, devices: int, batch: int, workers: int) -> dict:
+    """One ``imgcls predict --output DIR/`` job in a subprocess under GNU time: wall time and
+    the peak RSS of its largest process (%M: the waited-for process tree's largest)."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "imgcls", "predict", str(run), str(src),
+           "--output", str(out) + "/", "--devices", str(devices), "--batch-size", str(batch), "--workers",
+           str(workers), "--device", "cpu"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    peak = int(next(line for line in proc.stderr.splitlines() if line.startswith("MAXRSS")).split()[1])
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 1024, 1)}
+
+
+def _generated_shards(n: int, tmp: Path, size: int = 32) -> Path:
+    from imgcls.data.records import ImageData, Split
+    from imgcls.data.shard_writer import parse_size, write_shards
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    data = ImageData(classes=[str(c) for c in range(10)], train=Split(labels=torch.arange(n) % 10, images=x),
+                     name=f"gen{n}", channels=3, native_size=size, kind="small-colour")
+    write_shards(data, tmp / f"gen{n}", shard_size=parse_size("16MB"))
+    return tmp / f"gen{n}"
+
+
+def bench_predict(args) -> dict:
+    from imgcls import Classifier
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    clf = Classifier.create("reference_cnn", classes=[str(c) for c in range(10)], in_chans=3, img_size=32, seed=0)
+    clf.save(tmp / "model")
+    out = {"machine": machine(), "model": "reference_cnn 32x32", "batch_size": args.batch_size, "jobs": {}}
+    src, small = _generated_shards(args.images, tmp), _generated_shards(300, tmp)
+    for devices in (1, 2):
+        job = _predict_job(tmp / "model", src, tmp / "out", devices, args.batch_size, args.workers)
+        base = _predict_job(tmp / "model", small, tmp / "out", devices, args.batch_size, args.workers)
+        job["img_per_s"] = round(args.images / job["wall_s"], 1)
+        # start-up (imports, torchrun, model load) cancels out against a 300-image job
+        job["marginal_img_per_s"] = round((args.images - 300) / max(job["wall_s"] - base["wall_s"], 1e-9), 1)
+        job["startup_job_300_wall_s"] = base["wall_s"]
+        out["jobs"][f"{args.images}_images_{devices}_process"] = job
+        print(json.dumps(job), file=sys.stderr)
+    for n in args.rss_sizes:
+        job = _predict_job(tmp / "model", _generated_shards(n, tmp), tmp / "out", 1, args.batch_size, args.workers)
+        out["jobs"][f"rss_{n}_images"] = job
+        print(n, json.dumps(job), file=sys.stderr)
+    return out
+
+
+def bench_mnist_http(args) -> dict:
+    """2-process torchrun training on MNIST from shards over a local HTTP server vs from the .npz."""
+    import functools
+    import subprocess
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from imgcls.data.shard_writer import parse_size, write_shards
+    from imgcls.data.sources import load_data
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mnist-http-"))
+    data = load_data(default_data("mnist.npz"))  # the same held-out val split as training from the .npz
+    t0 = time.perf_counter()
+    write_shards(data, tmp / "sh", shard_size=parse_size("4MB"))
+    out = {"machine": machine(), "epochs": args.epochs, "shard_write_s": round(time.perf_counter() - t0, 1), "runs": {}}
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/sh/"
+    for name, spec in (("npz", str(default_data("mnist.npz"))), ("http_shards", url)):
+        cmd = [sys.executable, "-m", "imgcls", "train", "--data", spec, "--devices", "2", "--epochs", str(args.epochs),
+               "--recipe", "default", "--batch-size", "128", "--out", str(tmp / "runs"), "--name", name,
+               "--device", "cpu", "--workers", "1"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        card = json.loads((tmp / "runs" / name / "model.json").read_text())
+        test = card["metrics"].get("test", {})
+        out["runs"][name] = {"wall_s": round(time.perf_counter() - t0, 1), "test_accuracy": test.get("accuracy"),
+                             "img_per_s": [round(h, 1) for h in _history_img_s(tmp / "runs" / name)]}
+        print(name, json.dumps(out["runs"][name]), file=sys.stderr)
+    server.shutdown()
+    return out
+
+
+def _history_img_s(run: Path) -> list[float]:
+    import csv
+
+    with open(run / "history.csv") as f:
+        return [float(r["img_per_s"]) for r in csv.DictReader(f) if r.get("img_per_s")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--data", choices=["cifar10", "hymenoptera"], default="cifar10")
+    t.add_argument("--subset", type=int, default=10000)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--img-size", type=int, default=128)
+    t.add_argument("--workers", type=int, default=2)
+    q = sub.add_parser("predict")
+    q.add_argument("--images", type=int, default=20000)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--workers", type=int, default=1)
+    q.add_argument("--rss-sizes", type=int, nargs="*", default=[])
+    m = sub.add_parser("mnist-http")
+    m.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args()
+    result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http}[args.what](args)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / (f"shards_train_{args.data}.json" if args.what == "train" else f"shards_{args.what}.json")
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

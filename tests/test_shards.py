@@ -1,0 +1,453 @@
+"""Shard sets (imgcls shard) and streamed training / evaluation from them."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from imgcls.cli import main
+from imgcls.data.shard_writer import parse_size, write_shards
+from imgcls.data.shardset import assign, from_shards, is_shard_spec
+from imgcls.data.sources import load_data
+from imgcls.data.streaming import BytesDecoder, StreamBatches
+from imgcls.errors import ImgclsError
+
+from .conftest import pattern_images, write_folder
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _indexed_npz(path: Path, n: int, size: int = 8) -> Path:
+    """Grayscale images whose first two pixels spell their index (PNG in shards: lossless)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(n, size, size)).astype(np.uint8)
+    idx = np.arange(n)
+    x[:, 0, 0], x[:, 0, 1] = idx // 256, idx % 256
+    np.savez(path, x_train=x, y_train=idx % 3, class_names=np.array(["a", "b", "c"]))
+    return path
+
+
+def _ids(x: torch.Tensor) -> list[int]:
+    return (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+
+
+RAW = BytesDecoder(v2.Compose([v2.PILToTensor()]), 1)  # the member's pixels exactly
+
+
+def _shards(tmp_path: Path, n: int, shard_size: str, fmt: str = "webdataset") -> Path:
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", n), val_split=0.0)
+    write_shards(data, tmp_path / "sh", fmt=fmt, shard_size=parse_size(shard_size))
+    return tmp_path / "sh"
+
+
+# ---------------------------------------------------------------------- writing
+def test_shard_cli_writes_shards_and_an_index_with_counts_and_checksums(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["shard", str(tiny_npz), "--out", str(out), "--shard-size", "4KB"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["format"] == "webdataset" and index["classes"] == ["a", "b", "c"]
+    assert set(index["splits"]) == {"train", "val", "test"}  # val held out (stratified), as training would
+    assert index["splits"]["train"]["count"] + index["splits"]["val"]["count"] == 120
+    assert sum(index["splits"]["train"]["class_counts"]) == index["splits"]["train"]["count"]
+    for part in index["splits"].values():
+        assert sum(s["count"] for s in part["shards"]) == part["count"]
+        for s in part["shards"]:
+            assert hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    assert len(index["splits"]["train"]["shards"]) > 1
+    assert main(["shard", str(tiny_npz), "--out", str(out)]) == 1  # refuses to overwrite unasked
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["shard", str(tiny_npz), "--out", str(tmp_path / "x"), "--shard-size", "lots"]) == 1
+    assert "--shard-size lots" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512 * 10**6 and parse_size("64MiB") == 64 * 2**20 and parse_size("1.5gb") == 1.5e9
+
+
+def test_folder_with_resize_and_an_unreadable_file(tmp_path, capsys):
+    root = write_folder(tmp_path / "photos", n_per_class=6, size=40)
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    index = write_shards(load_data(root), tmp_path / "sh", resize=24)
+    assert [s["path"] for s in index["skipped"]] == [str(root / "cat" / "broken.jpg")]
+    assert "skipped 1 unreadable" in capsys.readouterr().err
+    data = from_shards(tmp_path / "sh")
+    assert data.kind == "photos" and len(data.train) + len(data.val) == 18
+    with tarfile.open(tmp_path / "sh" / "train-000000.tar") as t:
+        from PIL import Image
+        img = Image.open(io.BytesIO(t.extractfile(next(m for m in t if m.name.endswith(".jpg"))).read()))
+        assert min(img.size) == 24  # re-encoded with the shorter side at 24
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_both_formats_stream_every_sample(tmp_path, fmt):
+    sh = _shards(tmp_path, 50, "2KB", fmt)
+    data = from_shards(sh)
+    assert data.train.streamed and len(data.train) == 50 and data.native_size == 8
+    b = StreamBatches(data.train, 7, RAW, workers=0)
+    assert sorted(i for x, _ in b for i in _ids(x)) == list(range(50))
+
+
+# ---------------------------------------------------------------------- who reads what
+@pytest.mark.parametrize("n, shard_size", [(203, "3KB"), (203, "40KB"), (37, "1MB")])  # many, few, one shard
+def test_two_ranks_two_workers_read_every_sample_once_in_equal_steps(tmp_path, n, shard_size):
+    split = from_shards(_shards(tmp_path, n, shard_size)).train
+    orders = []
+    for epoch in (1, 2):
+        seen, steps = [], []
+        for rank in range(2):
+            b = StreamBatches(split, 8, RAW, shuffle=True, seed=1, shuffle_buffer=16, workers=2)
+            b.shard(rank, 2, even=True)
+            b.set_epoch(epoch)
+            batches = list(b)
+            assert len(batches) == len(b)  # the step count announced before the epoch
+            steps.append(len(batches))
+            seen += [i for x, _ in batches[:len(batches) - b.padded] for i in _ids(x)]
+        assert steps[0] == steps[1]  # DDP: no rank waits for another that ran out of data
+        assert sorted(seen) == list(range(n))  # every sample exactly once across ranks and workers
+        orders.append(seen)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_assignment_is_a_partition_and_the_same_everywhere():
+    from imgcls.data.shardset import ShardInfo
+
+    shards = [ShardInfo(f"s{i}", f"s{i}", c) for i, c in enumerate([10, 10, 10, 3])]
+    a = assign(shards, world=3, workers=2, seed=0, epoch=4, shuffle=True)
+    assert a == assign(shards, world=3, workers=2, seed=0, epoch=4, shuffle=True)
+    units = [u for rank in a for worker in rank for u in worker]
+    covered = sorted((u.shard, p) for u in units for p in range(shards[u.shard].count) if p % u.parts == u.part)
+    assert covered == sorted((i, p) for i, s in enumerate(shards) for p in range(s.count))
+
+
+def test_eval_share_is_unpadded(tmp_path):
+    split = from_shards(_shards(tmp_path, 60, "2KB")).train
+    seen = []
+    for rank in range(2):
+        b = StreamBatches(split, 8, RAW, workers=1)
+        b.shard(rank, 2, even=False)
+        seen += [i for x, _ in b for i in _ids(x)]
+    assert sorted(seen) == list(range(60))
+
+
+# ---------------------------------------------------------------------- bad shards
+def _rewrite_member(path: Path, fix) -> None:
+    """Rewrite a tar shard with ``fix(name, bytes) -> bytes`` applied to each member."""
+    with tarfile.open(path) as t:
+        members = [(m, t.extractfile(m).read()) for m in t if m.isreg()]
+    with tarfile.open(path, "w") as t:
+        for m, data in members:
+            data = fix(m.name, data)
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+
+
+def _reindex(sh: Path) -> None:
+    index = json.loads((sh / "index.json").read_text())
+    for part in index["splits"].values():
+        for s in part["shards"]:
+            if (sh / s["name"]).exists():
+                s["sha256"] = hashlib.sha256((sh / s["name"]).read_bytes()).hexdigest()
+    (sh / "index.json").write_text(json.dumps(index))
+
+
+def _read_all(sh: Path, strict: bool, workers: int = 1):
+    b = StreamBatches(from_shards(sh).train, 8, RAW, workers=workers, strict=strict)
+    return b, sorted(i for x, _ in b for i in _ids(x))
+
+
+def test_corrupt_member_is_named_and_skipped_or_refused(tmp_path, capsys):
+    sh = _shards(tmp_path, 40, "2KB")
+    first = sorted(sh.glob("train-*.tar"))[1]
+    victim = []
+
+    def corrupt(name, data):
+        if name.endswith(".png") and not victim:
+            victim.append(name)
+            return data[:len(data) // 2]  # a truncated PNG
+        return data
+
+    _rewrite_member(first, corrupt)
+    _reindex(sh)
+    b, ids = _read_all(sh, strict=False)
+    assert len(ids) == 39 and len(b.problems) == 1
+    assert f"{first.name}:{victim[0]}" in b.problems[0] and "truncated or corrupt" in b.problems[0]
+    assert victim[0] in capsys.readouterr().err
+    with pytest.raises(ImgclsError, match=first.name):
+        _read_all(sh, strict=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "checksum"])
+def test_bad_shards_are_reported_never_hang(tmp_path, damage):
+    sh = _shards(tmp_path, 60, "2KB")
+    shard = sorted(sh.glob("train-*.tar"))[2]
+    count = next(s["count"] for s in json.loads((sh / "index.json").read_text())["splits"]["train"]["shards"]
+                 if s["name"] == shard.name)
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1800])
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        _rewrite_member(shard, lambda name, data: data)  # same samples, other bytes (tar headers)
+        shard.write_bytes(shard.read_bytes() + b"\0" * 512)
+    b, ids = _read_all(sh, strict=False, workers=2)
+    assert len(b.problems) == 1 and shard.name in b.problems[0]
+    assert {"truncated": "truncated or corrupt tar", "missing": "missing",
+            "checksum": "sha256 mismatch"}[damage] in b.problems[0]
+    lost = {"truncated": count - len(ids) + 60 - count, "missing": count, "checksum": 0}[damage]
+    assert len(ids) == 60 - lost if damage != "truncated" else 60 - count <= len(ids) < 60
+    with pytest.raises(ImgclsError, match=shard.name):
+        _read_all(sh, strict=True)
+
+
+def test_strict_training_refuses_a_missing_shard(tmp_path, capsys):
+    sh = _shards(tmp_path, 60, "2KB")
+    sorted(sh.glob("train-*.tar"))[0].unlink()
+    args = ["train", "--data", str(sh), "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "runs"),
+            "--workers", "1", "--img-size", "16"]
+    assert main([*args, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "train-000000.tar: missing" in err and err.count("\n") == 1  # one line, no traceback
+
+
+# ---------------------------------------------------------------------- naming and opening shard sets
+@pytest.fixture
+def http_root(tmp_path):
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_is_streamed_without_range_requests():
+    from imgcls.data.shardset import storage_options
+
+    assert storage_options("http://127.0.0.1:8000/x.tar")["block_size"] == 0  # plain servers answer no ranges
+    assert storage_options("/data/x.tar") == {}
+
+
+def test_an_evaluation_stream_is_never_padded(tmp_path):
+    sh = _shards(tmp_path, 60, "2KB")
+    sorted(sh.glob("train-*.tar"))[0].unlink()
+    b = StreamBatches(from_shards(sh).train, 8, RAW, workers=2)  # as eval_batches builds it
+    assert sum(len(y) for _, y in b) < 60 and b.padded == 0
+
+
+def test_http_url_and_brace_pattern(http_root):
+    root, url = http_root
+    sh = _shards(root, 40, "2KB")
+    names = sorted(p.name for p in sh.glob("train-*.tar"))
+    for spec in (f"{url}/sh", f"{url}/sh/", f"{url}/sh/index.json"):
+        assert is_shard_spec(spec)
+        b = StreamBatches(from_shards(spec).train, 8, RAW, workers=1)
+        assert sorted(i for x, _ in b for i in _ids(x)) == list(range(40))
+    pattern = str(sh / "train-{000000..000001}.tar")
+    data = from_shards(pattern)
+    assert [s.name for s in data.train.shards.shards] == names[:2]
+    assert len(list(StreamBatches(data.train, 1000, RAW, workers=0))[0][1]) == len(data.train)
+    with pytest.raises(ImgclsError, match="not in"):
+        from_shards(str(sh / "train-{000000..000999}.tar"))
+    with pytest.raises(ImgclsError, match="no shard index"):
+        from_shards(f"{url}/nothing/")
+
+
+# ---------------------------------------------------------------------- training and evaluation
+def test_training_from_shards_learns_through_the_same_pipeline(tmp_path, tiny_npz):
+    from imgcls import Classifier
+
+    write_shards(load_data(tiny_npz), tmp_path / "sh", shard_size=4000)
+    clf = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16, seed=0)
+    summary = clf.fit(str(tmp_path / "sh"), epochs=3, batch_size=16, lr=3e-3, workers=2, progress=False)
+    assert summary["train_images"] == 108 and summary["val_images"] == 12
+    assert clf.evaluate(str(tmp_path / "sh"))["accuracy"] >= 0.9  # its test shards
+    # the normalisation statistics are the in-memory data's own
+    from imgcls.data.pipeline import data_stats
+    assert clf.preprocessing.mean == data_stats(load_data(tiny_npz).train.images, 1)[0]
+
+
+def test_photo_shards_train_with_random_resized_crops(tmp_path):
+    root = write_folder(tmp_path / "photos", n_per_class=10, size=48, splits=("train", "val"))
+    write_shards(load_data(root), tmp_path / "sh", resize=40)
+    run = tmp_path / "runs"
+    assert main(["train", "--data", str(tmp_path / "sh"), "--epochs", "1", "--img-size", "32", "--batch-size", "8",
+                 "--out", str(run), "--name", "r", "--workers", "1", "--shuffle-buffer", "50"]) == 0
+    card = json.loads((run / "r" / "model.json").read_text())
+    assert card["training"]["augment"]["preset"] == "photo" and card["preprocessing"]["resize"] == "shorter_side"
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_from_uneven_shards(tmp_path):
+    x, y = pattern_images(50, size=16)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, class_names=np.array(["a", "b", "c"]))
+    write_shards(load_data(tmp_path / "d.npz"), tmp_path / "sh", shard_size=9000)  # 5 uneven shards
+    proc = subprocess.run([PY, "-m", "imgcls", "train", "--data", str(tmp_path / "sh"), "--devices", "2",
+                           "--epochs", "2", "--batch-size", "16", "--out", str(tmp_path / "runs"), "--name", "r",
+                           "--workers", "1", "--device", "cpu"], env=_env(), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((tmp_path / "runs" / "r" / "model.json").read_text())
+    assert card["training"]["distributed"]["processes"] == 2
+    assert card["metrics"]["best_val"]["val_acc"] >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_hymenoptera_shards_hold_every_image(shared_data, tmp_path):
+    write_shards(load_data(shared_data / "hymenoptera"), tmp_path / "sh", shard_size=parse_size("4MB"), resize=160)
+    data = from_shards(tmp_path / "sh")
+    folder = load_data(shared_data / "hymenoptera")
+    assert (len(data.train), len(data.val)) == (len(folder.train), len(folder.val))
+    assert data.train.class_counts(2) == folder.train.class_counts(2)
+    b = StreamBatches(data.val, 64, RAW.__class__(v2.Compose([v2.PILToTensor(), v2.CenterCrop(64)]), 3), workers=2)
+    assert sum(len(y) for _, y in b) == len(folder.val) and not b.problems
+
+
+# ---------------------------------------------------------------------- batch prediction in parts
+@pytest.fixture
+def saved_model(tmp_path):
+    from imgcls import Classifier
+
+    clf = Classifier.create("reference_cnn", classes=["cat", "dog", "fox"], in_chans=3, img_size=16, seed=0)
+    clf.save(tmp_path / "model")
+    return Classifier.load(tmp_path / "model")
+
+
+def _rows(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for p in sorted(folder.glob("part-*")):
+        rows += pq.read_table(p).to_pylist() if p.suffix == ".parquet" else \
+            [json.loads(line) for line in p.read_text().splitlines()]
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_prediction_parts_cover_every_image_once_and_finished_parts_are_skipped(saved_model, tmp_path, fmt):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=7, size=20)
+    (root / "cat" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "preds"
+    for rank in range(2):
+        s = _parts(saved_model, root, out, fmt, Ranks(rank, 2))
+        assert not s["skipped"]
+    rows = _rows(out)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r["source"] for r in rows) == files  # every image once, over both parts
+    bad = next(r for r in rows if r["source"].endswith("bad.png"))
+    assert bad["error"] and bad["label"] is None
+    good = [r for r in rows if not r["error"]]
+    assert all(len(r["top_classes"]) == 2 and abs(sum(r["probabilities"]) - 1) < 1e-3 for r in good)
+    again = _parts(saved_model, root, out, fmt, Ranks(1, 2))
+    assert again["skipped"]  # rerun: the finished part is not redone
+
+
+def _parts(clf, src, out, fmt, ranks, batch_size=4):
+    from imgcls.data.pipeline import prediction_split
+    from imgcls.engine.batch_predict import predict_parts
+
+    split, names = prediction_split([src], clf.preprocessing)
+    return predict_parts(clf, split, names, out, fmt=fmt, top_k=2, batch_size=batch_size, workers=0,
+                         progress=False, ranks=ranks)
+
+
+def test_a_killed_jsonl_part_continues_after_its_last_complete_row(saved_model, tmp_path):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=5, size=20)
+    out = tmp_path / "preds"
+    _parts(saved_model, root, out, "jsonl", Ranks(0, 1))
+    full = (out / "part-00000-of-00001.jsonl").read_text().splitlines()
+    (out / "part-00000-of-00001.jsonl").unlink()
+    # as a SIGKILL leaves it: 6 rows flushed, the 7th half written
+    (out / "part-00000-of-00001.jsonl.partial").write_text("\n".join(full[:6]) + "\n" + full[6][:20])
+    s = _parts(saved_model, root, out, "jsonl", Ranks(0, 1))
+    assert s["rows"] == 15 and (out / "part-00000-of-00001.jsonl").read_text().splitlines() == full
+
+
+def test_prediction_over_a_shard_set_splits_its_shards_over_ranks(saved_model, tmp_path):
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=8, size=20, splits=("train", "val"))
+    write_shards(load_data(root), tmp_path / "sh", shard_size=3000)
+    out = tmp_path / "preds"
+    for rank in range(2):
+        _parts(saved_model, tmp_path / "sh", out, "parquet", Ranks(rank, 2))
+    rows = _rows(out)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r["source"] for r in rows) == files
+
+
+@pytest.mark.slow
+def test_predict_devices_2_writes_two_parts(saved_model, tmp_path):
+    root = write_folder(tmp_path / "imgs", n_per_class=10, size=20)
+    proc = subprocess.run([PY, "-m", "imgcls", "predict", str(tmp_path / "model"), str(root), "--devices", "2",
+                           "--output", str(tmp_path / "preds") + "/", "--workers", "1", "--device", "cpu"],
+                          env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "preds").glob("part-*-of-00002.parquet"))) == 2
+    assert len(_rows(tmp_path / "preds")) == 30
+
+
+def test_resume_offset_replays_the_epoch_and_drops_trained_batches(tmp_path):
+    split = from_shards(_shards(tmp_path, 90, "2KB")).train
+    full = StreamBatches(split, 8, RAW, shuffle=True, seed=2, shuffle_buffer=20, workers=2)
+    full.set_epoch(3)
+    everything = [_ids(x) for x, _ in full]
+    full.skip = 4  # what the trainer sets when resuming at batch 4 of epoch 3
+    assert [_ids(x) for x, _ in full] == everything[4:]
+    assert [_ids(x) for x, _ in full] == everything  # the offset applies once
+    full.set_epoch(4)  # the same (persistent) workers see the new epoch: another order, every sample
+    other = [i for x, _ in full for i in _ids(x)]
+    assert sorted(other) == list(range(90)) and other != [i for b in everything for i in b]
+
+
+def test_deterministic_fingerprint_of_a_shard_set(tmp_path, tiny_npz):
+    from imgcls.engine.reproducibility import data_fingerprint
+
+    write_shards(load_data(tiny_npz), tmp_path / "sh", shard_size=4000)
+    a = data_fingerprint(load_data(str(tmp_path / "sh")))
+    assert a == data_fingerprint(load_data(str(tmp_path / "sh"))) and a["images"]["train"] == 108
+
+
+def test_predicting_a_shard_set_needs_an_output_folder(saved_model, tmp_path, capsys):
+    sh = _shards(tmp_path, 20, "2KB")
+    assert main(["predict", str(tmp_path / "model"), str(sh)]) == 1
+    assert "--output DIR/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_fast_path_for_images_at_their_size_gives_the_transforms_pixels(channels):
+    from PIL import Image
+
+    from imgcls.data.transforms import Preprocessing
+
+    arr = np.random.default_rng(0).integers(0, 255, (12, 12, 3)[:2 if channels == 1 else 3]).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    pre = Preprocessing(img_size=12, in_chans=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+    fast = BytesDecoder(pre.pil_transform(), channels, exact=12)(buf.getvalue(), "x.png")
+    assert torch.equal(fast, BytesDecoder(pre.pil_transform(), channels)(buf.getvalue(), "x.png"))
