@@ -10,7 +10,7 @@ HELP = "rank unlabelled images by how much their labels would help (margin, entr
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from imgcls.curation.rank import STRATEGIES
+    from imgcls.curation import STRATEGIES
 
     p.add_argument("run", metavar="RUN", help="a run folder (imgcls train's output)")
     p.add_argument("unlabeled", metavar="UNLABELED", help="a folder of unlabelled images, or an .npz of them")

@@ -4,3 +4,7 @@
   probably wrong (``imgcls label-issues``).
 * :mod:`imgcls.curation.gallery` - the self-contained thumbnail page beside each CSV.
 """
+
+# the ranking strategies (imgcls rank --strategy): here, so the command line lists them without
+# importing numpy/torch (imgcls --help stays fast)
+STRATEGIES = ("margin", "entropy", "coreset", "hybrid", "random")

@@ -40,9 +40,9 @@ from imgcls.data.labelstudio import label_config, task
 from imgcls.data.records import Split
 from imgcls.data.sources import _to_nchw_uint8, load_data
 from imgcls.engine.predictor import Predictor, softmax
+from imgcls.curation import STRATEGIES
 from imgcls.errors import ImgclsError
 
-STRATEGIES = ("margin", "entropy", "coreset", "hybrid", "random")
 HYBRID_POOL = 10  # hybrid: k-center among this many times the budget of the most uncertain
 LABELLED_SAMPLE = 2000  # coreset: labelled images whose features seed the centres
 _ARRAY_KEYS = ("x_unlabeled", "x_unlabelled", "x_train", "x", "images")
