@@ -253,3 +253,13 @@ def test_mnist_mosaics_learn(tmp_path):
     clf = Classifier.create("reference_cnn", classes=[str(i) for i in range(10)], in_chans=1, img_size=56, seed=0)
     clf.fit(str(path), epochs=2, progress=False)
     assert clf.evaluate(str(path))["map_macro"] > 0.8
+
+
+def test_single_label_only_features_refuse(quad_npz):
+    from imgcls.data.audit import audit
+
+    with pytest.raises(ImgclsError, match="imgcls audit checks single-label data"):
+        audit(load_data(quad_npz, val_split=0.0))
+    single = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16)
+    with pytest.raises(ImgclsError, match="per-class thresholds are for multi-label models"):
+        single.tune_thresholds(str(quad_npz))

@@ -254,6 +254,9 @@ def _need_imagehash() -> None:
 
 def audit(data: ImageData, pixels: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Audit ``data``: image files (folder / manifest splits) or arrays (.npz, named data sets)."""
+    if data.multi_label:  # its findings (conflicting labels, per-class outliers) assume one class per image
+        raise ImgclsError(f"imgcls audit checks single-label data; {data.name} is multi-label (label sets)",
+                          "audit a single-label copy (--task single where every image has one label), or skip it")
     parts = [getattr(data, s) for s in ("train", "val", "test") if getattr(data, s) is not None]
     if parts and all(p.in_memory for p in parts):
         return audit_arrays(data, pixels)
