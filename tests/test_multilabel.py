@@ -251,7 +251,7 @@ def test_mnist_mosaics_learn(tmp_path):
     spec.loader.exec_module(mod)
     path = mod.build(SHARED / "mnist.npz", tmp_path / "m.npz", 3000, 500)
     clf = Classifier.create("reference_cnn", classes=[str(i) for i in range(10)], in_chans=1, img_size=56, seed=0)
-    clf.fit(str(path), epochs=2, progress=False)
+    clf.fit(str(path), epochs=6, batch_size=64, progress=False)
     assert clf.evaluate(str(path))["map_macro"] > 0.8
 
 

@@ -90,7 +90,8 @@ def export_run(clf: ModelBundle, fmt: str = "onnx", out: str | Path | None = Non
     report["split"], report["min_agreement"] = split_name, parity.MIN_AGREEMENT
     report["passed"] = report["top1_agreement"] >= parity.MIN_AGREEMENT
     meta["parity"] = report
-    log(f"{path.name}: top-1 agreement with PyTorch {report['top1_agreement']:.2%} on {report['images']} images, "
+    what = "label-set" if clf.multi_label else "top-1"
+    log(f"{path.name}: {what} agreement with PyTorch {report['top1_agreement']:.2%} on {report['images']} images, "
         f"max probability difference {report['max_prob_diff']:.2g}")
     if not report["passed"]:
         _discard(path, sidecar_path(path))
