@@ -1,6 +1,7 @@
 """Multi-label benchmark: 2x2 mosaics of MNIST digits (56x56, labels = the digits present).
 
-    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/multilabel_mosaics.py
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/multilabel_mosaics.py --epochs 6
+    ... --dataset cifar10 --model airbench   # 64x64 mosaics of CIFAR-10 images
 
 Builds 50,000 training mosaics from MNIST's training digits and 10,000 test mosaics from its
 test digits (four digits drawn at random per mosaic, seeded; 1-4 distinct labels), writes them
@@ -27,7 +28,8 @@ from _common import ROOT, default_data, machine  # noqa: E402
 
 
 def mosaics(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` 2x2 mosaics of the 28x28 digits ``x`` (labels ``y``): images (n, 56, 56), 0/1 labels (n, 10)."""
+    """``n`` 2x2 mosaics of the images ``x`` (labels ``y``, 10 classes): MNIST's 28x28 digits give
+    (n, 56, 56), CIFAR-10's 32x32x3 images (n, 64, 64, 3); 0/1 labels (n, 10)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(x), size=(n, 4))
     tiles = x[idx]  # (n, 4, 28, 28)
@@ -49,17 +51,19 @@ def build(src: Path, out: Path, n_train: int, n_test: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(default_data("mnist.npz")))
+    ap.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
+    ap.add_argument("--data", default=None, help="the source .npz (default: ../shared/data/DATASET.npz)")
     ap.add_argument("--train", type=int, default=50_000)
     ap.add_argument("--test", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--model", default="reference_cnn")
     ap.add_argument("--extra", default="", help="more `imgcls train` flags, e.g. '--loss asl'")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "multilabel_mnist_mosaics.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/multilabel_DATASET_mosaics.json")
     args = ap.parse_args()
-    cache = ROOT / "bench" / "cache" / f"mnist_mosaics_{args.train}_{args.test}.npz"
+    src = Path(args.data or default_data(f"{args.dataset}.npz"))
+    cache = ROOT / "bench" / "cache" / f"{args.dataset}_mosaics_{args.train}_{args.test}.npz"
     if not cache.exists():
-        build(Path(args.data), cache, args.train, args.test)
+        build(src, cache, args.train, args.test)
     runs = ROOT / "bench" / "cache" / "runs"
     name = f"mosaics-{int(time.time())}"
     cmd = [sys.executable, "-m", "imgcls", "train", "--data", str(cache), "--recipe", "fast", "--model", args.model,
@@ -70,7 +74,7 @@ def main() -> None:
     metrics = json.loads((runs / name / "metrics.json").read_text())
     m, s = metrics["evaluation"], metrics["training"]
     result = {
-        "benchmark": "MNIST 2x2 mosaics, multi-label (56x56, labels = digits present)",
+        "benchmark": f"{args.dataset} 2x2 mosaics, multi-label (labels = the classes present)",
         "train_images": s["train_images"], "val_images": s["val_images"], "test_images": m["num_images"],
         "command": "flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/multilabel_mosaics.py "
                    + " ".join(sys.argv[1:]),
@@ -79,10 +83,12 @@ def main() -> None:
         "test_map_macro": round(m["map_macro"], 5), "test_map_micro": round(m["map_micro"], 5),
         "test_exact_match": round(m["exact_match"], 5), "test_cf1": round(m["cf1"], 5), "test_of1": round(m["of1"], 5),
         "test_hamming_loss": round(m["hamming_loss"], 6), "train_time_s": s["train_time_s"],
-        "whole_wall_s": round(wall, 1), "target_map": 0.995, "machine": machine(),
+        "whole_wall_s": round(wall, 1), "target_map": 0.995 if args.dataset == "mnist" else 0.90,
+        "machine": machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out or ROOT / "bench" / "results" / f"multilabel_{args.dataset}_mosaics.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 
