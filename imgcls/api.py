@@ -36,6 +36,7 @@ from imgcls.engine.reproducibility import seed_everything
 from imgcls.engine.session import TrainingSession
 from imgcls.errors import ImgclsError
 from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.multilabel import multilabel_metrics
 from imgcls.models import MODEL_DEFAULTS, create_model, model_from_config
 from imgcls.version import library_versions  # noqa: F401 (part of the API since 0.1)
 
@@ -156,6 +157,7 @@ class Classifier(ModelBundle):
         model.json. Predicted classes do not change. Returns ECE/NLL before and after."""
         from imgcls.evaluation.calibration import temperature_scaling
 
+        self.refuse_multi_label("temperature calibration")
         _, _, part, _ = self.eval_data(data, "val")
         with self.predictor(device=device, batch_size=batch_size) as p:
             logits, labels = p.run(part)
@@ -171,8 +173,12 @@ class Classifier(ModelBundle):
         data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
         with self.predictor(backend, device, precision, batch_size) as p:
             logits, labels = p.run(part)
-        m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
-                                   self.classes)
+            probs = p.probabilities(logits)
+        if self.multi_label:
+            m = multilabel_metrics(probs, labels, self.classes, self.decision_thresholds())
+        else:
+            m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
+                                       self.classes)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]
@@ -212,7 +218,25 @@ class Classifier(ModelBundle):
         an error naming it instead)."""
         probs, sources, skipped = self._proba(images, batch_size, device, precision, workers, progress, backend,
                                               strict)
-        return decide(self.classes, probs, sources, top_k, skipped)
+        return decide(self.classes, probs, sources, top_k, skipped, thresholds=self.decision_thresholds())
+
+    def tune_thresholds(self, data: Any, target: str = "f1", batch_size: int = 256,
+                        device: str = "auto") -> dict[str, Any]:
+        """Per-class thresholds of a multi-label model, tuned on the data's validation split
+        (held out as in training): ``target`` f1 (max F1), ``precision:0.9`` or ``recall:0.9``.
+        ``save()`` (or ``imgcls thresholds``) stores them in model.json."""
+        from imgcls.engine.multilabel import tune_thresholds
+
+        if not self.multi_label:
+            raise ImgclsError("per-class thresholds are for multi-label models; this one has one class per image",
+                              "train on multi-label data (or with --task multi)")
+        TrainConfig(threshold_target=target)  # validates the target
+        _, _, part, _ = self.eval_data(data, "val")
+        with self.predictor(device=device, batch_size=batch_size) as p:
+            logits, labels = p.run(part)
+            probs = p.probabilities(logits)
+        self.card["thresholds"] = tune_thresholds(labels, probs, self.classes, target)
+        return self.card["thresholds"]
 
     def predict_parts(self, images: Any, output: str | Path, fmt: str = "parquet", top_k: int = 1,
                       batch_size: int = 64, device: str = "auto", backend: str = "torch", workers: int | None = None,

@@ -53,8 +53,52 @@ class ModelBundle:
     def pretrained(self) -> bool:
         return bool(self.card.get("pretrained"))
 
+    @property
+    def multi_label(self) -> bool:
+        """A multi-label model: sigmoid per class, answers a set of labels (model.json ``task``)."""
+        return self.card.get("task") == "multi"
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Per-class decision thresholds of a multi-label model, in class order (model.json
+        ``thresholds``: tuned on the validation split), or None when the card has none."""
+        t = self.card.get("thresholds")
+        if not t:
+            return None
+        return [float(t["values"][c]) for c in self.classes]
+
+    def decision_thresholds(self) -> list[float] | None:
+        """What ``decide`` applies: None for a single-label model; a multi-label model's tuned
+        thresholds, or 0.5 per class (with a note naming the command that tunes them)."""
+        if not self.multi_label:
+            return None
+        found = self.thresholds
+        if found is None:
+            import sys
+
+            where = self.path or "RUN"
+            print(f"imgcls: model.json has no tuned thresholds: using 0.5 per class "
+                  f"(`imgcls thresholds {where} --data DATA` tunes them on the validation split)", file=sys.stderr)
+            return [0.5] * self.num_classes
+        return found
+
+    def refuse_multi_label(self, feature: str) -> None:
+        """The one-line refusal of a feature that only means something for one class per image."""
+        if self.multi_label:
+            raise ImgclsError(f"{feature} is for single-label models; this one is multi-label (a sigmoid per class)",
+                              "multi-label models use per-class thresholds (model.json 'thresholds') instead")
+
     def check_classes(self, data: ImageData) -> ImageData:
-        """``data`` relabelled to the model's class order (its classes may be a subset)."""
+        """``data`` relabelled to the model's class order (its classes may be a subset), its
+        labels as the model's task has them (one-hot rows for a multi-label model; a
+        single-label model refuses images with several labels)."""
+        from imgcls.data.multilabel import as_task
+
+        if data.multi_label != self.multi_label:
+            data = as_task(data, "multi" if self.multi_label else "single")
+        return self._check_class_names(data)
+
+    def _check_class_names(self, data: ImageData) -> ImageData:
         if data.classes != self.classes and set(data.classes) <= set(self.classes):
             return with_classes(data, self.classes)
         if data.classes != self.classes:

@@ -32,6 +32,11 @@ class TrainConfig(BaseModel):
     classes: list[str] | None = None  # fix the class list and order ("a,b,c" on the command line)
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
+    # multi-label (data/multilabel.py, engine/multilabel.py): auto = multi-label when the data is
+    task: Literal["auto", "single", "multi"] = "auto"
+    loss: Literal["auto", "ce", "bce", "asl"] = "auto"  # auto: ce (single-label), bce (multi-label)
+    pos_weight: Literal["none", "auto"] = "none"  # bce: weight positives by negatives/positives per label
+    threshold_target: str = "f1"  # per-label thresholds on val: f1 (max F1), precision:0.9 or recall:0.9
     cache: bool = True  # keep decoded images on disk (IMGCLS_CACHE_DIR) for later epochs and runs
     # high bit depth / float pixels -> model input (imgcls/data/intensity.py), saved in model.json
     intensity: str = "auto"  # auto | full-range | minmax | percentile:LO,HI | window:LO,HI
@@ -94,6 +99,20 @@ class TrainConfig(BaseModel):
             raise ValueError("lists a class twice")
         if v is not None and len(v) < 2:
             raise ValueError("needs at least two classes")
+        return v
+
+    @field_validator("threshold_target")
+    @classmethod
+    def _threshold_target(cls, v: str) -> str:
+        kind, _, value = v.partition(":")
+        if kind == "f1" and not value:
+            return v
+        try:
+            ok = kind in ("precision", "recall") and 0.0 < float(value) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be f1, precision:P or recall:R with 0 < P, R <= 1 (e.g. precision:0.9)")
         return v
 
     @field_validator("intensity")

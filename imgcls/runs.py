@@ -112,7 +112,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
 
         parse_log(cfg.log)
     data = require_train(load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
-                                          group_by=cfg.group_by))
+                                          group_by=cfg.group_by, task=cfg.task))
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     if cfg.unlabeled:  # semi-supervised: the teacher's confident pseudo-labels join the training split
@@ -158,7 +158,7 @@ def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: fl
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
-                                          group_by=cfg.group_by)
+                                          group_by=cfg.group_by, task=cfg.task)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     res = Classifier.from_config(cfg, data).find_lr(data, cfg, steps=steps, start_lr=start_lr, end_lr=end_lr)
     return res, cfg
@@ -166,4 +166,5 @@ def find_lr(config: TrainConfig | dict[str, Any], steps: int = 100, start_lr: fl
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if k in ("accuracy", "loss", "num_images", "top3_accuracy",
-                                                 "top5_accuracy", "macro_avg")}
+                                                 "top5_accuracy", "macro_avg", "map_macro", "map_micro", "cf1",
+                                                 "of1", "exact_match", "hamming_loss")}

@@ -24,11 +24,12 @@ from imgcls.cli import rank as _rank
 from imgcls.cli import serve as _serve
 from imgcls.cli import shard as _shard
 from imgcls.cli import summary as _summary
+from imgcls.cli import thresholds as _thresholds
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS = [_train, _evaluate, _predict, _models, _summary, _audit, _cache, _lr_find, _explain, _export, _serve,
-            _label_issues, _rank, _shard]
+            _label_issues, _rank, _shard, _thresholds]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
     path = RunDir(args.run).update_metrics(evaluation=m)
     if args.json:
         print(json.dumps(m))
+    elif m.get("task") == "multi":
+        from imgcls.evaluation.multilabel import format_multilabel
+
+        print(format_multilabel(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
+        print(f"\nmetrics written to {path}")
     else:
         print(format_metrics(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
         print(f"\nmetrics written to {path}")
@@ -48,6 +53,12 @@ def _report(args: argparse.Namespace) -> int:
     r = build_report(args.run, args.data, split=args.split, out_dir=args.report or None, batch_size=args.batch_size,
                      device=args.device, mistakes=args.mistakes)
     m, cal = r.metrics, r.calibration
+    if m.get("task") == "multi":
+        from imgcls.evaluation.multilabel import format_multilabel
+
+        print(json.dumps(m) if args.json else format_multilabel(m, title=f"{args.run} on {m['data']}: {_which(m)}")
+              + f"\nreport written to {r.html_path}\nmetrics written to {r.json_path}")
+        return 0
     if args.json:
         print(json.dumps({**m, "calibration": {k: v for k, v in cal.items() if not k.startswith("reliability")}}))
         return 0

@@ -63,15 +63,25 @@ def render(preds, fmt: str, top_k: int) -> str:
         w = csv.writer(buf, lineterminator="\n")
         k = max((len(p.top) for p in preds), default=top_k)
         errors = any(p.error for p in preds)  # an error column only when some image could not be read
+        multi = any(p.labels is not None for p in preds)  # multi-label: the label set and its probabilities
         w.writerow(["source", "label", "probability"]
                    + [f"{col}_{i}" for i in range(2, k + 1) for col in ("class", "probability")]
-                   + (["error"] if errors else []))
+                   + (["labels", "labels_p"] if multi else []) + (["error"] if errors else []))
         for p in preds:
             cells = [v for c, prob in p.top for v in (c, f"{prob:.6f}")] or [""] * (2 * k)
-            w.writerow([p.source] + cells + ([p.error or ""] if errors else []))
+            sets = [";".join(c for c, _ in p.labels or []), ";".join(f"{q:.6f}" for _, q in p.labels or [])]
+            w.writerow([p.source] + cells + (sets if multi else []) + ([p.error or ""] if errors else []))
         return buf.getvalue()
-    return "".join(f"{p.source}: " + ("  ".join(f"{c} {prob:.4f}" for c, prob in p.top) if not p.error
-                                      else f"skipped: {p.error}") + "\n" for p in preds)
+    return "".join(f"{p.source}: " + (_text(p) if not p.error else f"skipped: {p.error}") + "\n" for p in preds)
+
+
+def _text(p) -> str:
+    top = "  ".join(f"{c} {prob:.4f}" for c, prob in p.top)
+    if p.labels is None:
+        return top
+    if not p.labels:  # multi-label: no label reached its threshold
+        return f"no label above its threshold (top: {top})"
+    return "labels " + ", ".join(f"{c} {prob:.4f}" for c, prob in p.labels)
 
 
 def run(args: argparse.Namespace) -> int:

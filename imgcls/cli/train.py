@@ -60,6 +60,11 @@ _HELP = {
                "through torchrun; --batch-size stays the global batch",
     "deterministic": "seed everything, use deterministic kernels, record environment and data fingerprint",
     "checkpoint_every": "also checkpoint every N minutes inside an epoch (always at each epoch end)",
+    "task": "auto: multi-label when the data is (a manifest 'labels' column with cat;dog, 0/1 class columns, "
+            "a 2-D 0/1 y_train); single or multi forces it",
+    "loss": "auto: ce for one class per image, bce for multi-label; asl: timm's asymmetric loss (multi-label)",
+    "pos_weight": "multi-label bce: auto weights each label's positives by negatives/positives (rare labels)",
+    "threshold_target": "multi-label per-class thresholds tuned on val: f1 (max F1), precision:0.9 or recall:0.9",
     "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 
@@ -143,7 +148,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.classifier.architecture} on {s['data']} for {s['epochs_run']} epoch(s) in "
           f"{s['train_time_s']:.1f}s ({s['device']}, {s['precision']}, recipe {s.get('recipe', '?')}); "
           f"best epoch {s['best_epoch']}")
-    print(f"{m['split']} accuracy: {m['accuracy']:.4f} on {m['num_images']} images")
+    if m.get("task") == "multi":
+        print(f"{m['split']} mAP: {m['map_macro']:.4f} (exact match {m['exact_match']:.4f}, CF1 {m['cf1']:.4f}) "
+              f"on {m['num_images']} images; per-class thresholds "
+              f"({result.classifier.card.get('thresholds', {}).get('target', '?')}) in model.json")
+    else:
+        print(f"{m['split']} accuracy: {m['accuracy']:.4f} on {m['num_images']} images")
     print(f"model saved to {result.run_dir}")
     sys.stdout.flush()
     return 0

@@ -257,6 +257,9 @@ def audit(data: ImageData, pixels: bool = True, workers: int | None = None,
     """Audit ``data``: image files (folder / manifest splits) or arrays (.npz, named data sets).
     With ``group_by`` (a manifest column or path regex, data/groups.py) groups whose images
     sit in more than one split are findings too (leakage)."""
+    if data.multi_label:  # its findings (conflicting labels, per-class outliers) assume one class per image
+        raise ImgclsError(f"imgcls audit checks single-label data; {data.name} is multi-label (label sets)",
+                          "audit a single-label copy (--task single where every image has one label), or skip it")
     parts = [getattr(data, s) for s in ("train", "val", "test") if getattr(data, s) is not None]
     if parts and all(p.in_memory for p in parts):
         report = audit_arrays(data, pixels)

@@ -4,6 +4,8 @@
 "balanced" weights: every class contributes as much loss as a balanced set would).
 ``--balance sampler``: each epoch draws as many images as the split has, with
 replacement, every class equally likely (:class:`imgcls.data.loaders.BalancedOrder`).
+Multi-label data counts images per label (label frequencies): the weights scale each label's
+binary loss (engine/multilabel.py), the sampler balances each image's rarest label.
 ``--balance auto``: class weights when the largest class is at least
 ``AUTO_RATIO`` times the smallest, else nothing. Weights rather than the sampler because
 they keep every image in every epoch (oversampling repeats the few images of the small
@@ -54,7 +56,9 @@ class BalancePlan:
 def plan_balance(labels: torch.Tensor, classes: list[str], requested: str = "auto") -> BalancePlan:
     if requested not in MODES:
         raise ValueError(requested)
-    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    from imgcls.data.multilabel import label_counts
+
+    counts = label_counts(labels, len(classes))  # multi-label: images per label (label frequencies)
     ratio = imbalance_ratio(counts)
     mode = requested
     if requested == "auto":

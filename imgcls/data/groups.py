@@ -69,7 +69,9 @@ def folds(labels: torch.Tensor, k: int, seed: int, groups: list[str] | None = No
     """``k`` stratified (and, with ``groups``, grouped) folds: ``[(train_idx, held_idx), ...]``."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    y = labels.numpy()
+    from imgcls.data.multilabel import strata
+
+    y = strata(labels).numpy()  # multi-hot rows: stratified on each image's rarest label
     if groups is None:
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     g = _codes(groups)

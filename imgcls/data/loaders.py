@@ -66,6 +66,9 @@ class BalancedOrder:
     recipe, made reproducible per seed and epoch)."""
 
     def __init__(self, labels: torch.Tensor, seed: int, num_samples: int | None = None):
+        from imgcls.data.multilabel import strata
+
+        labels = strata(labels)  # multi-label: balanced over each image's rarest label
         counts = torch.bincount(labels)
         self.weights = (1.0 / counts.clamp_min(1).double())[labels]
         self.n = num_samples or len(labels)
@@ -113,7 +116,7 @@ class FileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        label = int(self.labels[i]) if self.labels is not None else -1
+        label = -1 if self.labels is None else self.labels[i] if self.labels.ndim == 2 else int(self.labels[i])
         try:
             x = self.transform(load_image(self.paths[i], self.channels, min_side=self.min_side))
             return x, label, ""

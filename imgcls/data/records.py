@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class Split:
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64 class indices, or (N, K) float32 multi-hot (multi-label data)
     images: torch.Tensor | None = None  # (N, C, H, W) uint8, for in-memory data
     paths: list[Path] | None = None  # image files, for on-disk data
     # a ShardSplit (data/shardset.py): streamed from a shard set; labels are then its class
@@ -50,8 +50,15 @@ class Split:
             return Split(labels=self.labels[idx], images=self.images[idx])
         return Split(labels=self.labels[idx], paths=[self.paths[i] for i in idx.tolist()])
 
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
     def class_counts(self, num_classes: int) -> list[int]:
-        return torch.bincount(self.labels, minlength=num_classes).tolist()
+        """Images per class (per label, for multi-label data)."""
+        from imgcls.data.multilabel import label_counts
+
+        return label_counts(self.labels, num_classes)
 
 
 @dataclass
@@ -77,6 +84,11 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def multi_label(self) -> bool:
+        """Labels are sets (multi-hot rows), not one class per image."""
+        return any(s is not None and s.multi_label for s in (self.train, self.val, self.test))
 
     def eval_split(self) -> tuple[str, Split]:
         """The split to report final numbers on: test if there is one, else validation."""

@@ -118,9 +118,27 @@ def _to_nchw_uint8(x: np.ndarray, what: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _multi_hot(y: np.ndarray, n: int, what: str, num_classes: int | None) -> torch.Tensor:
+    """A 2-D 0/1 label matrix (multi-label data) as float32 multi-hot rows."""
+    if len(y) != n:
+        raise ImgclsError(f"{what}: {n} images but {len(y)} label rows", "each image needs one row of 0/1 labels")
+    bad = np.argwhere((y != 0) & (y != 1))
+    if len(bad):
+        r, c = bad[0]
+        raise ImgclsError(f"{what} row {r} column {c} holds {y[r, c]!r}",
+                          "a 2-D label matrix holds 0/1 per class (multi-label) or one-hot rows")
+    if num_classes is not None and y.shape[1] != num_classes:
+        raise ImgclsError(f"{what} has {y.shape[1]} label columns but {num_classes} class names",
+                          "give one class name per column")
+    return torch.from_numpy(y.astype(np.float32))
+
+
 def _labels(y: np.ndarray, n: int, what: str, num_classes: int | None) -> torch.Tensor:
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:  # one-hot (Keras to_categorical)
+    if y.ndim == 2 and y.shape[1] > 1:  # one-hot (Keras to_categorical), or 0/1 multi-label rows
+        if np.issubdtype(y.dtype, np.number) and len(y) and not np.all(y.sum(1) == 1) \
+                and np.all((y == 0) | (y == 1)):
+            return _multi_hot(y, n, what, num_classes)
         y = y.argmax(1)
     y = y.reshape(-1)
     if len(y) != n:
@@ -146,8 +164,16 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, class_names=None, na
     if x_test is not None:
         xte = _to_nchw_uint8(np.asarray(x_test), "x_test")
         yte = _labels(y_test, len(xte), "y_test", len(names) if names else None)
+        if yte.ndim != ytr.ndim:  # one split multi-hot, the other one-hot rows: both multi-label
+            from imgcls.data.multilabel import to_multi
+
+            k0 = ytr.shape[1] if ytr.ndim == 2 else yte.shape[1]
+            ytr, yte = to_multi(ytr, k0), to_multi(yte, k0)
         test = Split(labels=yte, images=xte)
-    k = len(names) if names else int(max(ytr.max().item(), test.labels.max().item() if test else 0)) + 1
+    if ytr.ndim == 2:
+        k = ytr.shape[1]
+    else:
+        k = len(names) if names else int(max(ytr.max().item(), test.labels.max().item() if test else 0)) + 1
     if k < 2:
         raise ImgclsError(f"{name} has a single class", "a classifier needs at least two classes")
     channels, size = xtr.shape[1], xtr.shape[2]
@@ -207,6 +233,11 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
     def relabel(split: Split | None) -> Split | None:
         if split is None or mapping is None:
             return split
+        if split.multi_label:
+            from imgcls.data.multilabel import relabel_multi
+
+            return Split(labels=relabel_multi(split.labels, mapping, len(classes)), images=split.images,
+                         paths=split.paths)
         new = mapping[split.labels] if len(split.labels) else split.labels
         if split.shards is not None:  # a stream maps each label as it is read
             old = split.shards.label_map
@@ -218,23 +249,25 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
                                test=relabel(data.test), notes=list(data.notes))
 
 
-def resolve(spec: Any, classes: list[str] | None = None) -> ImageData:
+def resolve(spec: Any, classes: list[str] | None = None, task: str = "auto") -> ImageData:
     """Turn what the user gave (path, name, arrays, ImageData) into ImageData;
-    ``classes`` fixes the class list and order."""
+    ``classes`` fixes the class list and order; ``task`` (auto, single, multi) whether the
+    labels are one class or a set of labels per image (data/multilabel.py)."""
+    from imgcls.data.multilabel import as_task
     from imgcls.data.shardset import from_shards, is_shard_spec
 
     if is_shard_spec(spec):  # a folder / pattern / URL of shards written by `imgcls shard`
         return from_shards(str(spec), classes)
     if isinstance(spec, (str, Path)) and Path(str(spec)).expanduser().is_dir():
-        return from_folder(Path(str(spec)).expanduser(), classes)
+        return as_task(from_folder(Path(str(spec)).expanduser(), classes), task)
     if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
             and Path(str(spec)).expanduser().is_file():
-        return from_manifest(Path(str(spec)).expanduser(), classes)
+        return as_task(from_manifest(Path(str(spec)).expanduser(), classes, task), task)
     if isinstance(spec, (str, Path)) and is_labelstudio(Path(str(spec))) and Path(str(spec)).expanduser().is_file():
         data = from_labelstudio(Path(str(spec)).expanduser(), classes)  # a Label Studio JSON export
         data.channels = _guess_channels(data.train)
-        return data
-    return with_classes(_resolve(spec), classes)
+        return as_task(data, task)
+    return as_task(with_classes(_resolve(spec), classes), task)
 
 
 def _resolve(spec: Any) -> ImageData:
@@ -271,11 +304,12 @@ def _resolve(spec: Any) -> ImageData:
 
 
 def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[str] | None = None,
-              group_by: str | None = None) -> ImageData:
+              group_by: str | None = None, task: str = "auto") -> ImageData:
     """Resolve ``spec`` and make sure there is a validation split (stratified hold-out
     of ``val_split`` of train when the data brings none; with ``group_by``, whole groups
-    only: see data/groups.py). ``classes`` fixes the class list and order."""
-    data = resolve(spec, classes)
+    only: see data/groups.py). ``classes`` fixes the class list and order; ``task`` forces
+    single- or multi-label labels."""
+    data = resolve(spec, classes, task)
     if data.val is None and data.train is not None and data.train.streamed:
         data.notes.append("the shard set has no validation split (`imgcls shard` writes one)")
     elif data.val is None and data.train is not None and val_split > 0:

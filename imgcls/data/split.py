@@ -12,6 +12,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     Hand-written rather than sklearn's ``train_test_split(stratify=...)`` because that one
     refuses classes with a single sample, which small real folders have.
     """
+    from imgcls.data.multilabel import strata
+
+    labels = strata(labels)  # multi-hot rows: stratified on each image's rarest label
     gen = torch.Generator().manual_seed(seed)
     keep, hold = [], []
     for c in torch.unique(labels).tolist():

@@ -77,9 +77,10 @@ def _is_better(metrics: dict[str, float], best: dict[str, float]) -> bool:
     """Higher validation accuracy wins; a tie goes to the lower validation loss."""
     if not best:
         return True
-    acc, loss = metrics.get("val_acc", -math.inf), metrics.get("val_loss", math.inf)
-    if acc != best.get("val_acc"):
-        return acc > best.get("val_acc", -math.inf)
+    key = "val_map" if "val_map" in metrics else "val_acc"  # multi-label: mean average precision
+    acc, loss = metrics.get(key, -math.inf), metrics.get("val_loss", math.inf)
+    if acc != best.get(key):
+        return acc > best.get(key, -math.inf)
     return loss < best.get("val_loss", math.inf)
 
 
@@ -126,7 +127,7 @@ class EarlyStopping(Callback):
         self.bad_epochs = 0
 
     def on_epoch_end(self, state: TrainState, model: torch.nn.Module) -> None:
-        acc = state.metrics.get("val_acc", state.metrics["train_acc"])
+        acc = state.metrics.get("val_map", state.metrics.get("val_acc", state.metrics["train_acc"]))
         loss = state.metrics.get("val_loss", state.metrics["train_loss"])
         if acc > self.best_acc or loss < self.best_loss - self.min_delta:
             self.best_acc, self.best_loss = max(acc, self.best_acc), min(loss, self.best_loss)
@@ -210,6 +211,8 @@ class ProgressBar(Callback):
         parts = [f"epoch {state.epoch}/{state.epochs}", f"loss {m['train_loss']:.4f}", f"acc {m['train_acc']:.4f}"]
         if "val_acc" in m:
             parts += [f"val_loss {m['val_loss']:.4f}", f"val_acc {m['val_acc']:.4f}"]
+        if "val_map" in m:
+            parts += [f"val_mAP {m['val_map']:.4f}"]
         parts += [f"{m['img_per_s']:,.0f} img/s", f"{m['epoch_time']:.1f}s"]
         star = " *" if state.best.get("epoch") == m["epoch"] and "val_acc" in m else ""
         self.console.print("  ".join(parts) + star, highlight=False, soft_wrap=True)

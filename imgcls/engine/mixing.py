@@ -10,11 +10,13 @@ class MixLoss:
     """timm's Mixup/CutMix on a normalised float batch, with the soft-target cross-entropy
     that goes with it (timm folds label smoothing into the soft targets)."""
 
-    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int,
+                 multi_label: bool = False):
         from timm.data import Mixup
 
+        # multi_label: multi-hot targets mixed as they are, smoothing towards 0.5 (timm's rule)
         self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                         num_classes=num_classes)
+                         num_classes=num_classes, multi_label=multi_label)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(x) % 2:  # timm mixes a batch with its flip: needs an even batch
@@ -26,10 +28,11 @@ class MixLoss:
         return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def mix_loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> MixLoss | None:
+def mix_loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int,
+             multi_label: bool = False) -> MixLoss | None:
     if mixup <= 0 and cutmix <= 0:
         return None
-    return MixLoss(mixup, cutmix, label_smoothing, num_classes)
+    return MixLoss(mixup, cutmix, label_smoothing, num_classes, multi_label)
 
 
 def num_outputs(model: nn.Module) -> int:

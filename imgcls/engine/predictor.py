@@ -20,6 +20,7 @@ from imgcls.data.pipeline import decode_split, eval_batches, evaluation_data
 from imgcls.data.records import ImageData
 from imgcls.data.records import Split
 from imgcls.engine.backends import TorchBackend, make_backend
+from imgcls.engine.multilabel import sigmoid
 from imgcls.errors import ImgclsError
 
 
@@ -86,6 +87,9 @@ class Predictor:
         return self.backend.logits(x)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax over classes (temperature-calibrated); a multi-label model's sigmoid per class."""
+        if self.bundle.multi_label:
+            return sigmoid(logits)
         return softmax(logits, self.bundle.temperature)
 
     def run(self, split: Split, progress: bool = False,

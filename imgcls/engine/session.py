@@ -37,7 +37,8 @@ from imgcls.engine.finetune import FineTunePlan, fit_head_cached, plan_finetune
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
 from imgcls.engine.threads import AdaptiveThreads, configure_threads, tune_cpu_allocator
-from imgcls.engine.trainer import FitSettings, Trainer
+from imgcls.engine.multilabel import default_thresholds, tune_thresholds
+from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
 
 
@@ -50,11 +51,11 @@ def _say(enabled: bool):
     return lambda msg: console.print(msg, highlight=False, soft_wrap=True)
 
 
-def fit_settings(cfg: TrainConfig, lr: float) -> FitSettings:
+def fit_settings(cfg: TrainConfig, lr: float, multi_label: bool = False) -> FitSettings:
     return FitSettings(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                        momentum=cfg.momentum, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, compile=cfg.compile, mixup=cfg.mixup,
-                       cutmix=cfg.cutmix)
+                       cutmix=cfg.cutmix, multi_label=multi_label, loss=cfg.loss, pos_weight=cfg.pos_weight)
 
 
 @dataclass
@@ -91,14 +92,33 @@ class TrainingSession:
 
     def load(self, data: Any) -> ImageData:
         cfg = self.cfg
-        data = self.bundle.check_classes(require_train(load_data(data, val_split=cfg.val_split, seed=cfg.seed,
-                                                                    group_by=cfg.group_by)))
+        data = require_train(load_data(data, val_split=cfg.val_split, seed=cfg.seed, group_by=cfg.group_by,
+                                       task=cfg.task))
+        self._task(data)
+        data = self.bundle.check_classes(data)
         resume = self.resume or {}
         self.fingerprint = data_fingerprint(data) if cfg.deterministic or resume.get("data_fingerprint") else None
         if resume.get("data_fingerprint") and resume["data_fingerprint"] != self.fingerprint:
             raise ImgclsError("the data changed since the checkpoint was written (its fingerprint differs)",
                               "resume with the same data, or start a new run")
         return data
+
+    def _task(self, data: ImageData) -> None:
+        """The model's task follows its training data (model.json ``task``); a loss that
+        does not fit the labels is refused."""
+        cfg, multi = self.cfg, data.multi_label
+        if multi and cfg.loss == "ce":
+            raise ImgclsError("--loss ce is for one class per image; this data is multi-label",
+                              "use --loss bce or --loss asl (or auto)")
+        if not multi and cfg.loss in ("bce", "asl"):
+            raise ImgclsError(f"--loss {cfg.loss} is for multi-label data; this data has one class per image",
+                              "pass --task multi to train it multi-label, or use --loss ce (auto)")
+        if not multi and cfg.pos_weight != "none":
+            raise ImgclsError("--pos-weight is for multi-label data", "drop it, or pass --task multi")
+        self.multi_label = multi
+        self.bundle.card["task"] = "multi" if multi else "single"
+        if not multi:
+            self.bundle.card.pop("thresholds", None)
 
     def inputs(self, data: ImageData) -> TrainInputs:
         """The data pipeline's training and validation batches, for the bundle's preprocessing
@@ -136,7 +156,7 @@ class TrainingSession:
 
             cbs += build_loggers(cfg.log, writer, {"architecture": self.bundle.architecture, "data": inp.data.name,
                                                    "batch_size": cfg.batch_size, "augment": inp.aug.preset,
-                                                   **asdict(fit_settings(cfg, lr))})
+                                                   **asdict(fit_settings(cfg, lr, self.multi_label))})
         ckpt = None
         if self.run_dir is not None:
             extra = {"data_fingerprint": self.fingerprint} if self.fingerprint else None
@@ -154,7 +174,7 @@ class TrainingSession:
 
     def train(self, inp: TrainInputs, lr: float, tta: str, ft: FineTunePlan | None) -> _Outcome:
         cbs, best, ckpt = self.callbacks(inp, lr)
-        settings, b = fit_settings(self.cfg, lr), self.bundle
+        settings, b = fit_settings(self.cfg, lr, self.multi_label), self.bundle
         t0 = time.perf_counter()
         try:
             if ft is not None and ft.use_cache:
@@ -179,6 +199,17 @@ class TrainingSession:
             if ft is not None:
                 ft.finish()
 
+    def thresholds(self, inp: TrainInputs, tta: str) -> dict[str, Any]:
+        """Per-class thresholds of a multi-label model, tuned on the validation split
+        (``--threshold-target``; engine/multilabel.py), for model.json."""
+        b = self.bundle
+        if inp.val is None or not len(inp.val.split) or self.ctx.world_size > 1:
+            why = "no validation split" if self.ctx.world_size == 1 else "data parallel run"
+            return default_thresholds(b.classes, why)
+        logits, labels = predict_logits(b.model, inp.val, b.preprocessing, self.device, self.amp,
+                                        self.device.type != "mps", tta=tta)
+        return tune_thresholds(labels.numpy(), torch.sigmoid(logits).numpy(), b.classes, self.cfg.threshold_target)
+
     def _eval_train(self, inp: TrainInputs):
         """The training images in eval view (the feature cache's input)."""
         return eval_batches(inp.data.train, self.bundle.preprocessing, max(256, self.local_batch),
@@ -201,6 +232,8 @@ class TrainingSession:
         ft = self.finetune(lr)
         self._announce()
         out = self.train(inp, lr, tta, ft)
+        if self.multi_label:
+            self.bundle.card["thresholds"] = self.thresholds(inp, tta)
         summary = self.summary(inp, out, lr, tta, ft, found)
         self.bundle.card["training"] = summary
         self.history = out.state.history
@@ -215,8 +248,8 @@ class TrainingSession:
                  end_lr: float = 10.0) -> LRFindResult:
         try:
             return lr_find(self.bundle.model, inp.pre, inp.train, self.device, self.amp,
-                           fit_settings(self.cfg, start_lr), batch_augment=inp.batch_augment, start_lr=start_lr,
-                           end_lr=end_lr, steps=steps, channels_last=self.device.type != "mps")
+                           fit_settings(self.cfg, start_lr, self.multi_label), batch_augment=inp.batch_augment,
+                           start_lr=start_lr, end_lr=end_lr, steps=steps, channels_last=self.device.type != "mps")
         except ValueError as exc:
             raise ImgclsError(f"learning-rate finder: {exc}", "check --start-lr / --end-lr / --steps") from None
 

@@ -24,6 +24,8 @@ from imgcls.engine.callbacks import Callback, CallbackList, TrainState, val_metr
 from imgcls.engine.device import autocast
 from imgcls.engine.device_data import maybe_on_device
 from imgcls.engine.mixing import mix_loss, num_outputs
+from imgcls.engine.multilabel import build_loss, exact_matches
+from imgcls.engine.multilabel import val_metrics as multilabel_val_metrics
 from imgcls.engine.model_hooks import init_from_data, maybe_compile
 from imgcls.engine.optim import build_optimizer, build_scheduler
 from imgcls.engine.tta import tta_forward
@@ -43,6 +45,9 @@ class FitSettings:
     compile: bool = False  # torch.compile the model for the loop
     mixup: float = 0.0  # timm Mixup / CutMix alphas
     cutmix: float = 0.0
+    multi_label: bool = False  # targets are multi-hot rows: a sigmoid per class (engine/multilabel.py)
+    loss: str = "auto"  # multi-label: bce or asl
+    pos_weight: str = "none"  # multi-label bce: auto weights each label's positives by its rarity
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -102,7 +107,10 @@ class Trainer:
         if self.pre is not None:
             init_from_data(model, self.train_batches, self.pre, dev)  # data-dependent init (airbench whitening)
         self.net = maybe_compile(D.wrap(model, self.dist), s.compile)  # DDP when several processes
-        self.mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model)) if s.mixup or s.cutmix else None
+        self.mix = mix_loss(s.mixup, s.cutmix, s.label_smoothing, num_outputs(model), s.multi_label) \
+            if s.mixup or s.cutmix else None
+        self.criterion = build_loss(s.loss, s.label_smoothing, self.class_weights, train.split.labels,
+                                    s.pos_weight).to(dev) if s.multi_label else None
         steps = len(self.train_batches)
         self.opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
         self.sched = build_scheduler(self.opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
@@ -157,9 +165,12 @@ class Trainer:
                 y = y[:len(x)]
             with autocast(dev, self.amp_dtype):
                 out = self.net(x)
-                loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
-                                       label_smoothing=s.label_smoothing) if self.mix is None \
-                    else self.mix.loss(out.float(), soft)
+                if self.criterion is not None:  # multi-label: multi-hot (or mixed) targets
+                    loss = self.criterion(out.float(), y if self.mix is None else soft, smoothed=self.mix is not None)
+                else:
+                    loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
+                                           label_smoothing=s.label_smoothing) if self.mix is None \
+                        else self.mix.loss(out.float(), soft)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
@@ -167,7 +178,7 @@ class Trainer:
             self.sched.step()
             # running sums stay on the device: no host sync per step on a GPU
             loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
+            correct += (out.argmax(1) == y).sum() if self.criterion is None else exact_matches(out, y)
             state.loss = loss.detach()
             state.step += 1
             state.batch_in_epoch += 1
@@ -188,11 +199,14 @@ class Trainer:
             return metrics
         logits, labels = predict_logits(self.model, val, self.pre, self.device, self.amp_dtype, self.channels_last,
                                         tta=self.tta)
+        multi = self.criterion is not None
         if self.dist.enabled:  # each process saw its share of the validation images
-            mine = [F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+            mine = [F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum") / logits.shape[1]
+                    if multi else F.cross_entropy(logits, labels, reduction="sum"),
+                    exact_matches(logits, labels) if multi else (logits.argmax(1) == labels).sum(),
                     len(labels)] if len(labels) else [0.0, 0, 0]
             vloss, vcorrect, vn = D.sum_across(mine, self.dist, self.device)
             metrics["val_loss"], metrics["val_acc"] = vloss / max(vn, 1), vcorrect / max(vn, 1)
         else:
-            metrics.update(val_metrics(logits, labels))
+            metrics.update(multilabel_val_metrics(logits, labels) if multi else val_metrics(logits, labels))
         return metrics

@@ -140,6 +140,10 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     clf = ModelBundle.load(run.path)
     out_dir = Path(out_dir) if out_dir else run.path
     out_dir.mkdir(parents=True, exist_ok=True)
+    if clf.multi_label:  # label sets: mAP, PR curves and thresholds instead of confusion / temperature
+        from imgcls.evaluation.multilabel import multilabel_report
+
+        return multilabel_report(clf, run.path, out_dir, data, split, batch_size, device)
     spec = data
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:

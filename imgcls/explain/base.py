@@ -61,6 +61,7 @@ class ExplainContext:
     classes: list[str]
     layer: str | None = None  # target layer name for CAM methods (None: automatic)
     seed: int = 0
+    multi_label: bool = False  # a sigmoid per class: the target label's own probability, not a softmax share
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] float pixels (N, C, S, S) -> the model's normalised input on the device."""
@@ -85,8 +86,9 @@ class ExplainContext:
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-        """Softmax of normalised inputs (N, C, S, S), evaluated in batches."""
-        outs = [F.softmax(self.model(x[i:i + batch_size]).float(), dim=1) for i in range(0, len(x), batch_size)]
+        """Softmax (multi-label: sigmoid) of normalised inputs (N, C, S, S), evaluated in batches."""
+        act = torch.sigmoid if self.multi_label else (lambda z: F.softmax(z, dim=1))
+        outs = [act(self.model(x[i:i + batch_size]).float()) for i in range(0, len(x), batch_size)]
         return torch.cat(outs)
 
 

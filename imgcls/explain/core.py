@@ -57,7 +57,8 @@ def explain(clf: Any, images: Any, method: str = "gradcam", target: Any = None, 
     out: list[Explanation] = []
     try:
         for item in items:
-            ctx = ExplainContext(counted, clf.preprocessing, dev, list(clf.classes), layer=layer, seed=seed)
+            ctx = ExplainContext(counted, clf.preprocessing, dev, list(clf.classes), layer=layer, seed=seed,
+                                multi_label=bool(getattr(clf, "multi_label", False)))
             x = ctx.normalize(item.pixels[None])  # (1, C, S, S)
             probs = ctx.probabilities(x)[0].cpu()
             t = _target_index(target, ctx.classes, probs)

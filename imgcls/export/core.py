@@ -86,11 +86,12 @@ def export_run(clf: ModelBundle, fmt: str = "onnx", out: str | Path | None = Non
     meta = export_metadata(clf, fmt, "fp32")
     with Predictor.over(clf, write(clf, path, opset, meta)) as exported:
         logits, _ = exported.run(check)
-    report = parity.compare(ref_logits, logits, labels, clf.temperature)
+    report = parity.compare(ref_logits, logits, labels, clf.temperature, clf.decision_thresholds())
     report["split"], report["min_agreement"] = split_name, parity.MIN_AGREEMENT
     report["passed"] = report["top1_agreement"] >= parity.MIN_AGREEMENT
     meta["parity"] = report
-    log(f"{path.name}: top-1 agreement with PyTorch {report['top1_agreement']:.2%} on {report['images']} images, "
+    what = "label-set" if clf.multi_label else "top-1"
+    log(f"{path.name}: {what} agreement with PyTorch {report['top1_agreement']:.2%} on {report['images']} images, "
         f"max probability difference {report['max_prob_diff']:.2g}")
     if not report["passed"]:
         _discard(path, sidecar_path(path))
@@ -119,7 +120,7 @@ def _int8(clf: ModelBundle, fp32_path: Path, out_dir: Path, data_set, check, ref
     meta.update(quantize_int8(fp32_path, path, calib, clf.preprocessing))
     with Predictor.over(clf, OnnxBackend(path, clf.preprocessing)) as exported:
         logits, _ = exported.run(check)
-    report = parity.compare(ref_logits, logits, labels, clf.temperature)
+    report = parity.compare(ref_logits, logits, labels, clf.temperature, clf.decision_thresholds())
     drop = -report["accuracy_change_points"]
     report.update({"max_drop_points": max_drop, "passed": drop <= max_drop})
     meta["parity"] = report

@@ -40,12 +40,16 @@ def export_metadata(clf: ModelBundle, fmt: str, precision: str, opset: int | Non
                                                                                    pre.img_size, pre.img_size],
                   "note": "RGB (or L) pixels / 255, resized as 'resize' says, then (x - mean) / std per channel"},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", clf.num_classes],
-                   "note": "probabilities = softmax(logits / temperature)"},
+                   "note": "probabilities = sigmoid(logits) per class; labels = those >= thresholds"
+                   if clf.multi_label else "probabilities = softmax(logits / temperature)"},
         "source_weights_sha256": clf.card.get("weights_sha256"),
         "imgcls_version": __version__,
     }
     if opset is not None:
         meta["opset"] = opset
+    if clf.multi_label:  # a label set per image: every class at or above its threshold
+        meta["task"] = "multi"
+        meta["thresholds"] = dict(zip(clf.classes, clf.decision_thresholds()))
     return meta
 
 

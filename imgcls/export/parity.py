@@ -21,6 +21,7 @@ import torch
 from imgcls.bundle import ModelBundle
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import load_data
+from imgcls.engine.multilabel import sigmoid
 from imgcls.engine.predictor import Predictor, softmax
 from imgcls.errors import ImgclsError
 from imgcls.rundir import RunDir
@@ -76,8 +77,26 @@ def reference_logits(bundle: ModelBundle, split: Split, batch_size: int = 128) -
         return p.run(split)
 
 
+def compare_multilabel(ref_logits: np.ndarray, other_logits: np.ndarray, labels: np.ndarray,
+                       thresholds: list[float]) -> dict[str, Any]:
+    """A multi-label export: sigmoid per class; ``top1_agreement`` is the share of images whose
+    whole label set (at the model's thresholds) is the same, accuracy the exact-match ratio."""
+    t = np.asarray(thresholds)[None, :]
+    p_ref, p_other = sigmoid(ref_logits), sigmoid(other_logits)
+    s_ref, s_other, y = p_ref >= t, p_other >= t, labels > 0.5
+    diff = np.abs(p_ref - p_other)
+    acc_ref, acc_other = float((s_ref == y).all(1).mean()), float((s_other == y).all(1).mean())
+    return {"images": int(len(labels)), "top1_agreement": round(float((s_ref == s_other).all(1).mean()), 6),
+            "label_decision_agreement": round(float((s_ref == s_other).mean()), 6),
+            "max_prob_diff": float(f"{diff.max():.3g}"), "mean_prob_diff": float(f"{diff.mean():.3g}"),
+            "accuracy_torch": round(acc_ref, 6), "accuracy_export": round(acc_other, 6),
+            "accuracy_change_points": round(100 * (acc_other - acc_ref), 3), "accuracy_is": "exact match"}
+
+
 def compare(ref_logits: np.ndarray, other_logits: np.ndarray, labels: np.ndarray,
-            temperature: float = 1.0) -> dict[str, Any]:
+            temperature: float = 1.0, thresholds: list[float] | None = None) -> dict[str, Any]:
+    if thresholds is not None:
+        return compare_multilabel(ref_logits, other_logits, labels, thresholds)
     p_ref, p_other = softmax(ref_logits, temperature), softmax(other_logits, temperature)
     agree = float((p_ref.argmax(1) == p_other.argmax(1)).mean())
     diff = np.abs(p_ref - p_other)

@@ -113,6 +113,7 @@ class Service:
         self.explainer = Lane("explain", s.max_explain)
         self.explain_clf = _own_model(clf, predictor)
         self.transform = clf.preprocessing.pil_transform()
+        self.thresholds = clf.decision_thresholds()  # multi-label: the per-class thresholds of model.json
         self.started = time.time()
 
     @asynccontextmanager
@@ -192,7 +193,7 @@ class Service:
         x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
         logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
         p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])
-        [pred] = decide(self.clf.classes, p, [up.name], k)
+        [pred] = decide(self.clf.classes, p, [up.name], k, thresholds=self.thresholds)
         answer = pred.to_dict()
         del answer["source"]
         return {**answer, "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
@@ -217,6 +218,7 @@ class Service:
     def health(self) -> dict[str, Any]:
         s, clf = self.s, self.clf
         return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": self.predictor.name,
+                "task": "multi" if clf.multi_label else "single",
                 "uptime_s": round(time.time() - self.started, 1), "auth": s.api_key is not None,
                 "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, **self.batcher.stats.to_dict()},
                 "load": {"queued": self.batcher.queued, "max_queue": s.max_queue,

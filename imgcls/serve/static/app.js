@@ -67,7 +67,10 @@ async function classify(file) {
     return;
   }
   const pred = await resp.json();
-  $("label").textContent = pred.label;
+  // a multi-label model answers the set of labels above their thresholds
+  $("label").textContent = pred.labels === undefined ? pred.label
+    : (pred.labels.length ? pred.labels.map((l) => `${l.label} (${(100 * l.p).toFixed(1)}%)`).join(", ")
+      : "no label above its threshold");
   renderBars(pred.top);
   $("timing").textContent = `${(performance.now() - t0).toFixed(0)} ms round trip · ${pred.backend}`;
   $("result").hidden = false;

@@ -1,0 +1,265 @@
+"""Multi-label classification on tiny generated data: manifests and npz, training, per-class
+thresholds in model.json, the label set on every road (API, CLI, serve, ONNX), metrics and
+the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgcls.api import Classifier
+from imgcls.cli import main
+from imgcls.data.sources import load_data
+from imgcls.engine.decisions import decide
+from imgcls.engine.multilabel import tune_thresholds
+from imgcls.errors import ImgclsError
+from imgcls.evaluation.multilabel import multilabel_metrics
+from tests.conftest import SHARED
+
+NAMES = ["tl", "tr", "bl", "br"]
+
+
+def quadrants(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Label k = a bright square in quadrant k (each present with probability 0.4)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 4)) < 0.4).astype(np.uint8)
+    x = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    h = size // 2
+    for k, (r, c) in enumerate([(0, 0), (0, h), (h, 0), (h, h)]):
+        x[y[:, k] == 1, r + 2:r + h - 2, c + 2:c + h - 2] = 255
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def quad_npz(tmp_path_factory) -> Path:
+    (x, y), (xt, yt) = quadrants(320, 0), quadrants(80, 1)
+    path = tmp_path_factory.mktemp("ml") / "quad.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(NAMES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quad_run(quad_npz, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", "--data", str(quad_npz), "--epochs", "3", "--batch-size", "32", "--out", str(out),
+                 "--name", "q", "--precision", "fp32"]) == 0
+    return out / "q"
+
+
+def _files(tmp_path: Path, n: int = 9) -> list[str]:
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    return [f"img/{i}.png" for i in range(n)]
+
+
+# ---------------------------------------------------------------------- data
+def test_manifest_label_sets_and_01_columns(tmp_path):
+    files = _files(tmp_path)
+    (tmp_path / "sets.csv").write_text("path,labels\n" + "".join(
+        f"{f},{['cat;dog', 'cat', 'bird'][i % 3]}\n" for i, f in enumerate(files)))
+    d = load_data(tmp_path / "sets.csv", val_split=0.0)
+    assert d.multi_label and d.classes == ["bird", "cat", "dog"]
+    assert d.train.labels.tolist()[0] == [0.0, 1.0, 1.0] and d.train.class_counts(3) == [3, 6, 3]
+    (tmp_path / "cols.tsv").write_text("path\tcat\tdog\tsplit\n" + "".join(
+        f"{f}\t{i % 2}\t1\t{'val' if i < 3 else ''}\n" for i, f in enumerate(files)))
+    d = load_data(tmp_path / "cols.tsv")
+    assert d.multi_label and d.classes == ["cat", "dog"] and len(d.val) == 3 and d.val.labels.shape == (3, 2)
+    # a label column where every row holds several labels is multi-label; --task single refuses it
+    (tmp_path / "all.csv").write_text("".join(f"{f},a;b\n" for f in files))
+    assert load_data(tmp_path / "all.csv", val_split=0.0).multi_label
+    with pytest.raises(ImgclsError, match="line 1: 'a;b' holds 2 labels but --task single"):
+        load_data(tmp_path / "all.csv", task="single")
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("path,labels\n{0},cat\n{1},\n", "line 3: empty label cell"),
+    ("path,label\n{0},cat\n{1},cat;dog\n{2},dog\n", "line 3: 'cat;dog' holds 2 labels in a label column whose other"),
+    ("path,cat,dog\n{0},1,0\n{1},1,yes\n", "line 3: column 'dog' holds 'yes'"),
+])
+def test_manifest_errors_name_the_row(tmp_path, body, needle):
+    files = _files(tmp_path, 3)
+    (tmp_path / "m.csv").write_text(body.format(*files))
+    with pytest.raises(ImgclsError) as e:
+        load_data(tmp_path / "m.csv")
+    assert needle in e.value.oneline() and "m.csv" in e.value.oneline() and "\n" not in e.value.oneline()
+
+
+def test_manifest_unknown_label_names_the_row(tmp_path):
+    files = _files(tmp_path, 3)
+    (tmp_path / "m.csv").write_text(f"path,labels\n{files[0]},cat\n{files[1]},cat;owl\n")
+    with pytest.raises(ImgclsError, match="line 3: unknown label 'owl'"):
+        load_data(tmp_path / "m.csv", classes=["cat", "dog"])
+    # a mixed label column is multi-label when asked for
+    (tmp_path / "mix.csv").write_text(f"path,label\n{files[0]},cat\n{files[1]},cat;dog\n")
+    assert load_data(tmp_path / "mix.csv", task="multi", val_split=0.0).multi_label
+
+
+def test_npz_2d_labels_multi_hot_and_one_hot(tmp_path, quad_npz):
+    d = load_data(quad_npz)
+    assert d.multi_label and d.classes == NAMES and d.train.labels.dtype == torch.float32
+    assert d.train.labels.shape[1] == 4 and len(d.val) + len(d.train) == 320
+    assert (d.val.labels.sum(0) > 0).all()  # stratified on the rarest label: every label in val
+    x, y = quadrants(40, 3)
+    onehot = np.eye(3, dtype=np.uint8)[np.arange(40) % 3]
+    np.savez(tmp_path / "oh.npz", x_train=x, y_train=onehot)
+    assert not load_data(tmp_path / "oh.npz").multi_label  # Keras to_categorical: one class per image
+    forced = load_data(tmp_path / "oh.npz", task="multi")
+    assert forced.multi_label and forced.train.labels.shape[1] == 3
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=np.where(y == 1, 2, 0))
+    assert not load_data(tmp_path / "bad.npz").multi_label  # not 0/1: argmax (the one-hot reading)
+
+
+# ---------------------------------------------------------------------- training + thresholds
+def test_training_writes_task_thresholds_and_multilabel_metrics(quad_run):
+    card = json.loads((quad_run / "model.json").read_text())
+    assert card["task"] == "multi"
+    t = card["thresholds"]
+    assert t["target"] == "f1" and t["fitted_on"] == "val" and set(t["values"]) == set(NAMES)
+    assert all(0.0 < v < 1.0 for v in t["values"].values())
+    m = json.loads((quad_run / "metrics.json").read_text())["evaluation"]
+    assert m["task"] == "multi" and m["map_macro"] > 0.9
+    for key in ("map_micro", "cf1", "of1", "exact_match", "hamming_loss", "per_class", "pr_curves"):
+        assert key in m
+    assert set(m["per_class"]["tl"]) >= {"ap", "precision", "recall", "f1", "threshold", "support"}
+    assert "val_map" in json.dumps(card["metrics"]["best_val"])
+
+
+def test_losses_pos_weight_asl_mixup_and_smoothing(quad_npz):
+    for kw in ({"loss": "asl"}, {"pos_weight": "auto", "label_smoothing": 0.1},
+               {"mixup": 0.2, "balance": "weights"}, {"balance": "sampler"}):
+        clf = Classifier.create("reference_cnn", classes=NAMES, in_chans=1, img_size=16, seed=0)
+        s = clf.fit(str(quad_npz), epochs=1, batch_size=64, progress=False, precision="fp32", **kw)
+        assert np.isfinite(s["best"]["val_loss"]) and clf.multi_label, kw
+        assert clf.card["thresholds"]["values"].keys() == set(NAMES)
+
+
+def test_loss_task_mismatch_and_calibration_refused(quad_npz, tiny_npz, quad_run):
+    clf = Classifier.create("reference_cnn", classes=NAMES, in_chans=1, img_size=16)
+    with pytest.raises(ImgclsError, match="--loss ce is for one class per image"):
+        clf.fit(str(quad_npz), epochs=1, loss="ce", progress=False)
+    single = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16)
+    with pytest.raises(ImgclsError, match="--loss asl is for multi-label data"):
+        single.fit(str(tiny_npz), epochs=1, loss="asl", progress=False)
+    with pytest.raises(ImgclsError, match="temperature calibration is for single-label models"):
+        Classifier.load(quad_run).calibrate(str(quad_npz))
+
+
+def test_threshold_tuning_targets():
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 2)) < 0.3).astype(int)
+    p = y * 0.4 + rng.random((400, 2)) * 0.6  # overlapping scores in [0.4, 0.6]
+    f1 = tune_thresholds(y, p, ["a", "b"], "f1")
+    prec = tune_thresholds(y, p, ["a", "b"], "precision:0.99")
+    rec = tune_thresholds(y, p, ["a", "b"], "recall:0.99")
+    for c in "ab":
+        assert prec["val"][c]["precision"] >= 0.99 and rec["val"][c]["recall"] >= 0.99
+        assert rec["values"][c] <= f1["values"][c] <= prec["values"][c]
+    m = multilabel_metrics(p, y, ["a", "b"], [prec["values"]["a"], prec["values"]["b"]])
+    assert m["per_class"]["a"]["precision"] >= 0.99
+
+
+def test_decide_label_sets():
+    probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.3, 0.1]])
+    a, b = decide(["x", "y", "z"], probs, ["one", "two"], 1, thresholds=[0.5, 0.7, 0.5])
+    assert a.labels == [("x", 0.9)] and a.to_dict()["labels"] == [{"label": "x", "p": 0.9}]
+    assert b.labels == [] and b.to_dict()["labels"] == []
+    [single] = decide(["x", "y", "z"], probs[:1], ["one"], 1)
+    assert single.labels is None and "labels" not in single.to_dict()
+
+
+# ---------------------------------------------------------------------- every road
+def test_predict_api_cli_json_csv_and_retune(quad_run, quad_npz, tmp_path, capsys):
+    x, y = quadrants(4, 7)
+    files = []
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    preds = Classifier.load(quad_run).predict(files)
+    assert all(p.labels is not None for p in preds)
+    right = sum({c for c, _ in p.labels} == {NAMES[k] for k in np.nonzero(t)[0]} for p, t in zip(preds, y))
+    assert right >= 3
+    capsys.readouterr()
+    assert main(["predict", str(quad_run), *files, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(isinstance(r["labels"], list) and all(set(e) == {"label", "p"} for e in r["labels"]) for r in rows)
+    assert main(["predict", str(quad_run), files[0], "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("labels,labels_p")
+    assert main(["thresholds", str(quad_run), "--data", str(quad_npz), "--target", "precision:0.9"]) == 0
+    assert json.loads((quad_run / "model.json").read_text())["thresholds"]["target"] == "precision:0.9"
+    assert main(["evaluate", str(quad_run), "--data", str(quad_npz), "--report", str(tmp_path / "rep")]) == 0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert 'id="pr-curves"' in html and "precision:0.9" in html
+
+
+def test_serve_answers_label_set(quad_run):
+    pytest.importorskip("fastapi")
+    from imgcls.serve.app import create_app
+    from tests.serving import local_client, png_bytes
+
+    x, _ = quadrants(1, 9)
+    with local_client(create_app(quad_run)) as client:
+        r = client.post("/predict", files={"file": ("a.png", png_bytes(x[0]), "image/png")})
+        assert r.status_code == 200 and isinstance(r.json()["labels"], list)
+        assert client.get("/health").json()["task"] == "multi"
+
+
+def test_onnx_export_parity_on_label_sets(quad_run, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(quad_run)]) == 0
+    meta = json.loads((quad_run / "model.onnx.json").read_text())
+    assert meta["task"] == "multi" and set(meta["thresholds"]) == set(NAMES)
+    assert meta["parity"]["top1_agreement"] >= 0.999 and meta["parity"]["accuracy_is"] == "exact match"
+    preds = Classifier.load(quad_run).predict(quadrants(3, 5)[0], backend="onnx")
+    assert all(p.labels is not None for p in preds)
+
+
+def test_explain_target_label(quad_run):
+    x, _ = quadrants(1, 4)
+    [e] = Classifier.load(quad_run).explain(x, target="br", faithfulness=False)
+    assert e.target == "br" and e.attribution.shape == (16, 16)
+
+
+def test_multilabel_model_without_thresholds_says_how(quad_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(quad_run, run)
+    card = json.loads((run / "model.json").read_text())
+    del card["thresholds"]
+    (run / "model.json").write_text(json.dumps(card))
+    preds = Classifier.load(run).predict(quadrants(1, 2)[0])
+    assert preds[0].labels is not None
+    assert "imgcls thresholds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mnist_mosaics_learn(tmp_path):
+    if not (SHARED / "mnist.npz").is_file():
+        pytest.skip("shared data not present")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mosaics", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "multilabel_mosaics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = mod.build(SHARED / "mnist.npz", tmp_path / "m.npz", 3000, 500)
+    clf = Classifier.create("reference_cnn", classes=[str(i) for i in range(10)], in_chans=1, img_size=56, seed=0)
+    clf.fit(str(path), epochs=6, batch_size=64, progress=False)
+    assert clf.evaluate(str(path))["map_macro"] > 0.8
+
+
+def test_single_label_only_features_refuse(quad_npz):
+    from imgcls.data.audit import audit
+
+    with pytest.raises(ImgclsError, match="imgcls audit checks single-label data"):
+        audit(load_data(quad_npz, val_split=0.0))
+    single = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16)
+    with pytest.raises(ImgclsError, match="per-class thresholds are for multi-label models"):
+        single.tune_thresholds(str(quad_npz))
