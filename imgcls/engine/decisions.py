@@ -3,6 +3,10 @@
 ``Classifier.predict``, ``imgcls predict`` (text, CSV, JSON) and ``imgcls serve`` all build
 their answers with :func:`decide`, so a decision rule added here (per-class thresholds,
 "unknown" rejection, prediction sets) reaches every road at once.
+
+Trust fields (engine/trust.py): ``ood_score`` (higher = more unlike the training images),
+``unknown`` (the score is above the model's threshold: ``label`` answers "unknown" and
+``guess`` keeps the top class) and ``set`` (the conformal prediction set).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+UNKNOWN = "unknown"
+
 
 @dataclass
 class Prediction:
@@ -19,23 +25,57 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, probability), best first; empty when the file was unreadable
     probabilities: list[float] = field(repr=False, default_factory=list)
     error: str | None = None  # why the image could not be read (it has no prediction)
+    # trust (engine/trust.py): None where the model has no such thing
+    ood_score: float | None = None
+    unknown: bool | None = None  # None: the model has no unknown threshold
+    set: list[str] | None = None  # conformal prediction set, most probable first
+
+    @property
+    def guess(self) -> str | None:
+        """The top class, also when the answer is unknown."""
+        return self.top[0][0] if self.top else None
 
     @property
     def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
+        return UNKNOWN if self.unknown else self.guess
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"source": self.source, "label": self.label,
                              "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
         if self.error:
             d["error"] = self.error
+        d.update(_trust_dict(self))
         return d
 
 
+def _trust_dict(p: Prediction) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if p.ood_score is not None:
+        d["ood_score"] = round(p.ood_score, 6)
+    if p.unknown is not None:
+        d["unknown"], d["guess"] = p.unknown, p.guess
+    if p.set is not None:
+        d["set"] = p.set
+    return d
+
+
+def _with_trust(pred: Prediction, n: int, p: np.ndarray, classes: Sequence[str], assessment: Any) -> Prediction:
+    if assessment is None:
+        return pred
+    pred.ood_score = float(assessment.ood_scores[n])
+    if assessment.unknown is not None:
+        pred.unknown = bool(assessment.unknown[n])
+    if assessment.sets is not None:
+        members = np.flatnonzero(assessment.sets[n])
+        pred.set = [classes[i] for i in members[np.argsort(-p[members], kind="stable")]]
+    return pred
+
+
 def decide(classes: Sequence[str], probs: np.ndarray, sources: Sequence[str], top_k: int = 1,
-           skipped: dict[int, str] | None = None) -> list[Prediction]:
+           skipped: dict[int, str] | None = None, assessment: Any = None) -> list[Prediction]:
     """One Prediction per row of ``probs`` (N, K): the top-k classes, best first. Row n in
-    ``skipped`` (an unreadable file) gets ``error`` set and no classes."""
+    ``skipped`` (an unreadable file) gets ``error`` set and no classes. ``assessment`` (an
+    :class:`~imgcls.engine.trust.Assessment` of the same rows) adds the trust fields."""
     skipped = skipped or {}
     k = max(1, min(top_k, len(classes)))
     out = []
@@ -44,5 +84,6 @@ def decide(classes: Sequence[str], probs: np.ndarray, sources: Sequence[str], to
             out.append(Prediction(src, [], [], error=skipped[n]))
             continue
         idx = np.argsort(-p, kind="stable")[:k]
-        out.append(Prediction(src, [(classes[i], float(p[i])) for i in idx], p.tolist()))
+        pred = Prediction(src, [(classes[i], float(p[i])) for i in idx], p.tolist())
+        out.append(_with_trust(pred, n, p, classes, assessment))
     return out
