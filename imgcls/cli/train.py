@@ -52,6 +52,10 @@ _HELP = {
                "through torchrun; --batch-size stays the global batch",
     "deterministic": "seed everything, use deterministic kernels, record environment and data fingerprint",
     "checkpoint_every": "also checkpoint every N minutes inside an epoch (always at each epoch end)",
+    "conformal": "fit conformal prediction sets with this coverage (e.g. 0.9) on a calibration split held out of train",
+    "conformal_method": "conformal score: aps (even coverage across classes) or lac (smallest sets)",
+    "calib_split": "with --conformal: fraction of train held out for calibration (never trained on)",
+    "ood_method": "fit the 'unknown' threshold for this OOD score on the validation split (95%% accepted)",
     "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 

@@ -63,7 +63,7 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     level = np.ceil((n + 1) * coverage) / n
     if level > 1:
         return float("inf")
-    return float(np.quantile(scores, level, method="higher"))
+    return float(np.quantile(scores, level, method="inverted_cdf"))
 
 
 def fit_conformal(probs: np.ndarray, labels: np.ndarray, coverage: float = 0.9, method: str = "aps") -> dict[str, Any]:

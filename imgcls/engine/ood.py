@@ -78,7 +78,7 @@ def fit_threshold(scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
         raise ImgclsError(f"--accept {accept} is not between 0 and 1", "e.g. --accept 0.95")
     if not len(scores):
         raise ImgclsError("no validation images to fit the unknown threshold on", "give data with a validation split")
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), accept, method="higher"))
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), accept, method="inverted_cdf"))
 
 
 def make_bank(features: np.ndarray, max_rows: int = MAX_BANK, seed: int = 0) -> torch.Tensor:

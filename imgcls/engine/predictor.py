@@ -64,6 +64,10 @@ class Predictor:
         self.backend = _backend if _backend is not None else make_backend(bundle, backend, device, precision)
         self.batch_size, self.workers = batch_size, workers
         self._trust: Trust | None = None
+        if _backend is None and self.trust.needs_features and not isinstance(self.backend, TorchBackend):
+            if backend != "auto":  # an ONNX graph gives logits only; kNN needs the penultimate features
+                self.backend.outputs(None)  # the one-line refusal naming the way out
+            self.backend = TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)
 
     @classmethod
     def reference(cls, bundle: ModelBundle, batch_size: int = 128) -> Predictor:
