@@ -35,7 +35,7 @@ from bench._common import ROOT, default_data, machine  # noqa: E402
 from imgcls.api import Classifier  # noqa: E402
 from imgcls.data.records import Split  # noqa: E402
 from imgcls.engine.conformal import prediction_sets, set_metrics  # noqa: E402
-from imgcls.engine.ood import DEFAULT_K, knn_distance, ood_scores  # noqa: E402
+from imgcls.engine.ood import DEFAULT_K, ood_scores  # noqa: E402
 from imgcls.engine.trust import softmax  # noqa: E402
 from imgcls.engine.trust_fit import feature_bank, fit_sets  # noqa: E402
 from imgcls.evaluation.calibration import temperature_scaling  # noqa: E402

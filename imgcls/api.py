@@ -173,7 +173,7 @@ class Classifier(ModelBundle):
                 self.card["conformal"] = info["conformal"] = fit_sets(logits, labels, coverage, conformal,
                                                                       self.temperature, name)
             if ood_method is not None:
-                train = self.eval_data(data, "train", announce=False)[2] if ood_method == "knn" else None
+                train = _training_split(self, data) if ood_method == "knn" else None
                 self.card["ood"], bank = fit_unknown(p, logits, feats, ood_method, accept, name, train)
                 self.ood_features, info["ood"] = bank, self.card["ood"]
         return info
@@ -247,6 +247,15 @@ class Classifier(ModelBundle):
         from imgcls.explain import explain
 
         return explain(self, images, method=method, target=target, layer=layer, **opts)
+
+
+def _training_split(clf: Classifier, data: Any) -> Any:
+    try:
+        return clf.eval_data(data, "train", announce=False)[2]
+    except ImgclsError:
+        raise ImgclsError("--ood-method knn stores features of training images, and the calibration data has no "
+                          "training split", "give the training data as --data (its validation split calibrates), "
+                          "or use --ood-method energy") from None
 
 
 def _config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:

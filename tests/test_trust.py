@@ -192,6 +192,35 @@ def test_calibrate_cli_adds_sets_and_knn_to_an_old_model(trust_run, tmp_path, ca
                  "--report", str(tmp_path / "rep"), "--mistakes", "0"]) == 0
     page = (tmp_path / "rep" / "report.html").read_text()
     assert 'id="conformal"' in page and 'id="ood-histogram"' in page
+    # serve batches [logits | features] rows for the kNN score
+    from imgcls.serve.app import create_app
+    from tests.serving import local_client, png_bytes
+
+    with local_client(create_app(run)) as client:
+        body = client.post("/predict", files={"file": ("x.png", png_bytes(pattern_images(1, size=16)[0][0]),
+                                                       "image/png")}).json()
+    assert body["ood_score"] >= 0 and isinstance(body["set"], list) and "unknown" in body
+
+
+def test_calibrate_on_a_set_of_its_own_and_knn_needs_training_images(trust_run, tmp_path, capsys):
+    import shutil
+
+    _, plain, root = trust_run
+    run = tmp_path / "own"
+    shutil.copytree(plain, run)
+    assert main(["calibrate", str(run), "--data", str(root / "noise.npz"), "--split", "all", "--coverage", "0.9",
+                 "--no-temperature"]) == 1  # unlabelled images cannot calibrate
+    capsys.readouterr()
+    xt, yt = pattern_images(20, size=16, seed=3)
+    np.savez(tmp_path / "cal.npz", x_test=xt, y_test=yt, x_train=xt, y_train=yt, class_names=np.array(["a", "b", "c"]))
+    assert main(["calibrate", str(run), "--data", str(tmp_path / "cal.npz"), "--split", "all", "--coverage", "0.9"]) == 0
+    card = json.loads((run / "model.json").read_text())
+    assert card["conformal"]["num_images"] == 60 and card["conformal"]["fitted_on"] == "test"
+    np.savez(tmp_path / "folder_like.npz", x_train=xt, y_train=yt, class_names=np.array(["a", "b", "c"]))
+    assert main(["calibrate", str(run), "--data", str(tmp_path / "folder_like.npz"), "--split", "all",
+                 "--ood-method", "knn"]) == 1  # every image calibrates: none is left to stand for training
+    err = capsys.readouterr().err.strip()
+    assert "knn stores features of training images" in err and err.count("\n") == 0
 
 
 def test_knn_refuses_the_onnx_backend_clearly(trust_run, tmp_path):
