@@ -265,3 +265,18 @@ def test_serve_answers_with_set_and_unknown(trust_run):
         assert r.status_code == 200 and {"ood_score", "unknown", "guess", "set"} <= set(body)
         page = client.get("/static/app.js").text
         assert "pred.set" in page and "pred.unknown" in page
+
+
+@pytest.mark.parametrize("tta", ["none", "flip-shift"])
+def test_features_come_from_the_same_pass_as_the_logits(tta):
+    """The torch backend's (logits, features) give exactly its logits(), TTA included."""
+    import torch
+
+    from imgcls.api import Classifier
+    from imgcls.engine.backends import TorchBackend
+
+    clf = Classifier.create("reference_cnn", num_classes=3, in_chans=1, img_size=16, seed=0)
+    b = TorchBackend(clf.model, clf.preprocessing, "cpu", "fp32", tta)
+    x = torch.from_numpy(pattern_images(2, size=16)[0][:, None])
+    z, f = b.outputs(x)
+    assert np.allclose(z, b.logits(x), atol=1e-5) and f.shape == (6, 64)
