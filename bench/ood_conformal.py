@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("which", choices=["cifar10", "mnist"])
     ap.add_argument("--run", default="/work/runs/cifar10_fast5", help="cifar10: the trained run folder")
     ap.add_argument("--max-images", type=int, default=10_000, help="in-distribution test images")
-    ap.add_argument("--max-ood", type=int, default=10_000, help="MNIST images as OOD (cifar10)")
+    ap.add_argument("--max-ood", type=int, default=5_000, help="MNIST images as OOD (cifar10)")
     ap.add_argument("--out", default="/tmp/imgcls-bench-ood", help="mnist: where the run folder goes")
     args = ap.parse_args()
     torch.set_num_threads(2)
