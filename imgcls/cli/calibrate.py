@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder written by `imgcls train`")
     p.add_argument("--data", required=True, help="data to calibrate on (folder, .npz or dataset name)")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
-                   help="which split (default: val, held out as in training; all: every image of --data)")
+                   help="which split (default: val, held out as in training; all: what `evaluate` takes - the "
+                        "test split, else every image - for a calibration set of its own)")
     p.add_argument("--coverage", type=float, default=None,
                    help="fit conformal prediction sets holding the true class with this probability, e.g. 0.9")
     p.add_argument("--method", default="aps", choices=CONFORMAL_METHODS,
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _data(args: argparse.Namespace):
-    """--split all: every image of --data (held as its test split) - e.g. a calibration set of its own."""
+    """--split all: what `evaluate` takes (the test split, else every image, held as the test split)."""
     if args.split != "all":
         return args.data, args.split
     from imgcls.data.pipeline import evaluation_data
