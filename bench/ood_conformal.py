@@ -127,6 +127,9 @@ def bench_cifar10(args) -> dict:
         others = {"mnist": outputs(p, _split(mnist["x_test"][: args.max_ood])),
                   "hymenoptera_crops": outputs(p, _split(hymenoptera_crops(default_data("hymenoptera"))))}
     y = data["y_test"][:n].astype(np.int64)
+    if args.save_outputs:  # logits and features, to re-derive tables without the model
+        np.savez(args.save_outputs, z_id=z_id, f_id=f_id, y=y, bank=bank.float().numpy(),
+                 **{f"z_{k}": v[0] for k, v in others.items()}, **{f"f_{k}": v[1] for k, v in others.items()})
     res = {"benchmark": "ood_conformal_cifar10", "run": str(args.run), "model": clf.architecture,
            "tta": clf.tta, "test_images": int(len(y)), "bank_images": int(len(bank)), "k": DEFAULT_K,
            "top1_accuracy_full_test": round(float((z_id.argmax(1) == y).mean()), 5),
@@ -165,6 +168,7 @@ def main() -> None:
     ap.add_argument("--run", default="/work/runs/cifar10_fast5", help="cifar10: the trained run folder")
     ap.add_argument("--max-images", type=int, default=10_000, help="in-distribution test images")
     ap.add_argument("--max-ood", type=int, default=5_000, help="MNIST images as OOD (cifar10)")
+    ap.add_argument("--save-outputs", default="/tmp/imgcls-bench-ood-cifar10.npz", help="cifar10: logits/features here")
     ap.add_argument("--out", default="/tmp/imgcls-bench-ood", help="mnist: where the run folder goes")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from imgcls.cli import main
-from imgcls.engine.conformal import class_scores, conformal_quantile, fit_conformal, prediction_sets, set_metrics
+from imgcls.engine.conformal import (class_scores, conformal_quantile, fit_conformal, prediction_sets, row_uniform,
+                                     set_metrics)
 from imgcls.engine.decisions import decide
 from imgcls.engine.ood import fit_threshold, knn_distance, make_bank, ood_scores
 from imgcls.engine.trust import Assessment
@@ -47,9 +48,11 @@ def test_lac_and_aps_set_logic():
     p = np.array([[0.6, 0.3, 0.1], [0.34, 0.33, 0.33]])
     # LAC: every class with p >= 1 - q
     assert prediction_sets(p, 0.75, "lac").tolist() == [[True, True, False], [True, True, True]]
-    # APS: classes best first until the mass reaches q (the one crossing it included)
-    assert class_scores(p, "aps")[0].round(6).tolist() == [0.6, 0.9, 1.0]
-    assert prediction_sets(p, 0.9, "aps").tolist() == [[True, True, False], [True, True, False]]
+    # APS: the mass ranked above a class plus u times its own; u from a hash of the row
+    u = row_uniform(p)
+    assert np.allclose(class_scores(p, "aps")[0], [0.6 * u[0, 0], 0.6 + 0.3 * u[0, 0], 0.9 + 0.1 * u[0, 0]])
+    assert (row_uniform(p + 1e-7) == u).all() and u[0, 0] != u[1, 0]  # same image, same u; others differ
+    assert prediction_sets(p, 0.6 + 0.3 * u[0, 0], "aps")[0].tolist() == [True, True, False]
     assert prediction_sets(p, None, "aps").all()  # too few calibration images: every class
     # the finite-sample quantile: ceil((n+1) 0.9)/n; with 5 scores 0.9 cannot be promised
     assert conformal_quantile(np.arange(1, 11) / 10, 0.8) == 0.9

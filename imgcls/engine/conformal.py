@@ -7,9 +7,12 @@ Two score functions (Angelopoulos & Bates, "A Gentle Introduction to Conformal P
   is every class with ``p >= 1 - q``. Smallest sets on average; a set may be empty (no class is
   plausible, itself a hint that the image is unusual).
 - ``aps`` (adaptive prediction sets, Romano et al.): score = the probability mass of the classes
-  ranked up to and including the true one; the set adds classes best first until ``q`` is
-  reached. Sets grow where the model is unsure, so coverage is more even across classes. The
-  deterministic (non-randomised) variant: the same image always gets the same set.
+  ranked above the true one plus ``u`` times its own; the set adds classes best first until
+  ``q`` is reached. Sets grow where the model is unsure, so coverage is more even across
+  classes. ``u`` is the paper's uniform random number, drawn here from a hash of the image's
+  (rounded) probabilities, so the same image always gets the same set. Without it (u = 1) a
+  model as confident as an MNIST CNN gets sets of 3-4 classes at 90% coverage (measured:
+  bench/results/ood_conformal_mnist_aps_u1.json).
 
 ``q`` is the ``ceil((n+1) * coverage) / n`` empirical quantile of the scores of ``n``
 calibration images the model never trained on.
@@ -40,10 +43,21 @@ def _check(method: str) -> None:
         raise ImgclsError(f"unknown conformal method '{method}'", f"use {' or '.join(CONFORMAL_METHODS)}")
 
 
+def row_uniform(probs: np.ndarray) -> np.ndarray:
+    """(N, 1) numbers in [0, 1), one per row, from a hash of the row rounded to 4 decimals:
+    random-looking across images, the same for the same image on every backend."""
+    import hashlib
+
+    rounded = np.round(np.asarray(probs, dtype=np.float64), 4) + 0.0  # + 0.0: -0.0 hashes as 0.0
+    u = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") / 2**64 for r in rounded]
+    return np.asarray(u, dtype=np.float64).reshape(-1, 1)
+
+
 def _aps_mass(probs: np.ndarray) -> np.ndarray:
-    """(N, K): for every class, the probability mass of the classes ranked up to and including it."""
+    """(N, K): for every class, the mass of the classes ranked above it plus u times its own."""
     order = np.argsort(-probs, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    ranked = np.take_along_axis(probs, order, axis=1)
+    cum = np.cumsum(ranked, axis=1) - (1 - row_uniform(probs)) * ranked
     mass = np.empty_like(cum)
     np.put_along_axis(mass, order, cum, axis=1)
     return mass
