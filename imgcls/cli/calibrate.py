@@ -12,7 +12,7 @@ HELP = ("fit temperature scaling, conformal prediction sets (--coverage) and the
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from imgcls.engine.conformal import CONFORMAL_METHODS
-    from imgcls.engine.ood import DEFAULT_ACCEPT, OOD_METHODS
+    from imgcls.engine.ood import BEST_OOD_METHOD, DEFAULT_ACCEPT, OOD_METHODS
 
     p.add_argument("run", help="run folder written by `imgcls train`")
     p.add_argument("--data", required=True, help="data to calibrate on (folder, .npz or dataset name)")
@@ -23,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit conformal prediction sets holding the true class with this probability, e.g. 0.9")
     p.add_argument("--method", default="aps", choices=CONFORMAL_METHODS,
                    help="conformal score: aps (adaptive sets, even coverage across classes) or lac (smallest sets)")
-    p.add_argument("--ood-method", default=None, choices=OOD_METHODS,
-                   help="fit the 'unknown' threshold for this OOD score (knn also stores training features)")
+    p.add_argument("--ood-method", default=None, choices=OOD_METHODS, nargs="?", const=BEST_OOD_METHOD,
+                   help="fit the 'unknown' threshold for this OOD score (knn also stores training features; "
+                        f"alone: {BEST_OOD_METHOD}, the best on docs/benchmarks.md)")
     p.add_argument("--accept", type=float, default=DEFAULT_ACCEPT,
                    help=f"fraction of in-distribution images the threshold accepts (default {DEFAULT_ACCEPT})")
     p.add_argument("--no-temperature", action="store_true", help="keep the model's temperature as it is")
