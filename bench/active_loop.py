@@ -79,12 +79,13 @@ def main() -> None:
                 break
             pool = np.setdiff1d(np.arange(n), labelled)
             with Predictor(clf) as pred:
-                logits, feats = pred.run_features(Split(labels=data.train.labels[pool], images=data.train.images[pool]))
+                logits, _, feats = pred.run_outputs(Split(labels=data.train.labels[pool], images=data.train.images[pool]),
+                                                    features=True)
                 lab_feats = None
                 if strategy in ("coreset", "hybrid"):
                     sample = labelled[np.random.default_rng(r).permutation(len(labelled))[:LABELLED_SAMPLE]]
-                    lab_feats = pred.run_features(Split(labels=data.train.labels[sample],
-                                                        images=data.train.images[sample]))[1]
+                    lab_feats = pred.run_outputs(Split(labels=data.train.labels[sample],
+                                                       images=data.train.images[sample]), features=True)[2]
             picked = select(strategy, softmax(logits, clf.temperature), feats, args.add, args.seed + r, lab_feats)
             labelled = np.sort(np.concatenate([labelled, pool[np.asarray(picked)]]))
         result["strategies"][strategy] = {"curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}

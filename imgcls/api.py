@@ -151,34 +151,56 @@ class Classifier(ModelBundle):
         split decoded, the unreadable files."""
         return eval_data(self, data, split, strict=strict, cache=cache, announce=announce)
 
-    def calibrate(self, data: Any, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
-        """Temperature scaling: fit ``self.temperature`` on the data's validation split (held
-        out as in training) so probabilities match accuracy; ``save()`` stores it in
-        model.json. Predicted classes do not change. Returns ECE/NLL before and after."""
+    def calibrate(self, data: Any, batch_size: int = 256, device: str = "auto", *, split: str = "val",
+                  temperature: bool = True, coverage: float | None = None, conformal: str = "aps",
+                  ood_method: str | None = None, accept: float = 0.95) -> dict[str, Any]:
+        """Fit on the data's ``split`` (default: validation, held out as in training; give
+        images training never saw): temperature scaling, so probabilities match accuracy
+        (predicted classes do not change); with ``coverage``, split-conformal prediction sets
+        (``conformal``: aps or lac, engine/conformal.py); with ``ood_method`` (msp, energy,
+        knn), the "unknown" threshold accepting ``accept`` of these images (knn also stores
+        the training split's features). ``save()`` stores all of it (model.json and, for
+        knn, ood_features.safetensors). Returns what was fitted (ECE/NLL before and after, ...)."""
+        from imgcls.engine.trust_fit import fit_sets, fit_unknown
         from imgcls.evaluation.calibration import temperature_scaling
 
-        self.refuse_multi_label("temperature calibration")
-        _, _, part, _ = self.eval_data(data, "val")
+        self.refuse_multi_label("calibration (temperature, conformal sets, unknown threshold)")
+        _, name, part, _ = self.eval_data(data, split)
+        info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:
-            logits, labels = p.run(part)
-        self.temperature, info = temperature_scaling(torch.from_numpy(logits), torch.from_numpy(labels))
-        self.card["calibration"] = info
+            logits, labels, feats = p.run_outputs(part, features=ood_method == "knn")
+            if temperature:
+                self.temperature, info = temperature_scaling(torch.from_numpy(logits), torch.from_numpy(labels))
+                self.card["calibration"] = info
+            if coverage is not None:
+                self.card["conformal"] = info["conformal"] = fit_sets(logits, labels, coverage, conformal,
+                                                                      self.temperature, name)
+            if ood_method is not None:
+                train = _training_split(self, data) if ood_method == "knn" else None
+                self.card["ood"], bank = fit_unknown(p, logits, feats, ood_method, accept, name, train)
+                self.ood_features, info["ood"] = bank, self.card["ood"]
         return info
 
     def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
                  precision: str = "auto", strict: bool = False, cache: bool = True, announce: bool = True,
-                 backend: str = "torch") -> dict[str, Any]:
+                 backend: str = "torch", ood: Any = None) -> dict[str, Any]:
         """Metrics on the split :meth:`eval_data` chooses (``split`` picks one). Unreadable
-        image files are skipped and counted in ``skipped_files`` (``strict``: an error)."""
+        image files are skipped and counted in ``skipped_files`` (``strict``: an error).
+        With conformal sets in the card: ``conformal`` (coverage, mean set size, per class);
+        with ``ood`` (other data): ``ood`` (AUROC, FPR95 of the OOD score, per method)."""
+        from imgcls.evaluation.trust import trust_metrics
+
         data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
         with self.predictor(backend, device, precision, batch_size) as p:
-            logits, labels = p.run(part)
-            probs = p.probabilities(logits)
-        if self.multi_label:
-            m = multilabel_metrics(probs, labels, self.classes, self.decision_thresholds())
-        else:
-            m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
-                                       self.classes)
+            logits, labels, feats = p.run_outputs(part)
+            if self.multi_label:  # per-label OOD scores and sets are not fitted for multi-label models
+                if ood is not None:
+                    self.refuse_multi_label("OOD evaluation (--ood)")
+                m = multilabel_metrics(p.probabilities(logits), labels, self.classes, self.decision_thresholds())
+            else:
+                m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
+                                           self.classes)
+                m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]
@@ -191,11 +213,12 @@ class Classifier(ModelBundle):
         ``backend``: torch, onnx / onnx-int8 (the run's exports) or auto (engine/backends.py).
         An image file that cannot be read gets a row of NaN (``predict`` says why);
         ``strict``: an error naming it instead."""
-        probs, sources, _ = self._proba(images, batch_size, device, precision, workers, progress, backend, strict)
+        probs, sources, _, _ = self._proba(images, batch_size, device, precision, workers, progress, backend, strict)
         return probs, sources
 
     def _proba(self, images: Any, batch_size: int, device: str, precision: str, workers: int | None,
-               progress: bool, backend: str, strict: bool) -> tuple[np.ndarray, list[str], dict[int, str]]:
+               progress: bool, backend: str, strict: bool, sets: bool | None = False,
+               reject_unknown: bool | None = False) -> tuple[np.ndarray, list[str], dict[int, str], Any]:
         split, sources = as_split(images, self.preprocessing)
         skipped: dict[int, str] | None = None if strict else {}
         if self.preprocessing.frames == "all" and not split.in_memory:  # one row per frame of multi-frame files
@@ -204,21 +227,27 @@ class Classifier(ModelBundle):
                 raise ImgclsError(next(iter(unreadable.values())), "fix or remove the file, or drop --strict")
             skipped = unreadable
         with self.predictor(backend, device, precision, batch_size, workers) as p:
-            logits, _ = p.run(split, progress=progress, skipped=skipped)
-            probs = p.probabilities(logits)
+            p.use_trust(sets, reject_unknown)  # required but missing: an error before any work
+            logits, _, feats = p.run_outputs(split, progress=progress, skipped=skipped)
+            probs, assessment = p.probabilities(logits), p.assess(logits, feats)
         if skipped:
             probs[sorted(skipped)] = np.nan  # a blank stand-in image went through the model: no prediction
-        return probs, sources, skipped or {}
+        return probs, sources, skipped or {}, assessment
 
     def predict(self, images: Any, top_k: int = 1, batch_size: int = 64, device: str = "auto",
                 precision: str = "auto", workers: int | None = None, progress: bool = False,
-                backend: str = "torch", strict: bool = False) -> list[Prediction]:
+                backend: str = "torch", strict: bool = False, sets: bool | None = None,
+                reject_unknown: bool | None = None) -> list[Prediction]:
         """Top-k classes for image files, folders (recursively), PIL images or arrays. A file
         that cannot be read gets a Prediction with ``error`` set and no classes (``strict``:
-        an error naming it instead)."""
-        probs, sources, skipped = self._proba(images, batch_size, device, precision, workers, progress, backend,
-                                              strict)
-        return decide(self.classes, probs, sources, top_k, skipped, thresholds=self.decision_thresholds())
+        an error naming it instead). Every Prediction has an ``ood_score``; with a fitted
+        threshold, ``unknown`` (``label`` "unknown", ``guess`` the top class), with conformal
+        sets, ``set``. ``sets`` / ``reject_unknown``: False switches them off, True requires
+        them (an error naming ``imgcls calibrate`` when the model has none)."""
+        probs, sources, skipped, assessment = self._proba(images, batch_size, device, precision, workers, progress,
+                                                          backend, strict, sets, reject_unknown)
+        return decide(self.classes, probs, sources, top_k, skipped, assessment,
+                      thresholds=self.decision_thresholds())
 
     def tune_thresholds(self, data: Any, target: str = "f1", batch_size: int = 256,
                         device: str = "auto") -> dict[str, Any]:
@@ -257,6 +286,15 @@ class Classifier(ModelBundle):
         from imgcls.explain import explain
 
         return explain(self, images, method=method, target=target, layer=layer, **opts)
+
+
+def _training_split(clf: Classifier, data: Any) -> Any:
+    try:
+        return clf.eval_data(data, "train", announce=False)[2]
+    except ImgclsError:
+        raise ImgclsError("--ood-method knn stores features of training images, and the calibration data has no "
+                          "training split", "give the training data as --data (its validation split calibrates), "
+                          "or use --ood-method energy") from None
 
 
 def _config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from imgcls.artifact import load_weights, read_card, save_model
+from imgcls.artifact import atomic_write, load_weights, read_card, save_model
 from imgcls.data.records import ImageData
 from imgcls.data.sources import with_classes
 from imgcls.data.transforms import Preprocessing
@@ -25,6 +25,16 @@ from imgcls.version import library_versions
 
 # card fields a save rewrites from the bundle itself (never copied from an old card)
 _DERIVED = ("format", "format_version", "weights_sha256")
+OOD_FEATURES_FILE = "ood_features.safetensors"  # training features of the kNN unknown score (engine/ood.py)
+
+
+def save_features(folder: str | Path, features: torch.Tensor) -> Path:
+    """The kNN OOD feature bank beside the weights (safetensors, written atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / OOD_FEATURES_FILE
+    atomic_write(path, lambda p: save_file({"features": features.contiguous()}, str(p)))
+    return path
 
 
 class ModelBundle:
@@ -39,6 +49,7 @@ class ModelBundle:
         self.card: dict[str, Any] = dict(card or {})
         self.temperature: float = float(self.card.get("temperature", 1.0))
         self.path: Path | None = None  # the folder it was loaded from: exports (model.onnx) live there
+        self.ood_features: torch.Tensor | None = None  # fitted kNN bank not yet saved (else read from path)
 
     @property
     def num_classes(self) -> int:
@@ -124,7 +135,10 @@ class ModelBundle:
 
     def write(self, folder: str | Path, best_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         """Weights + card into ``folder`` (the bundle's own card is left as it is)."""
-        return save_model(Path(folder), self.model, self.build_card(best_metrics))
+        card = save_model(Path(folder), self.model, self.build_card(best_metrics))
+        if self.ood_features is not None:
+            save_features(folder, self.ood_features)
+        return card
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

@@ -89,6 +89,11 @@ class TrainConfig(BaseModel):
     deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
     checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (one per epoch always)
     log: str | None = None  # extra experiment logs, comma-separated: tensorboard, mlflow (history.csv always)
+    # trust at prediction time (engine/conformal.py, engine/ood.py): fitted after training, stored in model.json
+    conformal: float | None = None  # coverage of conformal sets, fitted on a calibration split held out of train
+    conformal_method: Literal["aps", "lac"] = "aps"
+    calib_split: float = 0.1  # with conformal: the fraction of train held out for calibration (never trained on)
+    ood_method: Literal["msp", "energy", "knn"] | None = None  # fit the "unknown" threshold on the validation split
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -172,6 +177,13 @@ class TrainConfig(BaseModel):
     def _fraction(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("conformal", "calib_split")
+    @classmethod
+    def _open_fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError("must be between 0 and 1, e.g. 0.9")
         return v
 
     @field_validator("label_smoothing")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from imgcls.api import Classifier
 from imgcls.config import TrainConfig
 from imgcls.data.pipeline import require_train
 from imgcls.data.decode import typical_side
-from imgcls.data.records import ImageData
+from imgcls.data.records import ImageData, Split
+from imgcls.data.split import stratified_split
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
 from imgcls.engine.checkpoint import CHECKPOINT, load_checkpoint, preflight_run_dir
@@ -113,6 +115,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         parse_log(cfg.log)
     data = require_train(load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
                                           group_by=cfg.group_by, task=cfg.task))
+    data, calib = hold_out_calibration(data, cfg)
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     if cfg.unlabeled:  # semi-supervised: the teacher's confident pseudo-labels join the training split
@@ -126,6 +129,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     summary["recipe"] = cfg.recipe
     if not ctx.is_main:
         return TrainResult(run_dir=run.path, classifier=clf, metrics={}, summary=summary)
+    fit_trust(clf, cfg, data, calib)
     # the training data as loaded (its held-out validation split): test if there is one, else val;
     # unreadable files were reported by fit already
     metrics = clf.evaluate(data, device=str(ctx.device) if ctx.enabled else cfg.device, precision=cfg.precision,
@@ -134,6 +138,35 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     clf.save(run.path)
     run.update_metrics(training=summary, evaluation=metrics)
     return TrainResult(run_dir=run.path, classifier=clf, metrics=metrics, summary=summary)
+
+
+def hold_out_calibration(data: ImageData, cfg: TrainConfig) -> tuple[ImageData, Split | None]:
+    """With ``--conformal``: a stratified ``calib_split`` of train (seeded, so a resumed run holds
+    out the same images) that training never sees, for the conformal sets."""
+    if data.multi_label and (cfg.conformal is not None or cfg.ood_method is not None):
+        flag = "--conformal" if cfg.conformal is not None else "--ood-method"
+        raise ImgclsError(f"{flag} is for single-label data; {data.name} is multi-label (label sets)",
+                          "multi-label models decide with per-class thresholds (model.json 'thresholds')")
+    if cfg.conformal is None:
+        return data, None
+    if data.train.streamed:
+        raise ImgclsError("--conformal holds out training images, which a streamed shard set cannot",
+                          "train without it, then run imgcls calibrate RUN --data DATA --coverage 0.9")
+    keep, hold = stratified_split(data.train.labels, cfg.calib_split, cfg.seed + 1)
+    calib = data.train.subset(hold)
+    data = dataclasses.replace(data, train=data.train.subset(keep),
+                               notes=[*data.notes, f"held out {len(hold)} training images for conformal calibration"])
+    return data, calib
+
+
+def fit_trust(clf: Classifier, cfg: TrainConfig, data: ImageData, calib: Split | None) -> None:
+    """After training: conformal sets (and temperature) on the calibration split, and the unknown
+    threshold on the validation split, into ``clf.card`` (saved with the model)."""
+    if calib is not None:
+        clf.calibrate(dataclasses.replace(data, val=calib), split="val", device=cfg.device, coverage=cfg.conformal,
+                      conformal=cfg.conformal_method)
+    if cfg.ood_method is not None:
+        clf.calibrate(data, split="val", device=cfg.device, temperature=False, ood_method=cfg.ood_method)
 
 
 def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:

@@ -81,7 +81,7 @@ def test_predict_backends_agree_and_auto_uses_onnx(exported_run, tmp_path, capsy
     out = tmp_path / "preds.csv"
     assert main(["predict", str(exported_run), str(folder), "--top-k", "2", "-o", str(out)]) == 0
     rows = out.read_text().splitlines()
-    assert rows[0] == "source,label,probability,class_2,probability_2" and len(rows) == 10
+    assert rows[0] == "source,label,probability,class_2,probability_2,ood_score" and len(rows) == 10
     assert [r.split(",")[1] for r in rows[1:]] == [clf.classes[i] for i in p_torch.argmax(1)]
     assert main(["predict", str(exported_run), str(folder), "--backend", "onnx", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from imgcls.cli import audit as _audit
 from imgcls.cli import cache as _cache
+from imgcls.cli import calibrate as _calibrate
 from imgcls.cli import evaluate as _evaluate
 from imgcls.cli import explain as _explain
 from imgcls.cli import export as _export
@@ -28,8 +29,8 @@ from imgcls.cli import thresholds as _thresholds
 from imgcls.cli import train as _train
 
 # Each command module has NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMANDS = [_train, _evaluate, _predict, _models, _summary, _audit, _cache, _lr_find, _explain, _export, _serve,
-            _label_issues, _rank, _shard, _thresholds]
+COMMANDS = [_train, _evaluate, _calibrate, _predict, _models, _summary, _audit, _cache, _lr_find, _explain, _export,
+            _serve, _label_issues, _rank, _shard, _thresholds]
 
 
 def build_parser() -> argparse.ArgumentParser:

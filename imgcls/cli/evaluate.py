@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write report.html (self-contained) + metrics.json, into DIR (default: the run "
                         "folder); fits temperature scaling on the validation split and saves it in model.json")
     p.add_argument("--mistakes", type=int, default=8, help="--report: how many confident mistakes to show")
+    p.add_argument("--ood", default=None, metavar="OTHER_DATA",
+                   help="data the model should call unknown (folder, .npz or dataset name): reports AUROC and "
+                        "FPR at 95%% TPR of the OOD score (metrics.json ood.auroc, ood.fpr95)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         return _report(args)
     clf = Classifier.load(args.run)
-    m = clf.evaluate(args.data, split=args.split, batch_size=args.batch_size, device=args.device)
-    path = RunDir(args.run).update_metrics(evaluation=m)
+    m = clf.evaluate(args.data, split=args.split, batch_size=args.batch_size, device=args.device, ood=args.ood)
+    path = RunDir(args.run).update_metrics(evaluation=m, **trust_sections(m))
     if args.json:
         print(json.dumps(m))
     elif m.get("task") == "multi":
@@ -42,8 +45,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nmetrics written to {path}")
     else:
         print(format_metrics(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
+        for line in trust_lines(m):
+            print(line)
         print(f"\nmetrics written to {path}")
     return 0
+
+
+def trust_sections(m: dict) -> dict:
+    """metrics.json's top-level ``conformal`` and ``ood`` sections (also inside ``evaluation``)."""
+    return {k: m[k] for k in ("conformal", "ood") if k in m}
+
+
+def trust_lines(m: dict) -> list[str]:
+    lines = []
+    if "conformal" in m:
+        c = m["conformal"]
+        lines.append(f"conformal sets ({c['method']}, target {c['target_coverage']:.0%}): coverage "
+                     f"{c['coverage']:.2%}, mean set size {c['mean_set_size']:.2f}")
+    if "ood" in m:
+        o = m["ood"]
+        lines.append(f"unknown vs {o['data']} ({o['method']}): AUROC {o['auroc']:.4f}, FPR95 {o['fpr95']:.4f}"
+                     + (f"; at the threshold {o['id_accepted']:.1%} accepted, {o['ood_rejected']:.1%} of "
+                        f"{o['data']} rejected" if "threshold" in o else ""))
+    return lines
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -51,7 +75,7 @@ def _report(args: argparse.Namespace) -> int:
     from imgcls.evaluation.report import build_report
 
     r = build_report(args.run, args.data, split=args.split, out_dir=args.report or None, batch_size=args.batch_size,
-                     device=args.device, mistakes=args.mistakes)
+                     device=args.device, mistakes=args.mistakes, ood=args.ood)
     m, cal = r.metrics, r.calibration
     if m.get("task") == "multi":
         from imgcls.evaluation.multilabel import format_multilabel
@@ -67,6 +91,7 @@ def _report(args: argparse.Namespace) -> int:
         else "not refitted"
     print(f"\ncalibration: temperature {cal['temperature']:.3f} ({fitted}); "
           f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} on the {m['split']} split")
+    print("".join(f"{line}\n" for line in trust_lines(m)), end="")
     print(f"report written to {r.html_path}\nmetrics written to {r.json_path}")
     return 0
 

@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--output DIR/ (also under torchrun, multi-node)")
     p.add_argument("--part-format", choices=["parquet", "jsonl"], default="parquet",
                    help="part files of --output DIR/ (default: parquet)")
+    p.add_argument("--sets", action=argparse.BooleanOptionalAction, default=None,
+                   help="conformal prediction sets (default: when the model has them; --sets: require them)")
+    p.add_argument("--reject-unknown", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer 'unknown' above the OOD threshold (default: when the model has one; "
+                        "--reject-unknown: require it)")
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -64,24 +69,54 @@ def render(preds, fmt: str, top_k: int) -> str:
         k = max((len(p.top) for p in preds), default=top_k)
         errors = any(p.error for p in preds)  # an error column only when some image could not be read
         multi = any(p.labels is not None for p in preds)  # multi-label: the label set and its probabilities
+        trust = _trust_columns(preds)
         w.writerow(["source", "label", "probability"]
                    + [f"{col}_{i}" for i in range(2, k + 1) for col in ("class", "probability")]
-                   + (["labels", "labels_p"] if multi else []) + (["error"] if errors else []))
+                   + (["labels", "labels_p"] if multi else []) + trust + (["error"] if errors else []))
         for p in preds:
             cells = [v for c, prob in p.top for v in (c, f"{prob:.6f}")] or [""] * (2 * k)
+            if p.top:
+                cells[0] = p.label  # "unknown" when rejected; the guess has its own column
             sets = [";".join(c for c, _ in p.labels or []), ";".join(f"{q:.6f}" for _, q in p.labels or [])]
-            w.writerow([p.source] + cells + (sets if multi else []) + ([p.error or ""] if errors else []))
+            w.writerow([p.source] + cells + (sets if multi else []) + _trust_cells(p, trust)
+                       + ([p.error or ""] if errors else []))
         return buf.getvalue()
     return "".join(f"{p.source}: " + (_text(p) if not p.error else f"skipped: {p.error}") + "\n" for p in preds)
 
 
 def _text(p) -> str:
+    """``cat 0.9120  dog 0.0500`` (multi-label: ``labels cat 0.97, dog 0.81``) [``  set {cat, dog}``]
+    [``  ood 3.1``]; rejected: ``unknown (guess: cat 0.41 ...)``."""
     top = "  ".join(f"{c} {prob:.4f}" for c, prob in p.top)
-    if p.labels is None:
-        return top
-    if not p.labels:  # multi-label: no label reached its threshold
-        return f"no label above its threshold (top: {top})"
-    return "labels " + ", ".join(f"{c} {prob:.4f}" for c, prob in p.labels)
+    if p.labels is not None:  # multi-label: the labels above their thresholds
+        text = ("labels " + ", ".join(f"{c} {prob:.4f}" for c, prob in p.labels) if p.labels
+                else f"no label above its threshold (top: {top})")
+    else:
+        text = f"unknown (guess: {top})" if p.unknown else top
+    if p.set is not None:
+        text += "  set {" + ", ".join(p.set) + "}"
+    if p.ood_score is not None:
+        text += f"  ood {p.ood_score:.4g}"
+    return text
+
+
+def _trust_columns(preds) -> list[str]:
+    """The trust columns some prediction has: guess, unknown, ood_score, set (';'-separated)."""
+    cols = []
+    if any(p.unknown is not None for p in preds):
+        cols += ["guess", "unknown"]
+    if any(p.ood_score is not None for p in preds):
+        cols.append("ood_score")
+    if any(p.set is not None for p in preds):
+        cols.append("set")
+    return cols
+
+
+def _trust_cells(p, cols: list[str]) -> list[str]:
+    values = {"guess": p.guess or "", "unknown": "" if p.unknown is None else str(p.unknown).lower(),
+              "ood_score": "" if p.ood_score is None else f"{p.ood_score:.6g}",
+              "set": "" if p.set is None else ";".join(p.set)}
+    return [values[c] for c in cols]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         raise ImgclsError("--int8 runs the int8 ONNX export", "drop --backend torch")
     backend = "onnx-int8" if args.int8 else args.backend
     preds = clf.predict(args.images, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
-                        workers=args.workers, progress=True, backend=backend, strict=args.strict)
+                        workers=args.workers, progress=True, backend=backend, strict=args.strict, sets=args.sets,
+                        reject_unknown=args.reject_unknown)
     bad = [p for p in preds if p.error]
     if bad and len(bad) == len(preds):
         raise ImgclsError(f"none of the {len(preds)} images could be read (first: {bad[0].error})",

@@ -65,6 +65,10 @@ _HELP = {
     "loss": "auto: ce for one class per image, bce for multi-label; asl: timm's asymmetric loss (multi-label)",
     "pos_weight": "multi-label bce: auto weights each label's positives by negatives/positives (rare labels)",
     "threshold_target": "multi-label per-class thresholds tuned on val: f1 (max F1), precision:0.9 or recall:0.9",
+    "conformal": "fit conformal prediction sets with this coverage (e.g. 0.9) on a calibration split held out of train",
+    "conformal_method": "conformal score: aps (even coverage across classes) or lac (smallest sets)",
+    "calib_split": "with --conformal: fraction of train held out for calibration (never trained on)",
+    "ood_method": "fit the 'unknown' threshold for this OOD score on the validation split (95%% accepted)",
     "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 

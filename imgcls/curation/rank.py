@@ -127,7 +127,7 @@ def labelled_features(run: Path, clf: Classifier, pred: Predictor, seed: int, sa
             say("rank: the run's training data is not here; coreset/hybrid start from the pool alone")
         return None
     idx = np.sort(np.random.default_rng(seed).permutation(len(data.train))[:LABELLED_SAMPLE])
-    return pred.run_features(data.train.subset(torch.from_numpy(idx)), skipped={})[1]
+    return pred.run_outputs(data.train.subset(torch.from_numpy(idx)), skipped={}, features=True)[2]
 
 
 def rank(run: str | Path, unlabeled: str | Path, budget: int, strategy: str = "hybrid", out: str | Path = "ranked",
@@ -144,7 +144,7 @@ def rank(run: str | Path, unlabeled: str | Path, budget: int, strategy: str = "h
                           f"image(s) in {unlabeled}", f"use --budget between 1 and {len(pool)}")
     skipped: dict[int, str] = {}
     with Predictor(clf, device=device, batch_size=batch_size) as pred:
-        logits, feats = pred.run_features(pool, skipped=skipped)
+        logits, _, feats = pred.run_outputs(pool, skipped=skipped, features=True)
         probs = softmax(logits, clf.temperature)
         labelled = labelled_features(run, clf, pred, seed, say) if strategy in ("coreset", "hybrid") else None
     usable = np.setdiff1d(np.arange(len(pool)), np.fromiter(skipped, dtype=np.int64))

@@ -14,6 +14,7 @@ Used only through :class:`imgcls.engine.predictor.Predictor`.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +53,36 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
-    def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and penultimate (pre-logits) features of one batch, one view (no TTA)."""
+    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and penultimate features (timm's ``forward_head(pre_logits=True)``) of one
+        batch, from the same forward pass; with TTA both are averaged over the same views."""
         x = self.pre.normalize(x.to(self.device, non_blocking=self.device.type == "cuda"), self.channels_last)
         with autocast(self.device, self.amp):
-            fmap = self.model.forward_features(x)
-            out, feats = self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True)
-        return out.float().cpu().numpy(), feats.float().flatten(1).cpu().numpy()
+            out = tta_forward(partial(features_and_logits, self.model), x, self.tta).float().cpu().numpy()
+        nf = self.num_features
+        return out[:, nf:], out[:, :nf]
+
+    @property
+    def num_features(self) -> int:
+        if not hasattr(self, "_num_features"):
+            self._num_features = _probe_features(self.model, self.pre, self.device)
+        return self._num_features
 
     def close(self) -> None:
         # hand the module back as the bundle expects it: on the CPU, contiguous
         self.model.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[penultimate features | logits]`` side by side, so TTA averages both at once."""
+    f = model.forward_features(x)
+    return torch.cat([model.forward_head(f, pre_logits=True).flatten(1).float(), model.forward_head(f).float()], 1)
+
+
+@torch.inference_mode()
+def _probe_features(model: torch.nn.Module, pre: Preprocessing, device: torch.device) -> int:
+    x = torch.zeros(1, pre.in_chans, pre.img_size, pre.img_size, device=device)
+    return int(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).shape[1])
 
 
 def ort_session(path: str | Path, threads: int | None = None):
@@ -114,6 +134,11 @@ class OnnxBackend:
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
         return self.session.run(None, {self.input_name: normalize_numpy(x, self.pre)})[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        raise ImgclsError(f"{self.path.name} gives logits only, and this model's unknown score (kNN) needs the "
+                          "network's penultimate features", "use --backend torch, or recalibrate with "
+                          "`imgcls calibrate RUN --data DATA --ood-method energy`")
 
     def close(self) -> None:
         pass

@@ -29,6 +29,7 @@ import numpy as np
 
 from imgcls.bundle import ModelBundle
 from imgcls.data.records import Split
+from imgcls.engine.decisions import Prediction, decide
 from imgcls.engine.predictor import Predictor
 from imgcls.errors import ImgclsError
 
@@ -47,17 +48,24 @@ class Ranks:
                    int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def record(source: str, probs: np.ndarray | None, classes: list[str], top_k: int,
-           error: str | None = None) -> dict[str, Any]:
-    """One prediction row, as every part file holds it: the one place its fields are made
-    (a new field - an OOD score, a prediction set - is added here)."""
-    if probs is None:
-        return {"source": source, "label": None, "top_classes": [], "top_probabilities": [], "probabilities": [],
-                "error": error}
-    idx = np.argsort(-probs)[:top_k]
-    return {"source": source, "label": classes[idx[0]], "top_classes": [classes[i] for i in idx],
-            "top_probabilities": [round(float(probs[i]), 6) for i in idx],
-            "probabilities": [round(float(p), 6) for p in probs], "error": error}
+def record(pred: Prediction, fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One prediction row, as every part file holds it, from the one decision rule
+    (engine/decisions.py); ``fields``: the model's extra columns (multi-label ``labels``;
+    ``ood_score``, ``unknown``, ``guess``, ``set``), the same keys in every row."""
+    d = pred.to_dict()
+    row = {"source": pred.source, "label": pred.label, "top_classes": [c for c, _ in pred.top],
+           "top_probabilities": [round(p, 6) for _, p in pred.top],
+           "probabilities": [round(float(p), 6) for p in pred.probabilities], "error": pred.error}
+    return {**row, **{f: d.get(f) for f in fields}}
+
+
+def record_fields(bundle, p: Predictor) -> tuple[str, ...]:
+    """The extra columns this model's predictions carry (see :func:`record`)."""
+    if bundle.multi_label:
+        return ("labels",)
+    t = p.trust
+    return ("ood_score",) + (("unknown", "guess") if t.threshold is not None else ()) \
+        + (("set",) if t.conformal else ())
 
 
 def my_part(split: Split, names: list[str], r: Ranks) -> tuple[Split, list[str]]:
@@ -209,7 +217,8 @@ def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_si
     with Predictor(bundle, backend, device, "auto", batch_size, workers) as p:
         stream = p.stream(split, skipped=skipped, on_batch=bar.advance, on_sources=sources.append,
                           shard=(r.rank, r.world) if split.streamed else None)
-        for logits, _ in stream:
+        fields, thresholds = record_fields(bundle, p), bundle.decision_thresholds()
+        for logits, _, *feats in stream:
             probs = p.probabilities(logits)
             if split.streamed:
                 batch = sources.pop(0) if sources else [""] * len(probs)
@@ -218,8 +227,10 @@ def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_si
                     continue
             else:
                 batch = names[pos:pos + len(probs)]
-            out = [record(src, None if skipped and pos + i in skipped else pr, bundle.classes, k,
-                          skipped.get(pos + i) if skipped else None) for i, (src, pr) in enumerate(zip(batch, probs))]
+            bad = {i: skipped[pos + i] for i in range(len(probs)) if skipped and pos + i in skipped}
+            preds = decide(bundle.classes, probs, batch, k, bad, p.assess(logits, feats[0] if feats else None),
+                           thresholds=thresholds)
+            out = [record(pred, fields) for pred in preds]
             pos += len(probs)
             rows += len(out)
             part.write(out)

@@ -10,17 +10,19 @@ the calibration temperature, batching from the data pipeline and the progress ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from imgcls.bundle import ModelBundle
-from imgcls.data.pipeline import decode_split, eval_batches, evaluation_data
+from imgcls.data.pipeline import as_split, decode_split, eval_batches, evaluation_data
 from imgcls.data.records import ImageData
 from imgcls.data.records import Split
 from imgcls.engine.backends import TorchBackend, make_backend
 from imgcls.engine.multilabel import sigmoid
+from imgcls.engine.trust import Assessment, Trust
 from imgcls.errors import ImgclsError
 
 
@@ -31,24 +33,30 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None):
-    """Logits and labels of each batch, in order, one batch at a time (memory stays flat)."""
+def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None, features: bool = False):
+    """``(logits, labels)`` of each batch - with ``features``, ``(logits, labels, penultimate
+    features)`` - in order, one batch at a time (memory stays flat)."""
     for x, y in batches:
-        out = backend.logits(x)
+        got = backend.outputs(x) if features else (backend.logits(x),)
         if on_batch is not None:
             on_batch(len(y))
-        yield out, y.numpy()
+        yield (got[0], y.numpy(), *got[1:])
 
 
-def run_backend(backend, batches, on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for every batch, in order."""
-    outs, labels = [], []
-    for out, y in iter_backend(backend, batches, on_batch):
-        outs.append(out)
-        labels.append(y)
+def run_backend(backend, batches, on_batch: Callable[[int], None] | None = None,
+                features: bool = False) -> tuple[np.ndarray, ...]:
+    """Logits and labels for every batch, in order (``features``: and the penultimate features)."""
+    outs, feats, labels = [], [], []
+    for got in iter_backend(backend, batches, on_batch, features):
+        outs.append(got[0])
+        labels.append(got[1])
+        if features:
+            feats.append(got[2])
     if not outs:
-        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
-    return np.concatenate(outs), np.concatenate(labels)
+        empty = np.empty((0, 0), np.float32), np.empty(0, np.int64)
+        return (*empty, np.empty((0, 0), np.float32)) if features else empty
+    got = np.concatenate(outs), np.concatenate(labels)
+    return (*got, np.concatenate(feats)) if features else got
 
 
 class Predictor:
@@ -61,6 +69,11 @@ class Predictor:
         self.bundle = bundle
         self.backend = _backend if _backend is not None else make_backend(bundle, backend, device, precision)
         self.batch_size, self.workers = batch_size, workers
+        self._trust: Trust | None = None
+        if _backend is None and self.trust.needs_features and not isinstance(self.backend, TorchBackend):
+            if backend != "auto":  # an ONNX graph gives logits only; kNN needs the penultimate features
+                self.backend.outputs(None)  # the one-line refusal naming the way out
+            self.backend = TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)
 
     @classmethod
     def reference(cls, bundle: ModelBundle, batch_size: int = 128) -> Predictor:
@@ -92,38 +105,70 @@ class Predictor:
             return sigmoid(logits)
         return softmax(logits, self.bundle.temperature)
 
+    # ------------------------------------------------------------------ trust (engine/trust.py)
+    @property
+    def trust(self) -> Trust:
+        """The model's OOD score, unknown threshold and conformal sets (from model.json)."""
+        if self._trust is None:
+            self._trust = Trust(self.bundle)
+        return self._trust
+
+    def use_trust(self, sets: bool | None = None, reject: bool | None = None) -> Predictor:
+        """Switch sets / unknown rejection off (False) or require them (True: an error naming
+        ``imgcls calibrate`` when the model has none)."""
+        self._trust = Trust(self.bundle, sets, reject)
+        return self
+
+    def packed(self, x: torch.Tensor) -> np.ndarray:
+        """``[logits | features]`` of one batch when the OOD score needs features, else logits:
+        one array per image, as the web service's batcher hands rows out (:meth:`unpack`)."""
+        if not self.trust.needs_features:
+            return self.backend.logits(x)
+        z, f = self.backend.outputs(x)
+        return np.concatenate([z, f], 1)
+
+    def unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        k = self.bundle.num_classes
+        return (rows[:, :k], rows[:, k:]) if self.trust.needs_features else (rows, None)
+
+    def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment | None:
+        """OOD scores, unknown flags and conformal sets of these rows; None for a multi-label
+        model (per-label scores are not fitted: ``imgcls calibrate`` refuses it in one line)."""
+        if self.bundle.multi_label:
+            return None
+        return self.trust.assess(logits, features)
+
+    # ------------------------------------------------------------------ whole splits
     def run(self, split: Split, progress: bool = False,
             skipped: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Logits and labels of every image of ``split``, in order. Unreadable files: an
         error, or recorded in ``skipped`` (index -> reason; their rows are meaningless)."""
+        return self._run(split, progress, skipped, False)
+
+    def run_outputs(self, split: Split, progress: bool = False, skipped: dict[int, str] | None = None,
+                    features: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Logits, labels and - with ``features`` (None: when the model's OOD score needs
+        them) - the penultimate features (else None) of every image of ``split``."""
+        features = self.trust.needs_features if features is None else features
+        out = self._run(split, progress, skipped, features)
+        return out if features else (*out, None)
+
+    def _run(self, split: Split, progress: bool, skipped: dict[int, str] | None, features: bool) -> tuple:
         batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
                                device=self.device, skipped=skipped)
         if not progress or len(split) <= 4 * self.batch_size:
-            return run_backend(self.backend, batches)
+            return run_backend(self.backend, batches, features=features)
         from rich.console import Console
         from rich.progress import Progress
 
         with Progress(transient=True, console=Console(stderr=True)) as bar:
             task = bar.add_task(f"predicting ({self.name})", total=len(split))
-            return run_backend(self.backend, batches, lambda n: bar.advance(task, n))
-
-    def run_features(self, split: Split, skipped: dict[int, str] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and penultimate features of every image of ``split`` (torch backend, one
-        view): what diversity-based ranking (imgcls rank --strategy coreset) needs."""
-        fn = getattr(self.backend, "logits_and_features", None)
-        if fn is None:
-            raise ImgclsError(f"the {self.name} backend gives no features", "use the torch backend")
-        batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
-                               device=self.device, skipped=skipped)
-        outs = [fn(x) for x, _ in batches]
-        if not outs:
-            return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+            return run_backend(self.backend, batches, lambda n: bar.advance(task, n), features=features)
 
     def stream(self, split: Split, skipped: dict[int, str] | None = None, on_batch: Callable[[int], None] | None = None,
                on_sources: Callable[[list[str]], None] | None = None, shard: tuple[int, int] | None = None):
-        """``(logits, labels)`` of each batch of ``split``, in order, as they are computed:
+        """``(logits, labels[, features])`` of each batch of ``split`` (features when the OOD
+        score needs them), in order, as they are computed:
         what a job over millions of images (engine/batch_predict.py) consumes without
         holding them. ``on_sources``: a streamed split's source names per batch; ``shard``:
         (rank, world), read only this process's share."""
@@ -133,7 +178,7 @@ class Predictor:
             batches.shard(*shard, even=False)
         if on_sources is not None:
             batches.on_sources = on_sources
-        return iter_backend(self.backend, batches, on_batch)
+        return iter_backend(self.backend, batches, on_batch, features=self.trust.needs_features)
 
     def close(self) -> None:
         self.backend.close()
@@ -159,3 +204,29 @@ def eval_data(bundle: ModelBundle, data: Any, split: str | None = None, *, stric
         raise ImgclsError(f"the data has no '{name}' split", "use --split train, val or test")
     part, skipped = decode_split(data, attr, bundle.preprocessing, strict=strict, cache=cache, announce=announce)
     return data, name, part, skipped
+
+
+def ood_split(bundle: ModelBundle, data: Any, announce: bool = True) -> tuple[str, Split]:
+    """Other data to tell apart from the model's (``evaluate --ood``): a data set's test split,
+    else all of it, whatever its classes (even one, or none: an .npz without labels, a folder
+    of loose images, arrays), decoded for the model; unreadable files are left out."""
+    try:
+        found, _, attr = evaluation_data(data, None)
+    except ImgclsError:
+        found, attr = _unlabelled(data, bundle), "test"
+    part, _ = decode_split(found, attr, bundle.preprocessing, cache=True, announce=announce)
+    if not len(part):
+        raise ImgclsError(f"--ood {data} holds no readable images", "give a folder, .npz or dataset name with images")
+    return found.name, part
+
+
+def _unlabelled(data: Any, bundle: ModelBundle) -> ImageData:
+    name = Path(str(data)).stem if isinstance(data, (str, Path)) else "ood"
+    if isinstance(data, (str, Path)) and str(data).endswith(".npz") and Path(data).is_file():
+        with np.load(data, allow_pickle=False) as arrays:
+            key = "x_test" if "x_test" in arrays else "x_train" if "x_train" in arrays else None
+            if key is None:
+                raise ImgclsError(f"{data} has no x_test or x_train array", "save the images as x_test")
+            data = arrays[key]
+    split, _ = as_split(data, bundle.preprocessing)
+    return ImageData(classes=["?", "?"], train=None, test=split, name=name)

@@ -31,6 +31,7 @@ from imgcls.rundir import RunDir
 from imgcls.evaluation.calibration import calibration_summary, temperature_scaling
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
+from imgcls.evaluation.trust import TrustResult, conformal_png, ood_histogram_png, trust_metrics
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _calibrate(clf: ModelBundle, run: RunDir, predictor: Predictor, spec: Any, d
 
 def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_dir: str | Path | None = None,
                  batch_size: int = 256, device: str = "auto", mistakes: int = 8,
-                 calibrate_on_val: bool = True) -> Report:
+                 calibrate_on_val: bool = True, ood: Any = None) -> Report:
     run = RunDir(run_dir)
     clf = ModelBundle.load(run.path)
     out_dir = Path(out_dir) if out_dir else run.path
@@ -147,7 +148,9 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     spec = data
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:
-        logits, labels = (torch.from_numpy(a) for a in p.run(part))
+        z, y, feats = p.run_outputs(part)
+        trust = trust_metrics(p, z, y, feats, ood)
+        logits, labels = torch.from_numpy(z), torch.from_numpy(y)
         calibration = _calibrate(clf, run, p, spec, data, split, (logits, labels)) if calibrate_on_val \
             else {"fitted_on": None, "temperature": clf.temperature}
     t = clf.temperature
@@ -161,6 +164,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
 
     m = classification_metrics(logits / t, labels, clf.classes)
     m["split"], m["data"] = split, data.name
+    m.update(trust.sections)
     probs = F.softmax(logits / t, dim=1).numpy()
     gallery = confident_mistakes(clf, part, probs, labels.numpy(), mistakes, split_name=split) if mistakes else []
     history = read_history(run.path / "history.csv")
@@ -172,14 +176,49 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     }
     if history:
         pictures["curves"] = training_curves_png(history)
+    pictures.update(trust_pictures(trust, data.name))
 
     html_path = out_dir / "report.html"
     html_path.write_text(render_html(clf, run.path, m, calibration, gallery, pictures, history), encoding="utf-8")
     json_path = out_dir / "metrics.json"
-    RunDir(json_path.parent).update_metrics(evaluation=m, calibration=calibration,
+    RunDir(json_path.parent).update_metrics(evaluation=m, calibration=calibration, **trust.sections,
                         mistakes=[{k: v for k, v in g.items() if k != "png"} for g in gallery],
                         report=str(html_path))
     return Report(html_path, json_path, m, calibration, gallery)
+
+
+def trust_pictures(trust: TrustResult, id_name: str) -> dict[str, bytes]:
+    pictures = {}
+    c, o = trust.sections.get("conformal"), trust.sections.get("ood")
+    if c:
+        pictures["conformal"] = conformal_png(c["per_class"], c["target_coverage"])
+    if o and trust.id_scores is not None:
+        pictures["ood"] = ood_histogram_png(trust.id_scores, trust.ood_scores, o["method"], id_name, o["data"],
+                                            o.get("threshold"))
+    return pictures
+
+
+def trust_html(m: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """The report's conformal-set and unknown-rejection section ('' when it has neither)."""
+    e, parts = html.escape, []
+    if "conformal" in m:
+        c = m["conformal"]
+        parts.append(f"<p>Conformal prediction sets ({e(str(c['method']))}, target coverage "
+                     f"{c['target_coverage']:.0%}): the true class was in the set for <b>{c['coverage']:.2%}</b> "
+                     f"of these {c['num_images']} images; mean set size <b>{c['mean_set_size']:.2f}</b>"
+                     f" ({c['empty_sets']} empty).</p>"
+                     f'<figure>{_img(pictures["conformal"], "conformal coverage and set size per class", "conformal")}'
+                     "</figure>")
+    if "ood" in m:
+        o = m["ood"]
+        at = (f" At the stored threshold {o['id_accepted']:.1%} of these images are accepted and "
+              f"{o['ood_rejected']:.1%} of {e(o['data'])} answered unknown." if "threshold" in o else "")
+        others = ", ".join(f"{k} {v['auroc']:.4f}" for k, v in o.get("by_method", {}).items())
+        parts.append(f"<p>Unknown rejection ({e(o['method'])} score) against {e(o['data'])}: AUROC "
+                     f"<b>{o['auroc']:.4f}</b>, FPR at 95% TPR <b>{o['fpr95']:.4f}</b>.{at} AUROC by method: "
+                     f"{e(others)}.</p>"
+                     f'<figure>{_img(pictures["ood"], "OOD score histogram", "ood-histogram")}</figure>')
+    return "<h2>Trust: prediction sets and unknowns</h2>" + "".join(parts) if parts else ""
 
 
 # ---------------------------------------------------------------------- HTML
@@ -267,6 +306,7 @@ epoch(s) on {e(str(training.get('data', '?')))} · report made {e(time.strftime(
 <h2>Calibration</h2>
 <p>{cal_text}</p>{note}
 <div class="row"><figure>{_img(pictures['reliability'], 'reliability diagram', 'reliability-diagram')}</figure></div>
+{trust_html(m, pictures)}
 <h2>Most confident mistakes</h2>
 <p class="sub">Original and Grad-CAM for the predicted (wrong) class: what the model looked at when it went wrong.</p>
 {gallery_html}

@@ -108,7 +108,8 @@ class Service:
 
     def __init__(self, clf, predictor, s: ServeSettings):
         self.clf, self.predictor, self.s = clf, predictor, s
-        self.batcher = DynamicBatcher(predictor.logits, s.max_batch, s.max_wait_ms / 1000, s.max_queue)
+        # rows of [logits | features] when the model's unknown score is kNN, else logits (Predictor.packed)
+        self.batcher = DynamicBatcher(predictor.packed, s.max_batch, s.max_wait_ms / 1000, s.max_queue)
         self.budget = PixelBudget(2 * pixel_limit(s.max_pixels), s.max_waiting_uploads)
         self.explainer = Lane("explain", s.max_explain)
         self.explain_clf = _own_model(clf, predictor)
@@ -191,9 +192,11 @@ class Service:
         self.batcher.check_room()  # a full queue refuses before the upload is decoded
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
         x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
-        logits = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
-        p = self.probabilities(np.asarray(logits, dtype=np.float64)[None])
-        [pred] = decide(self.clf.classes, p, [up.name], k, thresholds=self.thresholds)
+        row = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
+        logits, features = self.predictor.unpack(np.asarray(row, dtype=np.float64)[None])
+        p = self.probabilities(logits)
+        [pred] = decide(self.clf.classes, p, [up.name], k, thresholds=self.thresholds,
+                          assessment=self.predictor.assess(logits, features))
         answer = pred.to_dict()
         del answer["source"]
         return {**answer, "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}

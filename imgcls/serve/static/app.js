@@ -54,6 +54,17 @@ function renderBars(top) {
   }
 }
 
+// "unknown" (with the top class as a guess) and the conformal prediction set, when the model has them
+function renderTrust(pred) {
+  const score = pred.ood_score === undefined ? "" : ` (OOD score ${pred.ood_score.toFixed(3)})`;
+  $("guess").hidden = !pred.unknown;
+  $("guess").textContent = pred.unknown
+    ? `Unlike the images this model was trained on${score}: best guess "${pred.guess}".` : "";
+  $("pset").hidden = !Array.isArray(pred.set);
+  $("pset").textContent = Array.isArray(pred.set)
+    ? `Prediction set: {${pred.set.join(", ")}}` + (pred.set.length === 0 ? " (no class is plausible)" : "") : "";
+}
+
 async function classify(file) {
   showError("");
   if (!file) return;
@@ -71,6 +82,7 @@ async function classify(file) {
   $("label").textContent = pred.labels === undefined ? pred.label
     : (pred.labels.length ? pred.labels.map((l) => `${l.label} (${(100 * l.p).toFixed(1)}%)`).join(", ")
       : "no label above its threshold");
+  renderTrust(pred);
   renderBars(pred.top);
   $("timing").textContent = `${(performance.now() - t0).toFixed(0)} ms round trip · ${pred.backend}`;
   $("result").hidden = false;
