@@ -164,7 +164,7 @@ class Classifier(ModelBundle):
         from imgcls.engine.trust_fit import fit_sets, fit_unknown
         from imgcls.evaluation.calibration import temperature_scaling
 
-        self.refuse_multi_label("calibration (temperature, conformal sets, unknown threshold)")
+        self.refuse_multi_label("temperature calibration")  # and sets, unknown threshold
         _, name, part, _ = self.eval_data(data, split)
         info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:

@@ -287,7 +287,7 @@ def test_features_come_from_the_same_pass_as_the_logits(tta):
 
 @pytest.mark.slow
 def test_mnist_subset_sets_cover_and_inverted_digits_are_unknown(shared_data, tmp_path):
-    """Real digits: a short run with --conformal 0.9 --ood-method energy, evaluated on 2,000 test
+    """Real digits: a short run with --conformal 0.9 --ood-method knn, evaluated on 2,000 test
     digits against 2,000 inverted ones."""
     from imgcls import train
 
@@ -296,7 +296,7 @@ def test_mnist_subset_sets_cover_and_inverted_digits_are_unknown(shared_data, tm
              x_test=d["x_test"][:2000], y_test=d["y_test"][:2000])
     np.savez(tmp_path / "inv.npz", x_test=255 - d["x_test"][2000:4000])
     r = train({"data": str(tmp_path / "m.npz"), "model": "reference_cnn", "epochs": 2, "out": str(tmp_path / "runs"),
-               "conformal": 0.9, "ood_method": "energy", "seed": 0}, progress=False)
+               "conformal": 0.9, "ood_method": "knn", "seed": 0}, progress=False)
     assert main(["evaluate", str(r.run_dir), "--data", str(tmp_path / "m.npz"), "--ood", str(tmp_path / "inv.npz")]) == 0
     m = json.loads((r.run_dir / "metrics.json").read_text())
     assert abs(m["conformal"]["coverage"] - 0.9) < 0.04 and m["conformal"]["mean_set_size"] < 2

@@ -11,8 +11,7 @@ HELP = ("fit temperature scaling, conformal prediction sets (--coverage) and the
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from imgcls.engine.conformal import CONFORMAL_METHODS
-    from imgcls.engine.ood import BEST_OOD_METHOD, DEFAULT_ACCEPT, OOD_METHODS
+    from imgcls.engine.trust_names import BEST_OOD_METHOD, CONFORMAL_METHODS, DEFAULT_ACCEPT, OOD_METHODS
 
     p.add_argument("run", help="run folder written by `imgcls train`")
     p.add_argument("--data", required=True, help="data to calibrate on (folder, .npz or dataset name)")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from imgcls.bundle import ModelBundle
 from imgcls.data.records import Split
 from imgcls.engine.decisions import Prediction, decide

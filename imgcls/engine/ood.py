@@ -26,14 +26,11 @@ import torch
 from imgcls.bundle import OOD_FEATURES_FILE as FEATURES_FILE
 from imgcls.errors import ImgclsError
 
-OOD_METHODS = ("msp", "energy", "knn")
 # docs/benchmarks.md (bench/ood_conformal.py): kNN has the best mean AUROC over the four OOD sets
 # (CIFAR-10 model vs MNIST / hymenoptera crops, MNIST model vs inverted / shuffled digits), so a
 # bare `--ood-method` fits it; a model never fitted scores with energy, the best score that needs
 # only logits (3 of the 4 sets against msp), so it works on every backend without a feature bank.
-DEFAULT_OOD_METHOD = "energy"
-BEST_OOD_METHOD = "knn"
-DEFAULT_ACCEPT = 0.95
+from imgcls.engine.trust_names import BEST_OOD_METHOD, DEFAULT_ACCEPT, DEFAULT_OOD_METHOD, OOD_METHODS  # noqa: E402,F401
 MAX_BANK = 10_000
 DEFAULT_K = 10  # Sun et al.: k=50 for all 50k CIFAR-10 images, k scales with the stored fraction
 
