@@ -48,3 +48,18 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def feature_cache_times(training: dict) -> dict:
+    """A linear-probe run's feature-extraction and head-training seconds (metrics.json
+    ``training.finetune``), or nothing when the run trained the whole network."""
+    ft = training.get("finetune") or {}
+    return {"extract_s": ft["extract_s"], "head_train_s": ft["head_train_s"]} if ft.get("feature_cache") else {}
+
+
+def write_result(result: dict, out: str | None = None) -> None:
+    """Print the benchmark's JSON (and write it to ``out`` when given)."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import default_data, machine  # noqa: E402
 
-WEIGHTS = Path("/work/main/bench/cache/tf_efficientnet_lite0.safetensors")
+WEIGHTS = Path(__file__).resolve().parent / "cache" / "tf_efficientnet_lite0.safetensors"  # bench/lite0_weights.py
 
 
 def write_manifest(src: Path, out: Path) -> Path:

@@ -1,7 +1,7 @@
 """Trust benchmark: "unknown" rejection (AUROC, FPR95 per OOD method) and conformal coverage.
 
     # CIFAR-10 model (the fast recipe's airbench) against MNIST and hymenoptera crops
-    flock /tmp/imgcls-heavy.lock python bench/ood_conformal.py cifar10 --run /work/runs/cifar10_fast5
+    flock /tmp/imgcls-heavy.lock python bench/ood_conformal.py cifar10 --run runs/cifar10_fast5
     # an MNIST reference_cnn (trained here, fast recipe) against inverted and pixel-shuffled digits
     flock /tmp/imgcls-heavy.lock python bench/ood_conformal.py mnist
 
@@ -165,7 +165,9 @@ def bench_mnist(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", choices=["cifar10", "mnist"])
-    ap.add_argument("--run", default="/work/runs/cifar10_fast5", help="cifar10: the trained run folder")
+    ap.add_argument("--run", default="runs/cifar10_fast5",
+                    help="cifar10: the trained run folder (imgcls train --data ../shared/data/cifar10.npz --epochs 5 "
+                         "--out runs --name cifar10_fast5)")
     ap.add_argument("--max-images", type=int, default=10_000, help="in-distribution test images")
     ap.add_argument("--max-ood", type=int, default=5_000, help="MNIST images as OOD (cifar10)")
     ap.add_argument("--save-outputs", default="/tmp/imgcls-bench-ood-cifar10.npz", help="cifar10: logits/features here")

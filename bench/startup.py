@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("timm", "sklearn", "rich", "matplotlib", "torchvision", "scipy", "pandas", "onnx", "onnxruntime",
          "fastapi", "cleanlab", "imgcls.explain", "imgcls.export", "imgcls.serve", "torch._dynamo", "sympy")
@@ -92,10 +95,7 @@ def main() -> None:
               "median_help_s": round(statistics.median(r["help_s"] for r in rows), 3),
               "median_first_batch_s": round(statistics.median(r["first_batch_s"] for r in rows), 3),
               "median_first_step_done_s": round(statistics.median(r["first_step_done_s"] for r in rows), 3)}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import feature_cache_times, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 if not SHARED.is_dir():
@@ -63,9 +66,7 @@ def run_once(name: str, data: str, args: list[str], out: Path) -> dict:
            "split": m["evaluation"]["split"], "recipe": tr.get("recipe"), "recipe_line": choice,
            "epochs": tr["epochs_run"], "best_epoch": tr["best_epoch"], "train_time_s": tr["train_time_s"],
            "meets_target": m["evaluation"]["accuracy"] >= acc_target and wall <= time_target}
-    ft = tr.get("finetune") or {}
-    if ft.get("feature_cache"):
-        row.update({"extract_s": ft["extract_s"], "head_train_s": ft["head_train_s"]})
+    row.update(feature_cache_times(tr))
     return row
 
 
@@ -104,10 +105,7 @@ def main() -> None:
                              + " ".join(cfgs[name][1])}
     result = {"bench": "transfer_auto", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "load_avg_start": load0, "load_avg_end": os.getloadavg(), "targets": TARGETS, "runs": rows, "summary": summary}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

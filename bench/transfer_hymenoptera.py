@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import feature_cache_times  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 if not DATA.is_dir():
@@ -59,9 +62,7 @@ def run_once(name: str, args: list[str], out: Path) -> dict:
     row = {"config": name, "wall_s": round(wall, 1), "val_acc": m["evaluation"]["accuracy"],
            "last_epoch_val_acc": float(hist[-1]["val_acc"]), "best_epoch": tr["best_epoch"],
            "epochs": tr["epochs_run"], "train_time_s": tr["train_time_s"], "precision": tr["precision"]}
-    ft = tr.get("finetune") or {}
-    if ft.get("feature_cache"):
-        row.update({"extract_s": ft["extract_s"], "head_train_s": ft["head_train_s"]})
+    row.update(feature_cache_times(tr))
     return row
 
 
