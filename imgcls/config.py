@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
     backbone_lr: float | None = None  # backbone learning rate as a fraction of lr (None: 0.1 if pretrained)
     layer_decay: float | None = None  # each backbone stage below the top gets this factor less again
     feature_cache: Literal["auto", "on", "off"] = "auto"  # auto: on when the backbone stays frozen
+    # after the cached-feature probe, fine-tune the top blocks on cached activations and keep
+    # them only if validation accuracy rises (engine/finetune_top.py); the transfer recipe: auto
+    finetune_top: Literal["auto", "off"] = "off"
     mixup: float = 0.0  # timm Mixup alpha (0 = off)
     cutmix: float = 0.0  # timm CutMix alpha (0 = off)
     randaugment: str | None = None  # timm RandAugment config string, e.g. rand-m9-mstd0.5

@@ -35,8 +35,10 @@ def test_auto_with_weights_is_the_cached_linear_probe():
     cfg = resolve_recipe(TrainConfig(data="x", model=ARCH, weights="w.safetensors"), _ctx(100, n=1642))
     assert (cfg.recipe, cfg.freeze, cfg.feature_cache, cfg.epochs, cfg.img_size) == \
         ("transfer", "backbone", "auto", 20, 160)
-    assert cfg.recipe_choice == ("recipe auto → linear probe on cached features (with mirror images): "
-                                 "1,642 training images, pretrained backbone, 160 px input, photos ~100 px")
+    assert cfg.recipe_choice == ("recipe auto → linear probe on cached features (with mirror images), then the top "
+                                 "blocks where they pay: 1,642 training images, pretrained backbone, 160 px input, "
+                                 "photos ~100 px")
+    assert cfg.finetune_top == "auto"
     # explicit flags still win
     assert resolve_recipe(TrainConfig(data="x", weights="w", img_size=224, epochs=5), _ctx(100)).img_size == 224
 
@@ -77,6 +79,14 @@ def test_train_with_only_weights_runs_the_probe_and_records_the_choice(photo_fol
     assert saved["recipe"] == "transfer" and saved["freeze"] == "backbone" and saved["img_size"] == 96
     assert saved["recipe_choice"] == line
     assert result.summary["finetune"]["feature_cache"] is True
+    # the second stage ran on the probe's cached activations and said what it did
+    top = result.summary["finetune"]["top_blocks"]
+    assert top["blocks"].startswith("blocks.") and top["kept"] in (True, False)
+    said = "top-block fine-tune: " + ("kept" if top["kept"] else "not kept")
+    assert any(ln.startswith(said) for ln in err.splitlines())
+    # kept: the run's history goes on with the stage's epochs (and the best epoch is one of them)
+    assert result.summary["epochs_run"] == (20 + 4 if top["kept"] else 20)
+    assert (result.summary["best_epoch"] > 20) == top["kept"]
     assert TrainConfig.from_yaml(result.run_dir / "config.yaml").recipe == "transfer"  # loads back
 
 

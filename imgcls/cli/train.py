@@ -37,6 +37,8 @@ _HELP = {
     "recipe": "preset of the fields below (fast, accurate, reference, default, transfer); explicit flags override "
               "it; auto: transfer with --weights/--pretrained, fast for large in-memory sets, else default",
     "lr": "learning rate, or auto to pick one with the learning-rate finder",
+    "finetune_top": "after a cached-feature linear probe, fine-tune the top block on cached activations and keep "
+                    "it only if validation accuracy rises (the transfer recipe: auto)",
     "mixup": "mixup alpha (timm), e.g. 0.2; 0 = off",
     "cutmix": "cutmix alpha (timm), e.g. 1.0; 0 = off",
     "randaugment": "timm RandAugment config, e.g. rand-m9-mstd0.5 (natural images)",

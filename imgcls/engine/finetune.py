@@ -207,6 +207,10 @@ class CachedHeadResult:
     views: int
     feature_dim: int
     notes: list[str] = field(default_factory=list)
+    # with a top split: the cached activations below the top blocks, ((train, labels), (val, labels)),
+    # for the transfer recipe's second stage (engine/finetune_top.py)
+    activations: tuple | None = None
+    top_stage: Any = None  # its TopStageResult, when it ran
 
 
 class FeatureDropout:
@@ -224,19 +228,32 @@ class FeatureDropout:
 def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre: Preprocessing, settings: Any,
                     device: torch.device, amp_dtype: torch.dtype | None, callbacks: list[Callback],
                     batch_size: int = 128, flip: bool = True, log: Callable[[str], None] | None = None,
-                    channels_last: bool = True, class_weights: torch.Tensor | None = None) -> CachedHeadResult:
+                    channels_last: bool = True, class_weights: torch.Tensor | None = None,
+                    split: Any = None) -> CachedHeadResult:
     """Linear probe on cached features: the frozen backbone runs once over the training
     (and validation) images, then only the classifier trains - on the ordinary
     :class:`~imgcls.engine.trainer.Trainer`, with its optimizer, schedule and callbacks,
-    over batches of feature vectors - for ``settings.epochs`` epochs."""
+    over batches of feature vectors - for ``settings.epochs`` epochs. With ``split`` (a
+    :class:`~imgcls.engine.finetune_top.TopSplit`) the pass keeps the activations below the
+    top blocks too, and the features are computed from them (one pass for both stages)."""
     say = log or (lambda _m: None)
     model.to(device)
     t0 = time.perf_counter()
     say("feature cache: running the frozen backbone once over the training images"
         + (" and their mirror images" if flip else "") + (" and the validation images" if val is not None else ""))
-    x_tr, y_tr = extract_features(model, train, pre, device, amp_dtype, flip=flip, channels_last=channels_last)
-    x_va, y_va = (extract_features(model, val, pre, device, amp_dtype, channels_last=channels_last)
-                  if val is not None else (None, None))
+    activations = None
+    if split is not None and val is not None:
+        from imgcls.engine.finetune_top import cache_activations, top_features
+
+        a_tr, y_tr = cache_activations(split, train, pre, device, amp_dtype, flip=flip, channels_last=channels_last)
+        a_va, y_va = cache_activations(split, val, pre, device, amp_dtype, channels_last=channels_last)
+        x_tr, x_va = top_features(split, a_tr, device, amp_dtype), top_features(split, a_va, device, amp_dtype)
+        y_tr, y_va = y_tr.to(device), y_va.to(device)
+        activations = ((a_tr, y_tr.cpu()), (a_va, y_va.cpu()))
+    else:
+        x_tr, y_tr = extract_features(model, train, pre, device, amp_dtype, flip=flip, channels_last=channels_last)
+        x_va, y_va = (extract_features(model, val, pre, device, amp_dtype, channels_last=channels_last)
+                      if val is not None else (None, None))
     extract_s = time.perf_counter() - t0
     views = 2 if flip else 1
     say(f"feature cache: {len(x_tr):,} training vectors ({len(x_tr) // views:,} images x {views} view(s)) of "
@@ -246,7 +263,7 @@ def fit_head_cached(model: nn.Module, train: Iterable, val: Iterable | None, pre
     head_s = time.perf_counter() - t1
     say(f"feature cache: classifier trained for {len(state.history)} epoch(s) in {head_s:.1f}s")
     return CachedHeadResult(state=state, extract_s=extract_s, head_s=head_s, views=views,
-                            feature_dim=int(x_tr.shape[1]))
+                            feature_dim=int(x_tr.shape[1]), activations=activations)
 
 
 def train_head(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor | None,

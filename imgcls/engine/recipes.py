@@ -113,7 +113,8 @@ def transfer_recipe(ctx: RecipeContext) -> dict[str, Any]:
     Full fine-tuning on a CPU was slower and less accurate on every set measured
     (docs/bench-transfer.md); give --freeze none (or --recipe default) for it."""
     return {"freeze": "backbone", "feature_cache": "auto", "epochs": 20, "batch_size": 128, "lr": 3e-3,
-            "optimizer": "adam", "schedule": "onecycle", "warmup_epochs": 0.3, "img_size": transfer_side(ctx)}
+            "optimizer": "adam", "schedule": "onecycle", "warmup_epochs": 0.3, "img_size": transfer_side(ctx),
+            "finetune_top": "auto"}
 
 
 def transfer_side(ctx: RecipeContext) -> int:
@@ -133,6 +134,8 @@ def explain_choice(name: str, ctx: RecipeContext, cfg) -> str:
         if cfg.freeze == "backbone" and cfg.unfreeze_at is None and cfg.feature_cache != "off":
             what = "linear probe on cached features (with mirror images)" if cfg.hflip is not False \
                 else "linear probe on cached features"
+            if cfg.finetune_top == "auto":
+                what += ", then the top blocks where they pay"
         else:
             what = "fine-tuning the pretrained network"
         seen = f", photos ~{ctx.image_side} px" if ctx.image_side else ""

@@ -72,6 +72,7 @@ class TrainingSession:
         self.bundle, self.cfg, self.resume = bundle, cfg, resume
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress, self.extra_callbacks = progress, list(callbacks or [])
+        self._top_skipped = ""  # why the top-block stage did not run (finetune_top auto)
 
     # ------------------------------------------------------------------ steps
     def start(self) -> None:
@@ -181,10 +182,15 @@ class TrainingSession:
                 # seconds of head training: no checkpoints and no model file per improved epoch (those
                 # writes took longer than the training); the run folder gets the best model at the end
                 best.on_improve = None
+                split = self._top_split(inp)
                 cached = fit_head_cached(b.model, self._eval_train(inp), inp.val,
                                          b.preprocessing, settings, self.device, self.amp,
                                          [c for c in cbs if c is not ckpt], batch_size=self.local_batch,
-                                         flip=inp.aug.hflip, log=self.say, class_weights=inp.balance.weight_tensor())
+                                         flip=inp.aug.hflip, log=self.say, class_weights=inp.balance.weight_tensor(),
+                                         split=split)
+                if split is not None and cached.activations is not None:
+                    stage_cbs = [c for c in cbs if c not in (ckpt, best) and not isinstance(c, HistoryCSV)]
+                    self._top_stage(cached, split, settings, inp, stage_cbs)
                 if self.writer:
                     b.write(self.writer, best_metrics=cached.state.best)
                 return _Outcome(cached.state, time.perf_counter() - t0, cached)
@@ -198,6 +204,39 @@ class TrainingSession:
         finally:
             if ft is not None:
                 ft.finish()
+
+    def _top_split(self, inp: TrainInputs):
+        """The transfer recipe's second stage, planned before the probe's pass (which then
+        keeps the activations below the top blocks): the cut, or None with the reason said."""
+        if self.cfg.finetune_top != "auto":
+            return None
+        from imgcls.engine.finetune_top import plan_top_stage
+
+        has_val = inp.val is not None and len(inp.val.split) > 0
+        split, why = plan_top_stage(self.bundle.model, self.bundle.preprocessing, self.device, self.amp,
+                                    len(inp.data.train), has_val, self.multi_label, 2 if inp.aug.hflip else 1,
+                                    self.device.type != "mps")
+        if split is None and self.say:
+            self.say(f"top-block fine-tune: skipped ({why})")
+        self._top_skipped = why
+        return split
+
+    def _top_stage(self, cached, split, settings: FitSettings, inp: TrainInputs, cbs: list[Callback]) -> None:
+        """Fine-tune the top blocks on the kept activations; where it pays on the validation
+        split the run's state continues with the stage's epochs."""
+        from imgcls.engine.finetune_top import fit_top_cached
+
+        probe = cached.state
+        res = fit_top_cached(split, *cached.activations, settings, self.device, self.amp,
+                             float(probe.best.get("val_acc", 0.0)), batch_size=min(64, self.local_batch),
+                             callbacks=cbs, class_weights=inp.balance.weight_tensor(), log=self.say)
+        cached.top_stage, cached.activations = res, None  # the activations are not needed any more
+        if res.kept and res.state is not None:
+            n = len(probe.history)
+            stage = [{**h, "epoch": h["epoch"] + n, "stage": "top_blocks"} for h in res.state.history]
+            res.state.history = probe.history + stage
+            res.state.best = {**res.state.best, "epoch": res.state.best.get("epoch", 0) + n}
+            cached.state = res.state
 
     def thresholds(self, inp: TrainInputs, tta: str) -> dict[str, Any]:
         """Per-class thresholds of a multi-label model, tuned on the validation split
@@ -291,6 +330,10 @@ class TrainingSession:
             c = out.cached
             summary["finetune"].update({"extract_s": round(c.extract_s, 2), "head_train_s": round(c.head_s, 2),
                                         "cached_views": c.views, "feature_dim": c.feature_dim})
+            if c.top_stage is not None:
+                summary["finetune"]["top_blocks"] = c.top_stage.to_dict()
+            elif self.cfg.finetune_top == "auto":
+                summary["finetune"]["top_blocks"] = {"kept": False, "why": f"skipped: {self._top_skipped}"}
         if found is not None:
             summary["lr_find"] = {"suggestion": found.suggestion, "min_loss_lr": found.min_loss_lr}
         if inp.files is not None:
