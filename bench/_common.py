@@ -54,7 +54,12 @@ def feature_cache_times(training: dict) -> dict:
     """A linear-probe run's feature-extraction and head-training seconds (metrics.json
     ``training.finetune``), or nothing when the run trained the whole network."""
     ft = training.get("finetune") or {}
-    return {"extract_s": ft["extract_s"], "head_train_s": ft["head_train_s"]} if ft.get("feature_cache") else {}
+    if not ft.get("feature_cache"):
+        return {}
+    out = {"extract_s": ft["extract_s"], "head_train_s": ft["head_train_s"]}
+    if "top_blocks" in ft:  # the transfer recipe's second stage (kept or not, and why)
+        out["top_blocks"] = ft["top_blocks"]
+    return out
 
 
 def write_result(result: dict, out: str | None = None) -> None:
