@@ -162,9 +162,16 @@ class Classifier(ModelBundle):
         the training split's features). ``save()`` stores all of it (model.json and, for
         knn, ood_features.safetensors). Returns what was fitted (ECE/NLL before and after, ...)."""
         from imgcls.engine.trust_fit import fit_sets, fit_unknown
+        from imgcls.engine.trust_names import resolve_ood_method
         from imgcls.evaluation.calibration import temperature_scaling
 
-        self.refuse_multi_label("temperature calibration")  # and sets, unknown threshold
+        ood_method = resolve_ood_method(ood_method, self.multi_label)
+        if self.multi_label:  # a sigmoid per label: no temperature, no sets; the unknown threshold works
+            if coverage is not None:
+                self.refuse_multi_label("conformal prediction sets (--coverage)")
+            if ood_method is None:
+                self.refuse_multi_label("temperature calibration")
+            temperature = False
         _, name, part, _ = self.eval_data(data, split)
         info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:
@@ -193,14 +200,12 @@ class Classifier(ModelBundle):
         data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
         with self.predictor(backend, device, precision, batch_size) as p:
             logits, labels, feats = p.run_outputs(part)
-            if self.multi_label:  # per-label OOD scores and sets are not fitted for multi-label models
-                if ood is not None:
-                    self.refuse_multi_label("OOD evaluation (--ood)")
+            if self.multi_label:  # per-label OOD scores; no conformal sets
                 m = multilabel_metrics(p.probabilities(logits), labels, self.classes, self.decision_thresholds())
             else:
                 m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
                                            self.classes)
-                m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
+            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]

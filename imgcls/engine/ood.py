@@ -3,7 +3,10 @@
 Every score is "higher = more unusual", so one threshold rule serves all methods:
 
 - ``msp``: 1 - the maximum softmax probability (Hendrycks & Gimpel, 2017);
-- ``energy``: the free energy ``-T logsumexp(logits / T)`` (Liu et al., 2020), T = 1;
+- ``energy``: the free energy ``-T logsumexp(logits / T)`` (Liu et al., 2020), T = 1; for a
+  multi-label model (a sigmoid per label) the per-label energy summed over labels, JointEnergy
+  (Wang et al., "Can multi-label classification networks know what they don't know?", NeurIPS
+  2021): ``-sum_j log(1 + exp(logit_j))``: an image that no label fits gets low logits on all;
 - ``knn``: the distance from the image's L2-normalised penultimate features to their k-th
   nearest neighbour among the training images' (Sun et al., 2022). The training features are
   stored beside the weights (``ood_features.safetensors``, float16, a seeded subsample of at
@@ -59,15 +62,29 @@ def knn_distance(features: np.ndarray, bank: torch.Tensor, k: int = DEFAULT_K, c
     return torch.cat(out).numpy() if out else np.empty(0, np.float32)
 
 
+def check_multi_label(method: str) -> str:
+    """The methods that mean something for a multi-label model (a sigmoid per label)."""
+    from imgcls.engine.trust_names import MULTI_LABEL_OOD_METHODS
+
+    if method not in MULTI_LABEL_OOD_METHODS:
+        raise ImgclsError(f"--ood-method {method} is a softmax score, and this model is multi-label (a sigmoid per "
+                          "label)", f"use {' or '.join(MULTI_LABEL_OOD_METHODS)} (energy is per-label there)")
+    return method
+
+
 def ood_scores(method: str, logits: np.ndarray, features: np.ndarray | None = None,
-               bank: torch.Tensor | None = None, k: int = DEFAULT_K, temperature: float = 1.0) -> np.ndarray:
-    """(N,) scores, higher = more unusual. ``msp`` uses the calibration temperature."""
+               bank: torch.Tensor | None = None, k: int = DEFAULT_K, temperature: float = 1.0,
+               multi_label: bool = False) -> np.ndarray:
+    """(N,) scores, higher = more unusual. ``msp`` uses the calibration temperature;
+    ``multi_label``: ``energy`` is the per-label JointEnergy (``msp`` is refused)."""
     check_method(method)
+    if multi_label:
+        check_multi_label(method)
     z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
     if method == "msp":
         return (1 - torch.softmax(z / temperature, dim=1).max(1).values).numpy()
     if method == "energy":
-        return (-torch.logsumexp(z, dim=1)).numpy()
+        return (-torch.nn.functional.softplus(z).sum(1) if multi_label else -torch.logsumexp(z, dim=1)).numpy()
     if features is None or bank is None:
         raise ImgclsError("the kNN OOD score needs the network's penultimate features",
                           "use the torch backend (--backend torch), or recalibrate with --ood-method energy")

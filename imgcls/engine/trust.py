@@ -1,5 +1,7 @@
 """What a model knows about its own reliability, read from model.json: the OOD score method
 and its "unknown" threshold (``card["ood"]``) and the conformal sets (``card["conformal"]``).
+A multi-label model has OOD scores (per-label energy, or kNN) and an unknown threshold, but
+no conformal sets (they are a single-label notion).
 
 :class:`Trust` turns a batch of logits (and penultimate features, for kNN) into an
 :class:`Assessment`; :func:`imgcls.engine.decisions.decide` writes it into each Prediction,
@@ -53,9 +55,13 @@ class Trust:
     def __init__(self, bundle: Any, sets: bool | None = None, reject: bool | None = None):
         card = bundle.card
         self.bundle = bundle
+        self.multi_label = bool(getattr(bundle, "multi_label", False))
         self.ood: dict[str, Any] = dict(card.get("ood") or {"method": DEFAULT_OOD_METHOD})
         self.method = check_method(str(self.ood.get("method", DEFAULT_OOD_METHOD)))
-        self.conformal: dict[str, Any] | None = card.get("conformal") if sets is not False else None
+        if self.multi_label and sets:  # conformal sets are single-label (a softmax over classes)
+            bundle.refuse_multi_label("conformal prediction sets (--sets)")
+        self.conformal: dict[str, Any] | None = card.get("conformal") if sets is not False and not self.multi_label \
+            else None
         if sets and not self.conformal:
             raise missing(bundle, "conformal prediction sets")
         self.threshold = self.ood.get("threshold") if reject is not False else None
@@ -76,14 +82,14 @@ class Trust:
     def scores(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         t = float(self.ood.get("temperature", self.bundle.temperature))
         bank = self.bank if self.needs_features else None
-        return ood_scores(self.method, logits, features, bank, int(self.ood.get("k", DEFAULT_K)), t)
+        return ood_scores(self.method, logits, features, bank, int(self.ood.get("k", DEFAULT_K)), t, self.multi_label)
 
     def sets(self, logits: np.ndarray) -> np.ndarray | None:
         if not self.conformal:
             return None
         c = self.conformal
         probs = softmax(logits, float(c.get("temperature", self.bundle.temperature)))
-        return prediction_sets(probs, c.get("qhat"), c.get("method", "aps"))
+        return prediction_sets(probs, c.get("qhat"), c.get("method", "aps"), c.get("k_reg"), float(c.get("lambda", 0.0)))
 
     def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment:
         if not len(logits):

@@ -11,7 +11,7 @@ import torch
 
 from imgcls.data.records import Split
 from imgcls.engine.conformal import fit_conformal
-from imgcls.engine.ood import DEFAULT_K, MAX_BANK, check_method, fit_threshold, make_bank, ood_scores
+from imgcls.engine.ood import DEFAULT_K, MAX_BANK, check_method, check_multi_label, fit_threshold, make_bank, ood_scores
 from imgcls.engine.predictor import Predictor
 from imgcls.engine.trust import softmax
 
@@ -40,12 +40,17 @@ def fit_unknown(predictor: Predictor, logits: np.ndarray, features: np.ndarray |
     the in-distribution images whose ``logits`` (and ``features``) are given. kNN also
     returns the training feature bank (``train`` is required for it)."""
     check_method(method)
+    multi = predictor.bundle.multi_label
+    if multi:
+        check_multi_label(method)
     bank = feature_bank(predictor, train, seed) if method == "knn" else None
     t = predictor.bundle.temperature
-    scores = ood_scores(method, logits, features, bank, DEFAULT_K, t)
+    scores = ood_scores(method, logits, features, bank, DEFAULT_K, t, multi)
     section: dict[str, Any] = {"method": method, "threshold": fit_threshold(scores, accept),
                                "accept": accept, "temperature": round(float(t), 6), "fitted_on": fitted_on,
                                "num_images": int(len(scores))}
+    if multi and method == "energy":
+        section["score"] = "joint energy: -sum over labels of log(1 + exp(logit))"
     if bank is not None:
         section.update(k=DEFAULT_K, bank_images=int(len(bank)))
     return section, bank
