@@ -35,7 +35,8 @@ from bench._common import ROOT, default_data, machine  # noqa: E402
 from imgcls.api import Classifier  # noqa: E402
 from imgcls.data.records import Split  # noqa: E402
 from imgcls.engine.conformal import prediction_sets, set_metrics  # noqa: E402
-from imgcls.engine.ood import DEFAULT_K, knn_distance, make_bank, ood_scores  # noqa: E402
+from imgcls.engine.ood import DEFAULT_K, MAX_BANK, fit_stats, knn_distance, make_bank, ood_scores  # noqa: E402
+from imgcls.engine.trust_names import FEATURE_METHODS, OOD_METHODS  # noqa: E402
 from imgcls.engine.trust import softmax  # noqa: E402
 from imgcls.engine.trust_fit import fit_sets  # noqa: E402
 from imgcls.evaluation.calibration import temperature_scaling  # noqa: E402
@@ -132,18 +133,30 @@ def cached_outputs(clf, parts: dict, cache: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def ood_table(o: dict, ood_parts: list[str], methods=("msp", "energy", "knn"), view: str = "") -> dict:
+def library_stats(clf, o: dict, method: str, view: str = "", max_images: int | None = MAX_BANK) -> dict | None:
+    """The training statistics `imgcls calibrate --ood-method METHOD` stores, from the cached
+    training outputs (the same seeded subsample as engine/trust_fit.training_features)."""
+    if method not in FEATURE_METHODS:
+        return None
+    f, y, z = o["train_f" + view].astype(np.float32), o["train_y"].astype(np.int64), o["train_z" + view]
+    if max_images is not None and len(f) > max_images:
+        idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:max_images].sort().values.numpy()
+        f, y, z = f[idx], y[idx], z[idx]
+    return fit_stats(method, f, y, 0, clf.bundle.model, z)
+
+
+def ood_table(clf, o: dict, ood_parts: list[str], methods=OOD_METHODS, view: str = "",
+              max_images: int | None = MAX_BANK) -> dict:
     """AUROC / FPR95 of each library OOD method (engine/ood.py), in-distribution = test."""
-    bank = make_bank(o["train_f" + view])
-    res = {}
-    for name in ood_parts:
-        row = {}
-        for method in methods:
-            s_id = ood_scores(method, o["test_z" + view], o["test_f" + view], bank, DEFAULT_K, 1.0)
-            s_ood = ood_scores(method, o[f"{name}_z" + view], o[f"{name}_f" + view], bank, DEFAULT_K, 1.0)
+    res: dict = {}
+    for method in methods:
+        stats = library_stats(clf, o, method, view, max_images)
+        s_id = ood_scores(method, o["test_z" + view], o["test_f" + view].astype(np.float32), stats, DEFAULT_K, 1.0)
+        for name in ood_parts:
+            s_ood = ood_scores(method, o[f"{name}_z" + view], o[f"{name}_f" + view].astype(np.float32), stats,
+                               DEFAULT_K, 1.0)
             m = ood_metrics(s_id, s_ood)
-            row[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"], "num_ood": m["num_ood"]}
-        res[name] = row
+            res.setdefault(name, {})[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"], "num_ood": m["num_ood"]}
     return res
 
 
@@ -259,7 +272,7 @@ def bench_cifar10(args) -> dict:
     res = {"benchmark": "ood_conformal_cifar10", "run": str(args.run), "model": clf.architecture,
            "tta": clf.tta, "test_images": int(len(y)), "train_images": int(len(o["train_y"])), "k": DEFAULT_K,
            "top1_accuracy_full_test": round(float((o["test_z"].argmax(1) == y).mean()), 5),
-           "ood": ood_table(o, ["mnist", "hymenoptera_crops"]),
+           "ood": ood_table(clf, o, ["mnist", "hymenoptera_crops"]),
            "conformal": conformal_table(o["test_z"], y, clf.classes), "inference_s": round(float(o["inference_s"]), 1)}
     if args.explore:
         res["explore"] = explore(clf, o, ["mnist", "hymenoptera_crops"])
@@ -288,7 +301,7 @@ def bench_mnist(args) -> dict:
     res = {"benchmark": "ood_conformal_mnist", "model": "reference_cnn", "recipe": "fast",
            "train_s": round(train_s, 1), "test_images": int(len(y)), "train_images": int(len(o["train_y"])),
            "top1_accuracy": round(float((o["test_z"].argmax(1) == y).mean()), 5),
-           "ood": ood_table(o, ["inverted_digits", "shuffled_pixels"]),
+           "ood": ood_table(clf, o, ["inverted_digits", "shuffled_pixels"]),
            "conformal": conformal_table(o["test_z"], y, clf.classes)}
     if args.explore:
         res["explore"] = explore(clf, o, ["inverted_digits", "shuffled_pixels"])

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from imgcls.engine.conformal import prediction_sets
-from imgcls.engine.ood import DEFAULT_K, DEFAULT_OOD_METHOD, check_method, load_bank, ood_scores
+from imgcls.engine.ood import DEFAULT_K, DEFAULT_OOD_METHOD, check_method, load_stats, ood_scores
+from imgcls.engine.trust_names import FEATURE_METHODS
 from imgcls.errors import ImgclsError
 
 CALIBRATE_HINT = "add them: imgcls calibrate {run} --data DATA"
@@ -67,22 +68,23 @@ class Trust:
         self.threshold = self.ood.get("threshold") if reject is not False else None
         if reject and self.threshold is None:
             raise missing(bundle, "an unknown threshold")
-        self._bank: torch.Tensor | None = getattr(bundle, "ood_features", None)
+        self._stats: dict[str, torch.Tensor] | None = getattr(bundle, "ood_features", None)
 
     @property
     def needs_features(self) -> bool:
-        return self.method == "knn"
+        return self.method in FEATURE_METHODS
 
     @property
-    def bank(self) -> torch.Tensor:
-        if self._bank is None:
-            self._bank = load_bank(self.bundle.path)
-        return self._bank
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The feature score's training statistics (ood_features.safetensors), read once."""
+        if self._stats is None:
+            self._stats = load_stats(self.bundle.path, self.method)
+        return self._stats
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         t = float(self.ood.get("temperature", self.bundle.temperature))
-        bank = self.bank if self.needs_features else None
-        return ood_scores(self.method, logits, features, bank, int(self.ood.get("k", DEFAULT_K)), t, self.multi_label)
+        stats = self.stats if self.needs_features else None
+        return ood_scores(self.method, logits, features, stats, int(self.ood.get("k", DEFAULT_K)), t, self.multi_label)
 
     def sets(self, logits: np.ndarray) -> np.ndarray | None:
         if not self.conformal:
