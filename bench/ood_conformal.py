@@ -109,27 +109,30 @@ def tta_and_plain(pred, split: Split) -> dict[str, np.ndarray]:
 
 
 def cached_outputs(clf, parts: dict, cache: Path) -> dict[str, np.ndarray]:
-    """``{part}_{z,f,z0,f0}`` (and ``{part}_y``) for every named Split, computed once per model
-    weights and kept in ``cache`` (bench/cache/, git-ignored): trying another score costs
-    seconds, not another pass over 70,000 images."""
+    """``{part}_{z,f,z0,f0,y}`` for every named Split (a callable is called for its Split only
+    when not cached), computed once per model weights and kept one file per part under
+    ``cache`` (bench/cache/, git-ignored), in the order given: trying another score costs
+    seconds, not another pass over 70,000 images, and an interrupted run keeps its parts."""
     sha = clf.card.get("weights_sha256", "")
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as a:
-            if str(a["weights_sha256"]) == sha and all(f"{n}_z" in a for n in parts):
-                print(f"outputs from {cache}", file=sys.stderr)
-                return {k: a[k] for k in a.files}
-    out: dict[str, np.ndarray] = {"weights_sha256": np.array(sha)}
+    out: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)
     with clf.predictor(device="cpu", batch_size=500) as p:
         for name, split in parts.items():
+            path = cache / f"{name}.npz"
+            if path.is_file():
+                with np.load(path, allow_pickle=False) as a:
+                    if str(a["weights_sha256"]) == sha:
+                        out.update({f"{name}_{k}": a[k] for k in a.files if k != "weights_sha256"})
+                        continue
             t1 = time.perf_counter()
-            got = tta_and_plain(p, split)
-            out.update({f"{name}_{k}": (v.astype(np.float16) if k.startswith("f") else v) for k, v in got.items()})
-            out[f"{name}_y"] = split.labels.numpy()
-            print(f"{name}: {len(split)} images, {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+            split = split() if callable(split) else split
+            got = {k: (v.astype(np.float16) if k.startswith("f") else v) for k, v in tta_and_plain(p, split).items()}
+            got["y"] = split.labels.numpy()
+            np.savez(path, weights_sha256=np.array(sha), **got)
+            out.update({f"{name}_{k}": v for k, v in got.items()})
+            print(f"{name}: {len(split)} images, {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
     out["inference_s"] = np.array(time.perf_counter() - t0)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **out)
     return out
 
 
@@ -142,7 +145,7 @@ def library_stats(clf, o: dict, method: str, view: str = "", max_images: int | N
     if max_images is not None and len(f) > max_images:
         idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:max_images].sort().values.numpy()
         f, y, z = f[idx], y[idx], z[idx]
-    return fit_stats(method, f, y, 0, clf.bundle.model, z)
+    return fit_stats(method, f, y, 0, clf.model, z)
 
 
 def ood_table(clf, o: dict, ood_parts: list[str], methods=OOD_METHODS, view: str = "",
@@ -187,7 +190,7 @@ def conformal_table(z: np.ndarray, y: np.ndarray, classes: list[str], coverage: 
 
 def _head(clf) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The linear classifier on the penultimate features: weight, bias, output scale."""
-    m = clf.bundle.model
+    m = clf.model
     fc = m.fc if hasattr(m, "fc") else m.get_classifier()
     b = fc.bias.detach().float() if fc.bias is not None else torch.zeros(fc.out_features)
     return fc.weight.detach().float(), b, float(getattr(m, "scaling_factor", 1.0))
@@ -257,8 +260,9 @@ def explore(clf, o: dict, ood_parts: list[str]) -> dict:
 
 
 def model_parts(clf, data) -> dict:
-    """The run's own test, validation and training splits, as `imgcls calibrate` takes them."""
-    return {name: clf.eval_data(data, name, announce=False)[2] for name in ("test", "val", "train")}
+    """The run's own test and training splits, as `imgcls calibrate` takes them (decoded
+    when first needed)."""
+    return {name: (lambda name=name: clf.eval_data(data, name, announce=False)[2]) for name in ("test", "train")}
 
 
 def bench_cifar10(args) -> dict:
@@ -267,7 +271,8 @@ def bench_cifar10(args) -> dict:
     parts = model_parts(clf, str(default_data("cifar10.npz")))
     parts.update(mnist=_split(mnist["x_test"][: args.max_ood]),
                  hymenoptera_crops=_split(hymenoptera_crops(default_data("hymenoptera"))))
-    o = cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}.npz")
+    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train")}
+    o = cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}")
     y = o["test_y"].astype(np.int64)
     res = {"benchmark": "ood_conformal_cifar10", "run": str(args.run), "model": clf.architecture,
            "tta": clf.tta, "test_images": int(len(y)), "train_images": int(len(o["train_y"])), "k": DEFAULT_K,
@@ -296,7 +301,7 @@ def bench_mnist(args) -> dict:
     shuffled = x.reshape(len(x), -1)[:, perm].reshape(x.shape)
     parts = model_parts(clf, str(data))
     parts.update(inverted_digits=_split(255 - x), shuffled_pixels=_split(shuffled))
-    o = cached_outputs(clf, parts, CACHE / "ood_mnist.npz")
+    o = cached_outputs(clf, parts, CACHE / "ood_mnist")
     y = o["test_y"].astype(np.int64)
     res = {"benchmark": "ood_conformal_mnist", "model": "reference_cnn", "recipe": "fast",
            "train_s": round(train_s, 1), "test_images": int(len(y)), "train_images": int(len(o["train_y"])),

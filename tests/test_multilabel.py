@@ -364,6 +364,8 @@ def test_per_label_unknown_on_every_road(ood_run, tmp_path, capsys):
         clf.calibrate(str(quad_npz), coverage=0.9, ood_method="energy")
     with pytest.raises(ImgclsError, match="msp is a softmax score"):
         clf.calibrate(str(quad_npz), ood_method="msp")
+    with pytest.raises(ImgclsError, match=r"conformal prediction sets \(--sets\) is for single-label"):
+        clf.predict(files[:1], sets=True, workers=0)
 
 
 def test_serve_gives_multilabel_unknowns_and_train_refuses_sets(ood_run, quad_npz, tmp_path, capsys):

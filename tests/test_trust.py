@@ -115,6 +115,41 @@ def test_ood_scores_point_the_same_way():
         ood_scores("knn", logits)
 
 
+def test_mahalanobis_and_react_fit_from_training_features():
+    import torch
+
+    from imgcls.engine.ood import fit_stats
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    f = (np.abs(rng.normal(size=(600, 8))) + 3 * np.eye(8)[y]).astype(np.float32)
+
+    class Net(torch.nn.Module):  # a linear head with an output scale, as airbench has
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scaling_factor = torch.nn.Linear(8, 3), 0.5
+
+        def get_classifier(self):
+            return self.fc
+
+    net = Net()
+    z = (net.fc(torch.from_numpy(f)) * 0.5).detach().numpy()
+    far = np.full((4, 8), 9.0, np.float32)
+    maha = fit_stats("mahalanobis", f, y)
+    assert maha["means"].shape == (3, 8) and maha["precision"].shape == (8, 8)
+    s_id, s_far = ood_scores("mahalanobis", z[:50], f[:50], maha), ood_scores("mahalanobis", z[:4], far, maha)
+    assert s_far.min() > np.quantile(s_id, 0.99)
+    react = fit_stats("react", f, y, model=net, logits=z)
+    assert float(react["clip"]) == pytest.approx(np.quantile(f, 0.9), rel=1e-3)
+    # below the clip value ReAct is the energy of the network's own logits
+    low = f.clip(max=float(react["clip"]))
+    zl = (net.fc(torch.from_numpy(low)) * 0.5).detach().numpy()
+    assert np.allclose(ood_scores("react", zl, low, react), ood_scores("energy", zl), atol=1e-4)
+    net.fc = torch.nn.Sequential(net.fc)
+    with pytest.raises(ImgclsError, match="react clips the features before a linear classifier"):
+        fit_stats("react", f, y, model=net, logits=z)
+
+
 def test_decide_carries_trust_fields():
     probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
     a = Assessment(np.array([0.1, 2.0]), np.array([False, True]), np.array([[True, False, False], [True, True, True]]))
