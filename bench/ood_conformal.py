@@ -141,10 +141,8 @@ def library_stats(clf, o: dict, method: str, view: str = "", max_images: int | N
     training outputs (the same seeded subsample as engine/trust_fit.training_features)."""
     if method not in FEATURE_METHODS:
         return None
-    f, y, z = o["train_f" + view].astype(np.float32), o["train_y"].astype(np.int64), o["train_z" + view]
-    if max_images is not None and len(f) > max_images:
-        idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:max_images].sort().values.numpy()
-        f, y, z = f[idx], y[idx], z[idx]
+    part = "train_sub" if max_images == MAX_BANK else "train"  # train_sub: the library's own subsample
+    f, y, z = o[f"{part}_f" + view].astype(np.float32), o[f"{part}_y"].astype(np.int64), o[f"{part}_z" + view]
     return fit_stats(method, f, y, 0, clf.model, z)
 
 
@@ -214,7 +212,7 @@ def explore(clf, o: dict, ood_parts: list[str]) -> dict:
         f_train = torch.from_numpy(o["train_f" + view].astype(np.float32))
         y_train = torch.from_numpy(o["train_y"].astype(np.int64))
         full = make_bank(f_train.numpy(), max_rows=len(f_train))
-        sub = make_bank(f_train.numpy())
+        sub = make_bank(o["train_sub_f" + view].astype(np.float32))  # the library's own subsample
         mu = torch.stack([f_train[y_train == c].mean(0) for c in range(len(W))])
         centred = f_train - mu[y_train]
         prec = torch.linalg.pinv(centred.T @ centred / len(f_train), hermitian=True)
@@ -260,9 +258,31 @@ def explore(clf, o: dict, ood_parts: list[str]) -> dict:
 
 
 def model_parts(clf, data) -> dict:
-    """The run's own test and training splits, as `imgcls calibrate` takes them (decoded
-    when first needed)."""
-    return {name: (lambda name=name: clf.eval_data(data, name, announce=False)[2]) for name in ("test", "train")}
+    """The run's own test split and training split, as `imgcls calibrate` takes them (decoded
+    when first needed); the training split in two parts: ``train_sub``, the seeded subsample
+    of MAX_BANK images engine/trust_fit.training_features takes, and ``train_rest``."""
+    got: dict = {}
+
+    def split(name):
+        if name not in got:
+            got[name] = clf.eval_data(data, name, announce=False)[2]
+        return got[name]
+
+    def train_part(which):
+        train = split("train")
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        idx = (idx[:MAX_BANK] if which == "sub" else idx[MAX_BANK:]).sort().values
+        return train.subset(idx)
+    return {"test": lambda: split("test"), "train_sub": lambda: train_part("sub"),
+            "train_rest": lambda: train_part("rest")}
+
+
+def merge_train(o: dict) -> dict:
+    """``train_*``: all training images when ``train_rest`` is cached, else the subsample."""
+    for k in ("z", "f", "z0", "f0", "y"):
+        parts = [o[f"train_sub_{k}"]] + ([o[f"train_rest_{k}"]] if f"train_rest_{k}" in o else [])
+        o[f"train_{k}"] = np.concatenate(parts)
+    return o
 
 
 def bench_cifar10(args) -> dict:
@@ -271,8 +291,9 @@ def bench_cifar10(args) -> dict:
     parts = model_parts(clf, str(default_data("cifar10.npz")))
     parts.update(mnist=_split(mnist["x_test"][: args.max_ood]),
                  hymenoptera_crops=_split(hymenoptera_crops(default_data("hymenoptera"))))
-    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train")}
-    o = cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}")
+    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train_sub", "train_rest")
+             if k != "train_rest" or not args.no_full_train}
+    o = merge_train(cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}"))
     y = o["test_y"].astype(np.int64)
     res = {"benchmark": "ood_conformal_cifar10", "run": str(args.run), "model": clf.architecture,
            "tta": clf.tta, "test_images": int(len(y)), "train_images": int(len(o["train_y"])), "k": DEFAULT_K,
@@ -301,7 +322,7 @@ def bench_mnist(args) -> dict:
     shuffled = x.reshape(len(x), -1)[:, perm].reshape(x.shape)
     parts = model_parts(clf, str(data))
     parts.update(inverted_digits=_split(255 - x), shuffled_pixels=_split(shuffled))
-    o = cached_outputs(clf, parts, CACHE / "ood_mnist")
+    o = merge_train(cached_outputs(clf, parts, CACHE / "ood_mnist"))
     y = o["test_y"].astype(np.int64)
     res = {"benchmark": "ood_conformal_mnist", "model": "reference_cnn", "recipe": "fast",
            "train_s": round(train_s, 1), "test_images": int(len(y)), "train_images": int(len(o["train_y"])),
@@ -322,6 +343,8 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=10_000, help="in-distribution test images")
     ap.add_argument("--max-ood", type=int, default=5_000, help="MNIST images as OOD (cifar10)")
     ap.add_argument("--explore", action="store_true", help="also score candidate methods not in the library")
+    ap.add_argument("--no-full-train", action="store_true",
+                    help="cifar10: only the training subsample the library stores (skip the other 35,000 images)")
     ap.add_argument("--retrain", action="store_true", help="mnist: train the model even when --out holds one")
     ap.add_argument("--out", default="/tmp/imgcls-bench-ood", help="mnist: where the run folder goes")
     args = ap.parse_args()
