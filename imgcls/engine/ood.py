@@ -100,6 +100,9 @@ def ood_scores(method: str, logits: np.ndarray, features: np.ndarray | None = No
     if method == "react":
         z = f.clamp(max=float(stats["clip"])) @ stats["weight"].float().T + stats["bias"].float()
         return (-torch.logsumexp(z, dim=1)).numpy()
+    if method == "vim":
+        residual = ((f - stats["origin"].float()) @ stats["null"].float()).norm(dim=1)
+        return (float(stats["alpha"]) * residual - torch.logsumexp(z, dim=1)).numpy()
     raise AssertionError(method)  # check_method lets only known names through
 
 
@@ -156,7 +159,22 @@ def fit_stats(method: str, features: np.ndarray, labels: np.ndarray | None = Non
         clip = torch.quantile(f.flatten()[torch.randperm(f.numel(), generator=torch.Generator().manual_seed(seed))
                                           [:1_000_000]], REACT_PERCENTILE)
         return {"clip": clip.reshape(1), "weight": w, "bias": b}
+    if method == "vim":
+        return fit_vim(f, *linear_head(model, features, logits), torch.as_tensor(np.asarray(logits, np.float32)))
     raise AssertionError(method)
+
+
+def fit_vim(f: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ViM (Wang et al., CVPR 2022): the norm of the features' part outside their principal
+    subspace (about the origin where the logits are 0), scaled to the mean maximum logit, as
+    a virtual logit next to the energy. Principal dimensions: min(6 K, D / 2)."""
+    origin = -(torch.linalg.pinv(w) @ b)
+    x = (f - origin).double()
+    _, vecs = torch.linalg.eigh(x.T @ x / max(1, len(x)))  # ascending eigenvalues
+    dim = min(6 * len(w), f.shape[1] // 2)
+    null = vecs[:, : f.shape[1] - dim].float()
+    alpha = z.max(1).values.mean() / ((f - origin) @ null).norm(dim=1).mean().clamp_min(1e-12)
+    return {"origin": origin.contiguous(), "null": null.contiguous(), "alpha": alpha.reshape(1).float()}
 
 
 def fit_threshold(scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:

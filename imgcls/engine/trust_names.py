@@ -2,8 +2,8 @@
 lists them without loading numpy or torch (``imgcls --help`` stays fast)."""
 
 CONFORMAL_METHODS = ("aps", "lac", "raps")
-OOD_METHODS = ("msp", "energy", "knn", "mahalanobis", "react")
-FEATURE_METHODS = ("knn", "mahalanobis", "react")  # scores on the penultimate features, with training statistics stored beside the weights
+OOD_METHODS = ("msp", "energy", "knn", "mahalanobis", "react", "vim")
+FEATURE_METHODS = ("knn", "mahalanobis", "react", "vim")  # scores on the penultimate features, with training statistics stored beside the weights
 DEFAULT_OOD_METHOD = "energy"  # a model never calibrated scores with energy (no stored features needed)
 BEST_OOD_METHOD = "knn"  # the best on bench/ood_conformal.py (docs/benchmarks.md): what --ood-method alone picks
 MULTI_LABEL_OOD_METHODS = ("energy", "knn")  # energy is per-label (JointEnergy) for a multi-label model
