@@ -35,13 +35,15 @@ from bench._common import ROOT, default_data, machine  # noqa: E402
 from imgcls.api import Classifier  # noqa: E402
 from imgcls.data.records import Split  # noqa: E402
 from imgcls.engine.conformal import prediction_sets, set_metrics  # noqa: E402
-from imgcls.engine.ood import DEFAULT_K, ood_scores  # noqa: E402
+from imgcls.engine.ood import DEFAULT_K, MAX_BANK, fit_stats, knn_distance, make_bank, ood_scores  # noqa: E402
+from imgcls.engine.trust_names import FEATURE_METHODS, OOD_METHODS  # noqa: E402
 from imgcls.engine.trust import softmax  # noqa: E402
-from imgcls.engine.trust_fit import feature_bank, fit_sets  # noqa: E402
+from imgcls.engine.trust_fit import fit_sets  # noqa: E402
 from imgcls.evaluation.calibration import temperature_scaling  # noqa: E402
 from imgcls.evaluation.trust import ood_metrics  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "bench" / "cache"
 
 
 def _split(x: np.ndarray) -> Split:
@@ -69,22 +71,93 @@ def hymenoptera_crops(root: Path, side: int = 32) -> np.ndarray:
     return np.stack(out)
 
 
-def outputs(pred, split: Split):
-    z, _, f = pred.run_outputs(split, features=True)
-    return z, f
+def _net_recording(model, first: list):
+    """The network as TTA calls it, keeping the first (un-augmented) view's output."""
+    from imgcls.engine.backends import features_and_logits
+
+    def net(t):
+        out = features_and_logits(model, t)
+        if not first:
+            first.append(out)
+        return out
+    return net
 
 
-def ood_table(id_out, others: dict, bank: torch.Tensor, temperature: float) -> dict:
-    z_id, f_id = id_out
-    res = {}
-    for name, (z, f) in others.items():
-        row = {}
-        for method in ("msp", "energy", "knn"):
-            s_id = ood_scores(method, z_id, f_id, bank, DEFAULT_K, temperature)
-            s_ood = ood_scores(method, z, f, bank, DEFAULT_K, temperature)
+@torch.inference_mode()
+def tta_and_plain(pred, split: Split) -> dict[str, np.ndarray]:
+    """Logits and penultimate features of every image, TTA-averaged exactly as the library's
+    torch backend computes them (engine/tta.py) and, from the same pass, of the plain image
+    alone (TTA's first view): ``z, f, z0, f0``."""
+    from imgcls.data.pipeline import eval_batches
+    from imgcls.engine.device import autocast
+    from imgcls.engine.tta import tta_forward
+
+    b = pred.backend
+    nf = b.num_features
+    got: dict[str, list] = {"z": [], "f": [], "z0": [], "f0": []}
+    for x, _ in eval_batches(split, pred.bundle.preprocessing, pred.batch_size, device=b.device):
+        x = b.pre.normalize(x.to(b.device), b.channels_last)
+        first: list = []
+        with autocast(b.device, b.amp):
+            avg = tta_forward(_net_recording(b.model, first), x, b.tta).float().cpu().numpy()
+        one = first[0].float().cpu().numpy()
+        got["f"].append(avg[:, :nf])
+        got["z"].append(avg[:, nf:])
+        got["f0"].append(one[:, :nf])
+        got["z0"].append(one[:, nf:])
+    return {k: np.concatenate(v) for k, v in got.items()}
+
+
+def cached_outputs(clf, parts: dict, cache: Path) -> dict[str, np.ndarray]:
+    """``{part}_{z,f,z0,f0,y}`` for every named Split (a callable is called for its Split only
+    when not cached), computed once per model weights and kept one file per part under
+    ``cache`` (bench/cache/, git-ignored), in the order given: trying another score costs
+    seconds, not another pass over 70,000 images, and an interrupted run keeps its parts."""
+    sha = clf.card.get("weights_sha256", "")
+    out: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)
+    with clf.predictor(device="cpu", batch_size=500) as p:
+        for name, split in parts.items():
+            path = cache / f"{name}.npz"
+            if path.is_file():
+                with np.load(path, allow_pickle=False) as a:
+                    if str(a["weights_sha256"]) == sha:
+                        out.update({f"{name}_{k}": a[k] for k in a.files if k != "weights_sha256"})
+                        continue
+            t1 = time.perf_counter()
+            split = split() if callable(split) else split
+            got = {k: (v.astype(np.float16) if k.startswith("f") else v) for k, v in tta_and_plain(p, split).items()}
+            got["y"] = split.labels.numpy()
+            np.savez(path, weights_sha256=np.array(sha), **got)
+            out.update({f"{name}_{k}": v for k, v in got.items()})
+            print(f"{name}: {len(split)} images, {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
+    out["inference_s"] = np.array(time.perf_counter() - t0)
+    return out
+
+
+def library_stats(clf, o: dict, method: str, view: str = "", max_images: int | None = MAX_BANK) -> dict | None:
+    """The training statistics `imgcls calibrate --ood-method METHOD` stores, from the cached
+    training outputs (the same seeded subsample as engine/trust_fit.training_features)."""
+    if method not in FEATURE_METHODS:
+        return None
+    part = "train_sub" if max_images == MAX_BANK else "train"  # train_sub: the library's own subsample
+    f, y, z = o[f"{part}_f" + view].astype(np.float32), o[f"{part}_y"].astype(np.int64), o[f"{part}_z" + view]
+    return fit_stats(method, f, y, 0, clf.model, z)
+
+
+def ood_table(clf, o: dict, ood_parts: list[str], methods=OOD_METHODS, view: str = "",
+              max_images: int | None = MAX_BANK) -> dict:
+    """AUROC / FPR95 of each library OOD method (engine/ood.py), in-distribution = test."""
+    res: dict = {}
+    for method in methods:
+        stats = library_stats(clf, o, method, view, max_images)
+        s_id = ood_scores(method, o["test_z" + view], o["test_f" + view].astype(np.float32), stats, DEFAULT_K, 1.0)
+        for name in ood_parts:
+            s_ood = ood_scores(method, o[f"{name}_z" + view], o[f"{name}_f" + view].astype(np.float32), stats,
+                               DEFAULT_K, 1.0)
             m = ood_metrics(s_id, s_ood)
-            row[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"], "num_ood": m["num_ood"]}
-        res[name] = row
+            res.setdefault(name, {})[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"], "num_ood": m["num_ood"]}
     return res
 
 
@@ -92,19 +165,20 @@ def conformal_table(z: np.ndarray, y: np.ndarray, classes: list[str], coverage: 
                     repeats: int = 20) -> dict:
     """Fit on a random half, measure on the other half; repeat over random halves."""
     out = {}
-    for method in ("lac", "aps"):
+    for method in ("lac", "aps", "raps"):
         covs, sizes, accs, first = [], [], [], None
         for r in range(repeats):
             perm = np.random.default_rng(r).permutation(len(y))
             cal, ev = perm[: len(y) // 2], perm[len(y) // 2:]
             t, _ = temperature_scaling(torch.from_numpy(z[cal]), torch.from_numpy(y[cal]))
             c = fit_sets(z[cal], y[cal], coverage, method, t, "test half")
-            sets = prediction_sets(softmax(z[ev], t), c["qhat"], method)
+            sets = prediction_sets(softmax(z[ev], t), c["qhat"], method, c.get("k_reg"), c.get("lambda", 0.0))
             m = set_metrics(sets, y[ev], classes)
             covs.append(m["coverage"])
             sizes.append(m["mean_set_size"])
             accs.append(float((z[ev].argmax(1) == y[ev]).mean()))
-            first = first or {"temperature": round(float(t), 4), "qhat": c["qhat"], **m}
+            first = first or {"temperature": round(float(t), 4), "qhat": c["qhat"],
+                              **{k: c[k] for k in ("k_reg", "lambda") if k in c}, **m}
         out[method] = {"coverage_mean": round(float(np.mean(covs)), 5), "coverage_std": round(float(np.std(covs)), 5),
                        "coverage_min": round(float(np.min(covs)), 5), "coverage_max": round(float(np.max(covs)), 5),
                        "mean_set_size": round(float(np.mean(sizes)), 4), "top1_accuracy": round(float(np.mean(accs)), 5),
@@ -112,29 +186,122 @@ def conformal_table(z: np.ndarray, y: np.ndarray, classes: list[str], coverage: 
     return out
 
 
+def _head(clf) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The linear classifier on the penultimate features: weight, bias, output scale."""
+    m = clf.model
+    fc = m.fc if hasattr(m, "fc") else m.get_classifier()
+    b = fc.bias.detach().float() if fc.bias is not None else torch.zeros(fc.out_features)
+    return fc.weight.detach().float(), b, float(getattr(m, "scaling_factor", 1.0))
+
+
+def _kth_similarities(f: torch.Tensor, bank: torch.Tensor, ks, chunk: int = 1000) -> dict:
+    """Cosine similarity to the k-th nearest bank row for several k, from one top-k."""
+    q = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = bank.float()
+    top = torch.cat([(q[i:i + chunk] @ b.T).topk(max(ks), dim=1).values for i in range(0, len(q), chunk)])
+    return {k: top[:, k - 1] for k in ks}
+
+
+def explore(clf, o: dict, ood_parts: list[str]) -> dict:
+    """AUROC of candidate scores computed from the cached outputs (seconds): kNN over banks and
+    k, ReAct, Mahalanobis, ViM, on TTA-averaged and on plain-view outputs. Scores not in
+    engine/ood.py are written here from their papers, for the comparison only."""
+    W, bias, scale = _head(clf)
+    out: dict = {}
+    for view in ("", "0"):
+        f_train = torch.from_numpy(o["train_f" + view].astype(np.float32))
+        y_train = torch.from_numpy(o["train_y"].astype(np.int64))
+        full = make_bank(f_train.numpy(), max_rows=len(f_train))
+        sub = make_bank(o["train_sub_f" + view].astype(np.float32))  # the library's own subsample
+        mu = torch.stack([f_train[y_train == c].mean(0) for c in range(len(W))])
+        centred = f_train - mu[y_train]
+        prec = torch.linalg.pinv(centred.T @ centred / len(f_train), hermitian=True)
+        fn = f_train / f_train.norm(dim=1, keepdim=True)
+        mun = torch.stack([fn[y_train == c].mean(0) for c in range(len(W))])
+        cn = fn - mun[y_train]
+        precn = torch.linalg.pinv(cn.T @ cn / len(fn), hermitian=True)
+        clips = {q: float(np.quantile(f_train.numpy().ravel(), q)) for q in (0.9, 0.95, 0.99)}
+        # ViM (Wang et al. 2022): residual outside the principal subspace of the centred features
+        origin = -torch.linalg.pinv(W) @ bias
+        xc = f_train - origin
+        _, _, vt = torch.linalg.svd(xc.T @ xc / len(xc))
+        dim = min(len(W) * 6, f_train.shape[1] // 2)
+        null = vt[dim:].T
+        z_train = f_train @ W.T * scale + bias * scale
+        alpha = float(z_train.max(1).values.mean() / (xc @ null).norm(dim=1).mean())
+
+        def scores(name: str) -> dict[str, np.ndarray]:
+            f = torch.from_numpy(o[f"{name}_f" + view].astype(np.float32))
+            z = torch.from_numpy(o[f"{name}_z" + view].astype(np.float32))
+            d = {"energy": -torch.logsumexp(z, 1), "max_logit": -z.max(1).values, "neg_feature_norm": -f.norm(dim=1),
+                 "knn_10k_k10": knn_distance(f.numpy(), sub, 10)}
+            kth = _kth_similarities(f, full, (1, 5, 10, 20, 50, 100, 200))
+            for k, sim in kth.items():
+                d[f"knn_all_k{k}"] = -sim  # the distance is monotone in the similarity
+            for q, c in clips.items():
+                d[f"react_p{round(q * 100)}"] = -torch.logsumexp(f.clamp(max=c) @ W.T * scale + bias * scale, 1)
+            diff = f[:, None, :] - mu[None]
+            d["mahalanobis"] = ((diff @ prec) * diff).sum(-1).min(1).values
+            g = f / f.norm(dim=1, keepdim=True)
+            diffn = g[:, None, :] - mun[None]
+            d["mahalanobis_l2norm"] = ((diffn @ precn) * diffn).sum(-1).min(1).values
+            d["vim"] = alpha * ((f - origin) @ null).norm(dim=1) - torch.logsumexp(z, 1)
+            d["vim_residual"] = ((f - origin) @ null).norm(dim=1)
+            return {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+
+        s_id = scores("test")
+        for name in ood_parts:
+            s_ood = scores(name)
+            out.setdefault("tta" if view == "" else "plain", {})[name] = {
+                k: ood_metrics(s_id[k], s_ood[k])["auroc"] for k in s_id}
+    return out
+
+
+def model_parts(clf, data) -> dict:
+    """The run's own test split and training split, as `imgcls calibrate` takes them (decoded
+    when first needed); the training split in two parts: ``train_sub``, the seeded subsample
+    of MAX_BANK images engine/trust_fit.training_features takes, and ``train_rest``."""
+    got: dict = {}
+
+    def split(name):
+        if name not in got:
+            got[name] = clf.eval_data(data, name, announce=False)[2]
+        return got[name]
+
+    def train_part(which):
+        train = split("train")
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        idx = (idx[:MAX_BANK] if which == "sub" else idx[MAX_BANK:]).sort().values
+        return train.subset(idx)
+    return {"test": lambda: split("test"), "train_sub": lambda: train_part("sub"),
+            "train_rest": lambda: train_part("rest")}
+
+
+def merge_train(o: dict) -> dict:
+    """``train_*``: all training images when ``train_rest`` is cached, else the subsample."""
+    for k in ("z", "f", "z0", "f0", "y"):
+        parts = [o[f"train_sub_{k}"]] + ([o[f"train_rest_{k}"]] if f"train_rest_{k}" in o else [])
+        o[f"train_{k}"] = np.concatenate(parts)
+    return o
+
+
 def bench_cifar10(args) -> dict:
-    data = np.load(default_data("cifar10.npz"), allow_pickle=False)
-    mnist = np.load(default_data("mnist.npz"), allow_pickle=False)
     clf = Classifier.load(args.run)
-    n = args.max_images
-    t0 = time.perf_counter()
-    with clf.predictor(device="cpu", batch_size=500) as p:
-        z_id, f_id = outputs(p, Split(labels=torch.from_numpy(data["y_test"][:n].astype(np.int64)),
-                                      images=torch.from_numpy(data["x_test"][:n]).permute(0, 3, 1, 2).contiguous()))
-        train = Split(labels=torch.from_numpy(data["y_train"].astype(np.int64)),
-                      images=torch.from_numpy(data["x_train"]).permute(0, 3, 1, 2).contiguous())
-        bank = feature_bank(p, train)
-        others = {"mnist": outputs(p, _split(mnist["x_test"][: args.max_ood])),
-                  "hymenoptera_crops": outputs(p, _split(hymenoptera_crops(default_data("hymenoptera"))))}
-    y = data["y_test"][:n].astype(np.int64)
-    if args.save_outputs:  # logits and features, to re-derive tables without the model
-        np.savez(args.save_outputs, z_id=z_id, f_id=f_id, y=y, bank=bank.float().numpy(),
-                 **{f"z_{k}": v[0] for k, v in others.items()}, **{f"f_{k}": v[1] for k, v in others.items()})
+    mnist = np.load(default_data("mnist.npz"), allow_pickle=False)
+    parts = model_parts(clf, str(default_data("cifar10.npz")))
+    parts.update(mnist=_split(mnist["x_test"][: args.max_ood]),
+                 hymenoptera_crops=_split(hymenoptera_crops(default_data("hymenoptera"))))
+    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train_sub", "train_rest")
+             if k != "train_rest" or not args.no_full_train}
+    o = merge_train(cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}"))
+    y = o["test_y"].astype(np.int64)
     res = {"benchmark": "ood_conformal_cifar10", "run": str(args.run), "model": clf.architecture,
-           "tta": clf.tta, "test_images": int(len(y)), "bank_images": int(len(bank)), "k": DEFAULT_K,
-           "top1_accuracy_full_test": round(float((z_id.argmax(1) == y).mean()), 5),
-           "ood": ood_table((z_id, f_id), others, bank, 1.0),
-           "conformal": conformal_table(z_id, y, clf.classes), "inference_s": round(time.perf_counter() - t0, 1)}
+           "tta": clf.tta, "test_images": int(len(y)), "train_images": int(len(o["train_y"])), "k": DEFAULT_K,
+           "top1_accuracy_full_test": round(float((o["test_z"].argmax(1) == y).mean()), 5),
+           "ood": ood_table(clf, o, ["mnist", "hymenoptera_crops"]),
+           "conformal": conformal_table(o["test_z"], y, clf.classes), "inference_s": round(float(o["inference_s"]), 1)}
+    if args.explore:
+        res["explore"] = explore(clf, o, ["mnist", "hymenoptera_crops"])
     return res
 
 
@@ -142,24 +309,29 @@ def bench_mnist(args) -> dict:
     from imgcls import train
 
     data = default_data("mnist.npz")
+    run = Path(args.out) / "mnist"
     t0 = time.perf_counter()
-    r = train({"data": str(data), "model": "reference_cnn", "recipe": "fast", "out": str(args.out), "name": "mnist",
+    if args.retrain or not (run / "model.json").is_file():
+        train({"data": str(data), "model": "reference_cnn", "recipe": "fast", "out": str(args.out), "name": "mnist",
                "seed": 0}, progress=False)
     train_s = time.perf_counter() - t0
+    clf = Classifier.load(run)
     arrays = np.load(data, allow_pickle=False)
-    x, y = arrays["x_test"][: args.max_images], arrays["y_test"][: args.max_images].astype(np.int64)
+    x = arrays["x_test"][: args.max_images]
     perm = np.random.default_rng(0).permutation(28 * 28)
     shuffled = x.reshape(len(x), -1)[:, perm].reshape(x.shape)
-    clf = r.classifier
-    with clf.predictor(device="cpu", batch_size=500) as p:
-        id_out = outputs(p, Split(labels=torch.from_numpy(y), images=torch.from_numpy(x)[:, None].contiguous()))
-        train_x = torch.from_numpy(arrays["x_train"])[:, None].contiguous()
-        bank = feature_bank(p, Split(labels=torch.zeros(len(train_x), dtype=torch.long), images=train_x))
-        others = {"inverted_digits": outputs(p, _split(255 - x)), "shuffled_pixels": outputs(p, _split(shuffled))}
-    return {"benchmark": "ood_conformal_mnist", "model": "reference_cnn", "recipe": "fast",
-            "train_s": round(train_s, 1), "test_images": int(len(y)), "bank_images": int(len(bank)),
-            "top1_accuracy": round(float((id_out[0].argmax(1) == y).mean()), 5),
-            "ood": ood_table(id_out, others, bank, 1.0), "conformal": conformal_table(id_out[0], y, clf.classes)}
+    parts = model_parts(clf, str(data))
+    parts.update(inverted_digits=_split(255 - x), shuffled_pixels=_split(shuffled))
+    o = merge_train(cached_outputs(clf, parts, CACHE / "ood_mnist"))
+    y = o["test_y"].astype(np.int64)
+    res = {"benchmark": "ood_conformal_mnist", "model": "reference_cnn", "recipe": "fast",
+           "train_s": round(train_s, 1), "test_images": int(len(y)), "train_images": int(len(o["train_y"])),
+           "top1_accuracy": round(float((o["test_z"].argmax(1) == y).mean()), 5),
+           "ood": ood_table(clf, o, ["inverted_digits", "shuffled_pixels"]),
+           "conformal": conformal_table(o["test_z"], y, clf.classes)}
+    if args.explore:
+        res["explore"] = explore(clf, o, ["inverted_digits", "shuffled_pixels"])
+    return res
 
 
 def main() -> None:
@@ -170,7 +342,10 @@ def main() -> None:
                          "--out runs --name cifar10_fast5)")
     ap.add_argument("--max-images", type=int, default=10_000, help="in-distribution test images")
     ap.add_argument("--max-ood", type=int, default=5_000, help="MNIST images as OOD (cifar10)")
-    ap.add_argument("--save-outputs", default="/tmp/imgcls-bench-ood-cifar10.npz", help="cifar10: logits/features here")
+    ap.add_argument("--explore", action="store_true", help="also score candidate methods not in the library")
+    ap.add_argument("--no-full-train", action="store_true",
+                    help="cifar10: only the training subsample the library stores (skip the other 35,000 images)")
+    ap.add_argument("--retrain", action="store_true", help="mnist: train the model even when --out holds one")
     ap.add_argument("--out", default="/tmp/imgcls-bench-ood", help="mnist: where the run folder goes")
     args = ap.parse_args()
     torch.set_num_threads(2)

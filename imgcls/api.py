@@ -162,13 +162,20 @@ class Classifier(ModelBundle):
         the training split's features). ``save()`` stores all of it (model.json and, for
         knn, ood_features.safetensors). Returns what was fitted (ECE/NLL before and after, ...)."""
         from imgcls.engine.trust_fit import fit_sets, fit_unknown
+        from imgcls.engine.trust_names import FEATURE_METHODS, resolve_ood_method
         from imgcls.evaluation.calibration import temperature_scaling
 
-        self.refuse_multi_label("temperature calibration")  # and sets, unknown threshold
+        ood_method = resolve_ood_method(ood_method, self.multi_label)
+        if self.multi_label:  # a sigmoid per label: no temperature, no sets; the unknown threshold works
+            if coverage is not None:
+                self.refuse_multi_label("conformal prediction sets (--coverage)")
+            if ood_method is None:
+                self.refuse_multi_label("temperature calibration")
+            temperature = False
         _, name, part, _ = self.eval_data(data, split)
         info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:
-            logits, labels, feats = p.run_outputs(part, features=ood_method == "knn")
+            logits, labels, feats = p.run_outputs(part, features=ood_method in FEATURE_METHODS)
             if temperature:
                 self.temperature, info = temperature_scaling(torch.from_numpy(logits), torch.from_numpy(labels))
                 self.card["calibration"] = info
@@ -176,9 +183,9 @@ class Classifier(ModelBundle):
                 self.card["conformal"] = info["conformal"] = fit_sets(logits, labels, coverage, conformal,
                                                                       self.temperature, name)
             if ood_method is not None:
-                train = _training_split(self, data) if ood_method == "knn" else None
-                self.card["ood"], bank = fit_unknown(p, logits, feats, ood_method, accept, name, train)
-                self.ood_features, info["ood"] = bank, self.card["ood"]
+                train = _training_split(self, data, ood_method) if ood_method in FEATURE_METHODS else None
+                self.card["ood"], stats = fit_unknown(p, logits, feats, ood_method, accept, name, train)
+                self.ood_features, info["ood"] = stats, self.card["ood"]
         return info
 
     def evaluate(self, data: Any, split: str | None = None, batch_size: int = 256, device: str = "auto",
@@ -193,14 +200,12 @@ class Classifier(ModelBundle):
         data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
         with self.predictor(backend, device, precision, batch_size) as p:
             logits, labels, feats = p.run_outputs(part)
-            if self.multi_label:  # per-label OOD scores and sets are not fitted for multi-label models
-                if ood is not None:
-                    self.refuse_multi_label("OOD evaluation (--ood)")
+            if self.multi_label:  # per-label OOD scores; no conformal sets
                 m = multilabel_metrics(p.probabilities(logits), labels, self.classes, self.decision_thresholds())
             else:
                 m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
                                            self.classes)
-                m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
+            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]
@@ -288,11 +293,11 @@ class Classifier(ModelBundle):
         return explain(self, images, method=method, target=target, layer=layer, **opts)
 
 
-def _training_split(clf: Classifier, data: Any) -> Any:
+def _training_split(clf: Classifier, data: Any, method: str = "knn") -> Any:
     try:
         return clf.eval_data(data, "train", announce=False)[2]
     except ImgclsError:
-        raise ImgclsError("--ood-method knn stores features of training images, and the calibration data has no "
+        raise ImgclsError(f"--ood-method {method} stores features of training images, and the calibration data has no "
                           "training split", "give the training data as --data (its validation split calibrates), "
                           "or use --ood-method energy") from None
 

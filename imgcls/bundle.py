@@ -28,12 +28,15 @@ _DERIVED = ("format", "format_version", "weights_sha256")
 OOD_FEATURES_FILE = "ood_features.safetensors"  # training features of the kNN unknown score (engine/ood.py)
 
 
-def save_features(folder: str | Path, features: torch.Tensor) -> Path:
-    """The kNN OOD feature bank beside the weights (safetensors, written atomically)."""
+def save_features(folder: str | Path, stats: dict[str, torch.Tensor] | torch.Tensor) -> Path:
+    """The feature OOD score's training statistics (the kNN bank: ``features``) beside the
+    weights (safetensors, written atomically)."""
     from safetensors.torch import save_file
 
+    if isinstance(stats, torch.Tensor):
+        stats = {"features": stats}
     path = Path(folder) / OOD_FEATURES_FILE
-    atomic_write(path, lambda p: save_file({"features": features.contiguous()}, str(p)))
+    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in stats.items()}, str(p)))
     return path
 
 
@@ -49,7 +52,8 @@ class ModelBundle:
         self.card: dict[str, Any] = dict(card or {})
         self.temperature: float = float(self.card.get("temperature", 1.0))
         self.path: Path | None = None  # the folder it was loaded from: exports (model.onnx) live there
-        self.ood_features: torch.Tensor | None = None  # fitted kNN bank not yet saved (else read from path)
+        # a feature OOD score's fitted training statistics not yet saved (else read from path)
+        self.ood_features: dict[str, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:

@@ -94,9 +94,9 @@ class TrainConfig(BaseModel):
     log: str | None = None  # extra experiment logs, comma-separated: tensorboard, mlflow (history.csv always)
     # trust at prediction time (engine/conformal.py, engine/ood.py): fitted after training, stored in model.json
     conformal: float | None = None  # coverage of conformal sets, fitted on a calibration split held out of train
-    conformal_method: Literal["aps", "lac"] = "aps"
+    conformal_method: Literal["aps", "lac", "raps"] = "aps"
     calib_split: float = 0.1  # with conformal: the fraction of train held out for calibration (never trained on)
-    ood_method: Literal["msp", "energy", "knn"] | None = None  # fit the "unknown" threshold on the validation split
+    ood_method: Literal["msp", "energy", "knn", "mahalanobis", "react", "vim", "auto"] | None = None  # fit the "unknown" threshold on the validation split
 
     @field_validator("classes", mode="before")
     @classmethod

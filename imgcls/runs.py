@@ -143,10 +143,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
 def hold_out_calibration(data: ImageData, cfg: TrainConfig) -> tuple[ImageData, Split | None]:
     """With ``--conformal``: a stratified ``calib_split`` of train (seeded, so a resumed run holds
     out the same images) that training never sees, for the conformal sets."""
-    if data.multi_label and (cfg.conformal is not None or cfg.ood_method is not None):
-        flag = "--conformal" if cfg.conformal is not None else "--ood-method"
-        raise ImgclsError(f"{flag} is for single-label data; {data.name} is multi-label (label sets)",
-                          "multi-label models decide with per-class thresholds (model.json 'thresholds')")
+    if data.multi_label and cfg.conformal is not None:
+        raise ImgclsError(f"--conformal is for single-label data; {data.name} is multi-label (label sets)",
+                          "multi-label models decide with per-class thresholds (model.json 'thresholds'); "
+                          "--ood-method energy gives them the unknown answer")
+    if data.multi_label and cfg.ood_method == "msp":
+        raise ImgclsError(f"--ood-method msp is a softmax score; {data.name} is multi-label (a sigmoid per label)",
+                          "use --ood-method energy (per-label energy) or knn")
     if cfg.conformal is None:
         return data, None
     if data.train.streamed:

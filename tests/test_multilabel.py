@@ -4,6 +4,7 @@ the refusals."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_predict_api_cli_json_csv_and_retune(quad_run, quad_npz, tmp_path, capsy
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(isinstance(r["labels"], list) and all(set(e) == {"label", "p"} for e in r["labels"]) for r in rows)
     assert main(["predict", str(quad_run), files[0], "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("labels,labels_p")
+    assert capsys.readouterr().out.splitlines()[0].endswith("labels,labels_p,ood_score")  # per-label energy
     assert main(["thresholds", str(quad_run), "--data", str(quad_npz), "--target", "precision:0.9"]) == 0
     assert json.loads((quad_run / "model.json").read_text())["thresholds"]["target"] == "precision:0.9"
     assert main(["evaluate", str(quad_run), "--data", str(quad_npz), "--report", str(tmp_path / "rep")]) == 0
@@ -263,3 +264,121 @@ def test_single_label_only_features_refuse(quad_npz):
     single = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16)
     with pytest.raises(ImgclsError, match="per-class thresholds are for multi-label models"):
         single.tune_thresholds(str(quad_npz))
+
+
+# ---------------------------------------------------------------------- unknown rejection (per-label energy)
+def test_joint_energy_is_the_sum_of_per_label_softplus():
+    from imgcls.engine.ood import ood_scores
+
+    z = np.array([[2.0, -1.0, 0.0], [-5.0, -5.0, -5.0]])
+    s = ood_scores("energy", z, multi_label=True)
+    assert np.allclose(s, -np.log1p(np.exp(z)).sum(1), atol=1e-6)
+    assert s[1] > s[0]  # no label fits: more unusual
+    with pytest.raises(ImgclsError, match="msp is a softmax score"):
+        ood_scores("msp", z, multi_label=True)
+
+
+@pytest.fixture(scope="module")
+def ood_run(tmp_path_factory) -> tuple[Path, Path]:
+    """Quadrant data where every image holds at least one label (as in the mosaics), trained
+    with --ood-method energy: an image with no bright square is out of distribution."""
+    def nonempty(n, seed):
+        x, y = quadrants(n, seed)
+        empty = np.flatnonzero(y.sum(1) == 0)
+        x2, y2 = quadrants(4 * len(empty) + 40, seed + 100)
+        full = np.flatnonzero(y2.sum(1) > 0)[: len(empty)]
+        x[empty], y[empty] = x2[full], y2[full]
+        return x, y
+
+    (x, y), (xt, yt) = nonempty(400, 20), nonempty(80, 21)
+    root = tmp_path_factory.mktemp("mlood")
+    np.savez(root / "quad1.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(NAMES))
+    assert main(["train", "--data", str(root / "quad1.npz"), "--epochs", "3", "--batch-size", "32", "--out", str(root),
+                 "--name", "o", "--precision", "fp32", "--ood-method", "energy"]) == 0
+    return root / "o", root / "quad1.npz"
+
+
+def test_per_label_unknown_on_every_road(ood_run, tmp_path, capsys):
+    """calibrate --ood-method (alone: per-label energy) fits the threshold on val; API, CLI
+    text/CSV/JSON, serve, part files and evaluate --ood all carry ood_score / unknown, with
+    the label set kept as the guess; conformal sets stay refused."""
+    import shutil
+
+    trained, quad_npz = ood_run
+    assert json.loads((trained / "model.json").read_text())["ood"]["method"] == "energy"  # train --ood-method
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["calibrate", str(run), "--data", str(quad_npz), "--ood-method"]) == 0
+    ood = json.loads((run / "model.json").read_text())["ood"]
+    assert ood["method"] == "energy" and "joint energy" in ood["score"] and ood["fitted_on"] == "val"
+    clf = Classifier.load(run)
+    _, _, val, _ = clf.eval_data(str(quad_npz), "val")
+    with clf.predictor() as p:
+        z, _ = p.run(val)
+    accepted = (p.trust.scores(z) <= ood["threshold"]).mean()
+    assert 0.9 <= accepted <= 1.0
+    # out of distribution: no square at all (dim noise)
+    (x, _), dim = quadrants(6, 11), np.random.default_rng(5).integers(0, 60, (6, 16, 16), dtype=np.uint8)
+    files = []
+    for i, img in enumerate([*x, *dim]):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    preds = clf.predict(files, workers=0)
+    assert all(p.ood_score is not None and p.unknown is not None and p.labels is not None for p in preds)
+    assert all(p.unknown == (p.ood_score > ood["threshold"]) for p in preds)
+    assert sum(p.unknown for p in preds[6:]) >= 4 and sum(p.unknown for p in preds[:6]) <= 2
+    rejected = next(p for p in preds if p.unknown)
+    d = rejected.to_dict()
+    assert d["label"] == "unknown" and d["guess"] == rejected.guess and isinstance(d["labels"], list)
+    capsys.readouterr()
+    assert main(["predict", str(run), *files, "--json", "--workers", "0"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["unknown"] for r in rows] == [p.unknown for p in preds] and all("labels" in r for r in rows)
+    assert main(["predict", str(run), *files, "--format", "csv", "--workers", "0"]) == 0
+    head = capsys.readouterr().out.splitlines()[0].split(",")
+    assert {"labels", "guess", "unknown", "ood_score"} <= set(head)
+    assert main(["predict", str(run), files[-1], "--workers", "0"]) == 0
+    text = capsys.readouterr().out
+    assert ("unknown (guess: " in text) == preds[-1].unknown and "ood " in text
+    assert main(["predict", str(run), *files, "--output", str(tmp_path / "parts") + "/", "--part-format",
+                 "jsonl", "--workers", "0"]) == 0
+    part = [json.loads(line) for line in (tmp_path / "parts" / "part-00000-of-00001.jsonl").read_text().splitlines()]
+    assert [r["unknown"] for r in part] == [p.unknown for p in preds] and all("labels" in r for r in part)
+    capsys.readouterr()
+    # evaluate --ood: AUROC of the per-label energy against the dim images
+    np.savez(tmp_path / "dim.npz", x_test=np.random.default_rng(6).integers(0, 60, (60, 16, 16), dtype=np.uint8))
+    assert main(["evaluate", str(run), "--data", str(quad_npz), "--ood", str(tmp_path / "dim.npz")]) == 0
+    m = json.loads((run / "metrics.json").read_text())["ood"]
+    assert m["method"] == "energy" and m["auroc"] > 0.8 and set(m["by_method"]) == {"energy"}
+    assert "unknown vs dim" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data", str(quad_npz), "--ood", str(tmp_path / "dim.npz"), "--report",
+                 str(tmp_path / "rep")]) == 0
+    assert 'id="ood-histogram"' in (tmp_path / "rep" / "report.html").read_text()
+    if importlib.util.find_spec("pyarrow"):  # parquet part files carry the same columns
+        import pyarrow.parquet as pq
+
+        assert main(["predict", str(run), *files, "--output", str(tmp_path / "pq") + "/", "--workers", "0"]) == 0
+        t = pq.read_table(tmp_path / "pq" / "part-00000-of-00001.parquet").to_pylist()
+        assert [r["unknown"] for r in t] == [p.unknown for p in preds] and isinstance(t[0]["labels"], list)
+    with pytest.raises(ImgclsError, match="conformal prediction sets .* single-label"):
+        clf.calibrate(str(quad_npz), coverage=0.9, ood_method="energy")
+    with pytest.raises(ImgclsError, match="msp is a softmax score"):
+        clf.calibrate(str(quad_npz), ood_method="msp")
+    with pytest.raises(ImgclsError, match=r"conformal prediction sets \(--sets\) is for single-label"):
+        clf.predict(files[:1], sets=True, workers=0)
+
+
+def test_serve_gives_multilabel_unknowns_and_train_refuses_sets(ood_run, quad_npz, tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from imgcls.serve.app import create_app
+    from tests.serving import local_client, png_bytes
+
+    with local_client(create_app(ood_run[0])) as client:
+        r = client.post("/predict", files={"file": ("a.png", png_bytes(np.full((16, 16), 20, np.uint8)), "image/png")})
+        body = r.json()
+        assert r.status_code == 200 and isinstance(body["labels"], list)
+        assert isinstance(body["ood_score"], float) and body["unknown"] is True and body["label"] == "unknown"
+        assert body["guess"] in NAMES
+    assert main(["train", "--data", str(quad_npz), "--epochs", "1", "--out", str(tmp_path), "--name", "c",
+                 "--conformal", "0.9"]) != 0
+    assert "--conformal is for single-label data" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _calibrated(n: int, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-@pytest.mark.parametrize("method", ["lac", "aps"])
+@pytest.mark.parametrize("method", ["lac", "aps", "raps"])
 def test_split_conformal_covers_at_the_promised_rate(method):
     """Averaged over many calibration/test draws, coverage is >= 0.9 and not much more
     (the guarantee: between 1 - alpha and 1 - alpha + 1/(n+1))."""
@@ -39,7 +39,7 @@ def test_split_conformal_covers_at_the_promised_rate(method):
     for _ in range(60):
         p, y = _calibrated(700, 6, rng)
         c = fit_conformal(p[:200], y[:200], 0.9, method)
-        sets = prediction_sets(p[200:], c["qhat"], method)
+        sets = prediction_sets(p[200:], c["qhat"], method, c.get("k_reg"), c.get("lambda", 0.0))
         covs.append(sets[np.arange(500), y[200:]].mean())
     assert 0.895 <= np.mean(covs) <= 0.915
 
@@ -61,6 +61,28 @@ def test_lac_and_aps_set_logic():
     assert (m["coverage"], m["mean_set_size"]) == (0.5, 2.0) and m["per_class"]["c"]["coverage"] == 0.0
     with pytest.raises(ImgclsError, match="coverage"):
         fit_conformal(p, np.array([0, 1]), 1.5)
+
+
+def test_raps_penalises_classes_ranked_below_k_reg_and_tunes_on_a_held_part():
+    p = np.array([[0.5, 0.2, 0.2, 0.1]])
+    u = row_uniform(p)[0, 0]
+    aps = class_scores(p, "aps")[0]
+    raps = class_scores(p, "raps", k_reg=2, lam=0.1)[0]
+    # ranks 1..4 (ties kept in index order): penalty 0, 0, 0.1, 0.2
+    assert np.allclose(raps - aps, [0, 0, 0.1, 0.2]) and np.isclose(aps[0], 0.5 * u)
+    rng = np.random.default_rng(3)
+    probs, y = _calibrated(1000, 20, rng)
+    c = fit_conformal(probs, y, 0.9, "raps")
+    assert c["tuned_on_images"] == 300 and c["num_images"] == 700
+    assert c["k_reg"] >= 1 and c["lambda"] in (0.001, 0.01, 0.1, 0.2, 0.5)
+    ranks = (probs > probs[np.arange(1000), y][:, None]).sum(1) + 1
+    assert c["k_reg"] <= np.quantile(ranks, 0.97)  # the 0.9 quantile of the true class's rank (of a 30% part)
+    # on a flat-tailed 20-class model the penalty keeps sets no larger than APS's on average
+    probs2, y2 = _calibrated(2000, 20, rng)
+    a = fit_conformal(probs, y, 0.9, "aps")
+    size = {m: prediction_sets(probs2, f["qhat"], m, f.get("k_reg"), f.get("lambda", 0.0)).sum(1).mean()
+            for m, f in (("aps", a), ("raps", c))}
+    assert size["raps"] <= size["aps"] * 1.05
 
 
 # ---------------------------------------------------------------------- OOD: the maths
@@ -91,6 +113,41 @@ def test_ood_scores_point_the_same_way():
     assert d[0] < 1e-3 and d[1] == pytest.approx(np.sqrt(2), abs=1e-2)
     with pytest.raises(ImgclsError, match="penultimate features"):
         ood_scores("knn", logits)
+
+
+def test_mahalanobis_and_react_fit_from_training_features():
+    import torch
+
+    from imgcls.engine.ood import fit_stats
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    f = (np.abs(rng.normal(size=(600, 8))) + 3 * np.eye(8)[y]).astype(np.float32)
+
+    class Net(torch.nn.Module):  # a linear head with an output scale, as airbench has
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scaling_factor = torch.nn.Linear(8, 3), 0.5
+
+        def get_classifier(self):
+            return self.fc
+
+    net = Net()
+    z = (net.fc(torch.from_numpy(f)) * 0.5).detach().numpy()
+    far = np.full((4, 8), 9.0, np.float32)
+    maha = fit_stats("mahalanobis", f, y)
+    assert maha["means"].shape == (3, 8) and maha["precision"].shape == (8, 8)
+    s_id, s_far = ood_scores("mahalanobis", z[:50], f[:50], maha), ood_scores("mahalanobis", z[:4], far, maha)
+    assert s_far.min() > np.quantile(s_id, 0.99)
+    react = fit_stats("react", f, y, model=net, logits=z)
+    assert float(react["clip"]) == pytest.approx(np.quantile(f, 0.9), rel=1e-3)
+    # below the clip value ReAct is the energy of the network's own logits
+    low = f.clip(max=float(react["clip"]))
+    zl = (net.fc(torch.from_numpy(low)) * 0.5).detach().numpy()
+    assert np.allclose(ood_scores("react", zl, low, react), ood_scores("energy", zl), atol=1e-4)
+    net.fc = torch.nn.Sequential(net.fc)
+    with pytest.raises(ImgclsError, match="react clips the features before a linear classifier"):
+        fit_stats("react", f, y, model=net, logits=z)
 
 
 def test_decide_carries_trust_fields():

@@ -11,7 +11,8 @@ HELP = ("fit temperature scaling, conformal prediction sets (--coverage) and the
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from imgcls.engine.trust_names import BEST_OOD_METHOD, CONFORMAL_METHODS, DEFAULT_ACCEPT, OOD_METHODS
+    from imgcls.engine.trust_names import (BEST_MULTI_LABEL_OOD_METHOD, BEST_OOD_METHOD, CONFORMAL_METHODS,
+                                           DEFAULT_ACCEPT, OOD_METHODS)
 
     p.add_argument("run", help="run folder written by `imgcls train`")
     p.add_argument("--data", required=True, help="data to calibrate on (folder, .npz or dataset name)")
@@ -21,10 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coverage", type=float, default=None,
                    help="fit conformal prediction sets holding the true class with this probability, e.g. 0.9")
     p.add_argument("--method", default="aps", choices=CONFORMAL_METHODS,
-                   help="conformal score: aps (adaptive sets, even coverage across classes) or lac (smallest sets)")
-    p.add_argument("--ood-method", default=None, choices=OOD_METHODS, nargs="?", const=BEST_OOD_METHOD,
+                   help="conformal score: aps (adaptive sets, even coverage across classes), lac (smallest sets) "
+                        "or raps (APS with a penalty on unlikely classes, tuned on 30%% of the calibration images)")
+    p.add_argument("--ood-method", default=None, choices=(*OOD_METHODS, "auto"), nargs="?", const="auto",
                    help="fit the 'unknown' threshold for this OOD score (knn also stores training features; "
-                        f"alone: {BEST_OOD_METHOD}, the best on docs/benchmarks.md)")
+                        f"alone or auto: {BEST_OOD_METHOD}, the best on docs/benchmarks.md; for a multi-label model "
+                        f"{BEST_MULTI_LABEL_OOD_METHOD}, per-label)")
     p.add_argument("--accept", type=float, default=DEFAULT_ACCEPT,
                    help=f"fraction of in-distribution images the threshold accepts (default {DEFAULT_ACCEPT})")
     p.add_argument("--no-temperature", action="store_true", help="keep the model's temperature as it is")

@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         from imgcls.evaluation.multilabel import format_multilabel
 
         print(format_multilabel(m, title=f"{args.run} on {m['data']}: {_which(m)}"))
+        for line in trust_lines(m):
+            print(line)
         print(f"\nmetrics written to {path}")
     else:
         print(format_metrics(m, title=f"{args.run} on {m['data']}: {_which(m)}"))

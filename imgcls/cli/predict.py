@@ -91,6 +91,7 @@ def _text(p) -> str:
     if p.labels is not None:  # multi-label: the labels above their thresholds
         text = ("labels " + ", ".join(f"{c} {prob:.4f}" for c, prob in p.labels) if p.labels
                 else f"no label above its threshold (top: {top})")
+        text = f"unknown (guess: {text})" if p.unknown else text
     else:
         text = f"unknown (guess: {top})" if p.unknown else top
     if p.set is not None:

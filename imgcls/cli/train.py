@@ -68,9 +68,11 @@ _HELP = {
     "pos_weight": "multi-label bce: auto weights each label's positives by negatives/positives (rare labels)",
     "threshold_target": "multi-label per-class thresholds tuned on val: f1 (max F1), precision:0.9 or recall:0.9",
     "conformal": "fit conformal prediction sets with this coverage (e.g. 0.9) on a calibration split held out of train",
-    "conformal_method": "conformal score: aps (even coverage across classes) or lac (smallest sets)",
+    "conformal_method": "conformal score: aps (even coverage across classes), lac (smallest sets) or raps "
+                        "(APS with a penalty on unlikely classes)",
     "calib_split": "with --conformal: fraction of train held out for calibration (never trained on)",
-    "ood_method": "fit the 'unknown' threshold for this OOD score on the validation split (95%% accepted)",
+    "ood_method": "fit the 'unknown' threshold for this OOD score on the validation split (95%% accepted); "
+                  "auto: the best on docs/benchmarks.md (multi-label: per-label energy)",
     "log": "extra experiment logs, comma-separated: tensorboard (RUN/tensorboard), mlflow; history.csv is always written",
 }
 

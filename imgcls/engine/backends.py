@@ -136,8 +136,8 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: normalize_numpy(x, self.pre)})[0]
 
     def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise ImgclsError(f"{self.path.name} gives logits only, and this model's unknown score (kNN) needs the "
-                          "network's penultimate features", "use --backend torch, or recalibrate with "
+        raise ImgclsError(f"{self.path.name} gives logits only, and this model's unknown score (knn, mahalanobis "
+                          "or react) needs the network's penultimate features", "use --backend torch, or recalibrate with "
                           "`imgcls calibrate RUN --data DATA --ood-method energy`")
 
     def close(self) -> None:

@@ -59,11 +59,9 @@ def record(pred: Prediction, fields: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def record_fields(bundle, p: Predictor) -> tuple[str, ...]:
     """The extra columns this model's predictions carry (see :func:`record`)."""
-    if bundle.multi_label:
-        return ("labels",)
     t = p.trust
-    return ("ood_score",) + (("unknown", "guess") if t.threshold is not None else ()) \
-        + (("set",) if t.conformal else ())
+    return (("labels",) if bundle.multi_label else ()) + ("ood_score",) \
+        + (("unknown", "guess") if t.threshold is not None else ()) + (("set",) if t.conformal else ())
 
 
 def my_part(split: Split, names: list[str], r: Ranks) -> tuple[Split, list[str]]:
@@ -144,7 +142,7 @@ class _PartWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(rows, schema=_schema())
+        table = pa.Table.from_pylist(rows, schema=_schema(tuple(rows[0])))
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, table.schema)
         self.writer.write_table(table)
@@ -166,12 +164,16 @@ class _PartWriter:
         pq.write_table(pa.Table.from_pylist([], schema=_schema()), self.tmp)
 
 
-def _schema():
+def _schema(keys: tuple[str, ...] = ()):
+    """The part file's columns: the base ones and the model's extra fields among ``keys``
+    (:func:`record_fields`: multi-label ``labels``, ``ood_score``, ``unknown``, ``guess``, ``set``)."""
     import pyarrow as pa
 
+    extra = {"labels": pa.list_(pa.struct([("label", pa.string()), ("p", pa.float32())])),
+             "ood_score": pa.float64(), "unknown": pa.bool_(), "guess": pa.string(), "set": pa.list_(pa.string())}
     return pa.schema([("source", pa.string()), ("label", pa.string()), ("top_classes", pa.list_(pa.string())),
                       ("top_probabilities", pa.list_(pa.float32())), ("probabilities", pa.list_(pa.float32())),
-                      ("error", pa.string())])
+                      ("error", pa.string())] + [(k, extra[k]) for k in keys if k in extra])
 
 
 def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str | Path, *, fmt: str = "parquet",

@@ -131,11 +131,9 @@ class Predictor:
         k = self.bundle.num_classes
         return (rows[:, :k], rows[:, k:]) if self.trust.needs_features else (rows, None)
 
-    def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment | None:
-        """OOD scores, unknown flags and conformal sets of these rows; None for a multi-label
-        model (per-label scores are not fitted: ``imgcls calibrate`` refuses it in one line)."""
-        if self.bundle.multi_label:
-            return None
+    def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment:
+        """OOD scores, unknown flags and conformal sets of these rows (a multi-label model:
+        per-label energy or kNN scores and its unknown threshold; no sets)."""
         return self.trust.assess(logits, features)
 
     # ------------------------------------------------------------------ whole splits

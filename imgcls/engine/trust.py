@@ -1,5 +1,7 @@
 """What a model knows about its own reliability, read from model.json: the OOD score method
 and its "unknown" threshold (``card["ood"]``) and the conformal sets (``card["conformal"]``).
+A multi-label model has OOD scores (per-label energy, or kNN) and an unknown threshold, but
+no conformal sets (they are a single-label notion).
 
 :class:`Trust` turns a batch of logits (and penultimate features, for kNN) into an
 :class:`Assessment`; :func:`imgcls.engine.decisions.decide` writes it into each Prediction,
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 from imgcls.engine.conformal import prediction_sets
-from imgcls.engine.ood import DEFAULT_K, DEFAULT_OOD_METHOD, check_method, load_bank, ood_scores
+from imgcls.engine.ood import DEFAULT_K, DEFAULT_OOD_METHOD, check_method, load_stats, ood_scores
+from imgcls.engine.trust_names import FEATURE_METHODS
 from imgcls.errors import ImgclsError
 
 CALIBRATE_HINT = "add them: imgcls calibrate {run} --data DATA"
@@ -53,37 +56,42 @@ class Trust:
     def __init__(self, bundle: Any, sets: bool | None = None, reject: bool | None = None):
         card = bundle.card
         self.bundle = bundle
+        self.multi_label = bool(getattr(bundle, "multi_label", False))
         self.ood: dict[str, Any] = dict(card.get("ood") or {"method": DEFAULT_OOD_METHOD})
         self.method = check_method(str(self.ood.get("method", DEFAULT_OOD_METHOD)))
-        self.conformal: dict[str, Any] | None = card.get("conformal") if sets is not False else None
+        if self.multi_label and sets:  # conformal sets are single-label (a softmax over classes)
+            bundle.refuse_multi_label("conformal prediction sets (--sets)")
+        self.conformal: dict[str, Any] | None = card.get("conformal") if sets is not False and not self.multi_label \
+            else None
         if sets and not self.conformal:
             raise missing(bundle, "conformal prediction sets")
         self.threshold = self.ood.get("threshold") if reject is not False else None
         if reject and self.threshold is None:
             raise missing(bundle, "an unknown threshold")
-        self._bank: torch.Tensor | None = getattr(bundle, "ood_features", None)
+        self._stats: dict[str, torch.Tensor] | None = getattr(bundle, "ood_features", None)
 
     @property
     def needs_features(self) -> bool:
-        return self.method == "knn"
+        return self.method in FEATURE_METHODS
 
     @property
-    def bank(self) -> torch.Tensor:
-        if self._bank is None:
-            self._bank = load_bank(self.bundle.path)
-        return self._bank
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The feature score's training statistics (ood_features.safetensors), read once."""
+        if self._stats is None:
+            self._stats = load_stats(self.bundle.path, self.method)
+        return self._stats
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         t = float(self.ood.get("temperature", self.bundle.temperature))
-        bank = self.bank if self.needs_features else None
-        return ood_scores(self.method, logits, features, bank, int(self.ood.get("k", DEFAULT_K)), t)
+        stats = self.stats if self.needs_features else None
+        return ood_scores(self.method, logits, features, stats, int(self.ood.get("k", DEFAULT_K)), t, self.multi_label)
 
     def sets(self, logits: np.ndarray) -> np.ndarray | None:
         if not self.conformal:
             return None
         c = self.conformal
         probs = softmax(logits, float(c.get("temperature", self.bundle.temperature)))
-        return prediction_sets(probs, c.get("qhat"), c.get("method", "aps"))
+        return prediction_sets(probs, c.get("qhat"), c.get("method", "aps"), c.get("k_reg"), float(c.get("lambda", 0.0)))
 
     def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment:
         if not len(logits):

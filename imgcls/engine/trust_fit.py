@@ -11,7 +11,8 @@ import torch
 
 from imgcls.data.records import Split
 from imgcls.engine.conformal import fit_conformal
-from imgcls.engine.ood import DEFAULT_K, MAX_BANK, check_method, fit_threshold, make_bank, ood_scores
+from imgcls.engine.ood import DEFAULT_K, MAX_BANK, check_method, check_multi_label, fit_stats, fit_threshold, ood_scores
+from imgcls.engine.trust_names import FEATURE_METHODS
 from imgcls.engine.predictor import Predictor
 from imgcls.engine.trust import softmax
 
@@ -24,28 +25,39 @@ def fit_sets(logits: np.ndarray, labels: np.ndarray, coverage: float, method: st
     return c
 
 
-def feature_bank(predictor: Predictor, train: Split, seed: int = 0) -> torch.Tensor:
-    """Normalised penultimate features of (a seeded subsample of at most MAX_BANK) training images."""
-    if len(train) > MAX_BANK:
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:MAX_BANK]
+def training_features(predictor: Predictor, train: Split, max_images: int | None = MAX_BANK,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Penultimate features, labels and logits of (a seeded subsample of at most
+    ``max_images``) training images."""
+    if max_images is not None and len(train) > max_images:
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_images]
         train = train.subset(idx.sort().values)
-    _, _, feats = predictor.run_outputs(train, features=True)
-    return make_bank(feats)
+    logits, labels, feats = predictor.run_outputs(train, features=True)
+    return feats, labels, logits
 
 
 def fit_unknown(predictor: Predictor, logits: np.ndarray, features: np.ndarray | None, method: str,
                 accept: float, fitted_on: str, train: Split | None = None,
-                seed: int = 0) -> tuple[dict[str, Any], torch.Tensor | None]:
+                seed: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """model.json's ``ood`` section: ``method``, and the threshold that accepts ``accept`` of
-    the in-distribution images whose ``logits`` (and ``features``) are given. kNN also
-    returns the training feature bank (``train`` is required for it)."""
+    the in-distribution images whose ``logits`` (and ``features``) are given. A feature score
+    also returns its training statistics (``train`` is required for it), stored in
+    ood_features.safetensors."""
     check_method(method)
-    bank = feature_bank(predictor, train, seed) if method == "knn" else None
+    multi = predictor.bundle.multi_label
+    if multi:
+        check_multi_label(method)
+    stats = None
+    if method in FEATURE_METHODS:
+        feats, labels, z = training_features(predictor, train, MAX_BANK, seed)
+        stats = fit_stats(method, feats, labels, seed, predictor.bundle.model, z)
     t = predictor.bundle.temperature
-    scores = ood_scores(method, logits, features, bank, DEFAULT_K, t)
+    scores = ood_scores(method, logits, features, stats, DEFAULT_K, t, multi)
     section: dict[str, Any] = {"method": method, "threshold": fit_threshold(scores, accept),
                                "accept": accept, "temperature": round(float(t), 6), "fitted_on": fitted_on,
                                "num_images": int(len(scores))}
-    if bank is not None:
-        section.update(k=DEFAULT_K, bank_images=int(len(bank)))
-    return section, bank
+    if multi and method == "energy":
+        section["score"] = "joint energy: -sum over labels of log(1 + exp(logit))"
+    if method == "knn":
+        section.update(k=DEFAULT_K, bank_images=int(len(stats["features"])))
+    return section, stats

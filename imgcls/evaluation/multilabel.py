@@ -99,7 +99,7 @@ def pr_curves_png(m: dict[str, Any]) -> bytes:
 
 
 def render_multilabel_html(clf: ModelBundle, run_dir: Path, m: dict[str, Any], pictures: dict[str, bytes]) -> str:
-    from imgcls.evaluation.report import _CSS, _card, _img
+    from imgcls.evaluation.report import _CSS, _card, _img, trust_html
 
     e = html.escape
     cards = [_card(f"{m['map_macro']:.2%}", "mAP (macro)"), _card(f"{m['map_micro']:.2%}", "mAP (micro)"),
@@ -132,6 +132,7 @@ per image · report made {e(time.strftime('%Y-%m-%d %H:%M'))}</p>
 <th>threshold</th><th>support</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 <h2>Precision-recall curves</h2>
 <div class="row"><figure>{_img(pictures['pr'], 'precision-recall curves per class', 'pr-curves')}</figure></div>
+{trust_html(m, pictures)}
 <h2>Training curves</h2>
 {curves}
 </main></body></html>
@@ -139,21 +140,25 @@ per image · report made {e(time.strftime('%Y-%m-%d %H:%M'))}</p>
 
 
 def multilabel_report(clf: ModelBundle, run_dir: Path, out_dir: Path, data: Any, split: str | None,
-                      batch_size: int, device: str):
+                      batch_size: int, device: str, ood: Any = None):
     """``imgcls evaluate RUN --report`` for a multi-label model: metrics, per-class PR curves
-    and thresholds (no temperature: a multi-label model's sigmoids are not calibrated by it)."""
+    and thresholds (no temperature: a multi-label model's sigmoids are not calibrated by it);
+    with ``ood``, the per-label OOD score's AUROC and histogram."""
     from imgcls.engine.predictor import Predictor, eval_data
     from imgcls.evaluation.plots import training_curves_png
-    from imgcls.evaluation.report import Report, read_history
+    from imgcls.evaluation.report import Report, read_history, trust_pictures
+    from imgcls.evaluation.trust import trust_metrics
     from imgcls.rundir import RunDir
 
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:
-        logits, labels = p.run(part)
+        logits, labels, feats = p.run_outputs(part)
         probs = p.probabilities(logits)
+        trust = trust_metrics(p, logits, labels, feats, ood)
     m = multilabel_metrics(probs, labels, clf.classes, clf.thresholds)
     m["split"], m["data"] = split, data.name
-    pictures = {"pr": pr_curves_png(m)}
+    m.update(trust.sections)
+    pictures = {"pr": pr_curves_png(m), **trust_pictures(trust, data.name)}
     history = read_history(run_dir / "history.csv")
     if history:
         pictures["curves"] = training_curves_png(history)
@@ -162,5 +167,5 @@ def multilabel_report(clf: ModelBundle, run_dir: Path, out_dir: Path, data: Any,
     json_path = out_dir / "metrics.json"
     cal = {"fitted_on": None, "note": "multi-label model: per-class thresholds instead of a temperature"}
     RunDir(json_path.parent).update_metrics(evaluation=m, thresholds=clf.card.get("thresholds"),
-                                            report=str(html_path))
+                                            report=str(html_path), **trust.sections)
     return Report(html_path, json_path, m, cal, [])

@@ -144,7 +144,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     if clf.multi_label:  # label sets: mAP, PR curves and thresholds instead of confusion / temperature
         from imgcls.evaluation.multilabel import multilabel_report
 
-        return multilabel_report(clf, run.path, out_dir, data, split, batch_size, device)
+        return multilabel_report(clf, run.path, out_dir, data, split, batch_size, device, ood)
     spec = data
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:

@@ -89,21 +89,25 @@ class TrustResult:
     ood_scores: np.ndarray | None = None
 
 
-def _by_method(logits: np.ndarray, z: np.ndarray, t: float) -> dict[str, Any]:
-    """The threshold-free figures of the logit-based scores, to compare with the model's own."""
+def _by_method(logits: np.ndarray, z: np.ndarray, t: float, multi_label: bool = False) -> dict[str, Any]:
+    """The threshold-free figures of the logit-based scores, to compare with the model's own
+    (multi-label: the per-label energy only)."""
     out = {}
-    for method in ("msp", "energy"):
-        m = ood_metrics(score_of(method, logits, temperature=t), score_of(method, z, temperature=t))
+    for method in ("energy",) if multi_label else ("msp", "energy"):
+        m = ood_metrics(score_of(method, logits, temperature=t, multi_label=multi_label),
+                        score_of(method, z, temperature=t, multi_label=multi_label))
         out[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"]}
     return out
 
 
 def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None,
                   ood_data: Any = None, announce: bool = True) -> TrustResult:
-    """Conformal coverage on the evaluated images (when the model has sets) and, with
-    ``ood_data``, how its OOD score separates them from that data (every method's AUROC too)."""
+    """Conformal coverage on the evaluated images (when the model has sets; never for a
+    multi-label model) and, with ``ood_data``, how its OOD score separates them from that
+    data (every method's AUROC too)."""
     r = TrustResult()
-    c = conformal_metrics(predictor, logits, labels)
+    multi = predictor.bundle.multi_label
+    c = None if multi else conformal_metrics(predictor, logits, labels)
     if c is not None:
         r.sections["conformal"] = c
     if ood_data is None:
@@ -115,7 +119,7 @@ def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, 
     t = float(trust.ood.get("temperature", predictor.bundle.temperature))
     r.sections["ood"] = {"method": trust.method, "data": name,
                          **ood_metrics(r.id_scores, r.ood_scores, trust.ood.get("threshold")),
-                         "by_method": _by_method(logits, z, t)}
+                         "by_method": _by_method(logits, z, t, multi)}
     if trust.method == "knn":
         r.sections["ood"]["by_method"]["knn"] = {k: r.sections["ood"][k] for k in ("auroc", "fpr95")}
     return r

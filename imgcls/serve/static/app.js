@@ -54,12 +54,15 @@ function renderBars(top) {
   }
 }
 
-// "unknown" (with the top class as a guess) and the conformal prediction set, when the model has them
+// "unknown" (with the top class - a multi-label model: its label set - as a guess) and the
+// conformal prediction set, when the model has them
 function renderTrust(pred) {
   const score = pred.ood_score === undefined ? "" : ` (OOD score ${pred.ood_score.toFixed(3)})`;
+  const guess = pred.labels === undefined ? `"${pred.guess}"`
+    : (pred.labels.length ? pred.labels.map((l) => `"${l.label}"`).join(", ") : "no label");
   $("guess").hidden = !pred.unknown;
   $("guess").textContent = pred.unknown
-    ? `Unlike the images this model was trained on${score}: best guess "${pred.guess}".` : "";
+    ? `Unlike the images this model was trained on${score}: best guess ${guess}.` : "";
   $("pset").hidden = !Array.isArray(pred.set);
   $("pset").textContent = Array.isArray(pred.set)
     ? `Prediction set: {${pred.set.join(", ")}}` + (pred.set.length === 0 ? " (no class is plausible)" : "") : "";
@@ -79,7 +82,7 @@ async function classify(file) {
   }
   const pred = await resp.json();
   // a multi-label model answers the set of labels above their thresholds
-  $("label").textContent = pred.labels === undefined ? pred.label
+  $("label").textContent = pred.labels === undefined || pred.unknown ? pred.label
     : (pred.labels.length ? pred.labels.map((l) => `${l.label} (${(100 * l.p).toFixed(1)}%)`).join(", ")
       : "no label above its threshold");
   renderTrust(pred);
