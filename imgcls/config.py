@@ -19,7 +19,7 @@ from imgcls.errors import ImgclsError, did_you_mean
 
 # what --semi auto means (TrainConfig.semi_parts): the arm that paid on CIFAR-10 with 250 labels
 # per class at equal wall-clock on 2 cores (docs/benchmarks.md)
-SEMI_AUTO = "both"
+SEMI_AUTO = "pseudo"
 
 
 class TrainConfig(BaseModel):

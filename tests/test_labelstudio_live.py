@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -92,12 +93,12 @@ def label_studio(tmp_path):
                 pytest.fail(f"label-studio did not answer /health in {START_TIMEOUT_S} s")
             time.sleep(1)
         yield _Api(base)
-    finally:
-        proc.terminate()
+    finally:  # the server and anything it started: the process group this test made
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
 
