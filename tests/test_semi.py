@@ -151,3 +151,16 @@ def test_unlabeled_bad_input_is_one_line(tmp_path, capsys):
         assert len(err) == 1 and "same shape" in err[0]
     assert main(["train", "--data", str(tmp_path / "lab.npz"), "--mu", "0", "--out", str(tmp_path / "runs")]) == 1
     assert "mu" in capsys.readouterr().err
+
+
+def test_fixmatch_refuses_multi_label_data_in_one_line(tmp_path, capsys):
+    x, y = pattern_images(8, size=16)
+    multi = np.eye(3, dtype=np.int64)[y]
+    multi[::2, (y[::2] + 1) % 3] = 1  # every other image has two labels
+    np.savez(tmp_path / "multi.npz", x_train=x, y_train=multi)
+    xu, _ = pattern_images(3, size=16, seed=2)
+    np.savez(tmp_path / "pool.npz", x_unlabeled=xu)
+    assert main(["train", "--data", str(tmp_path / "multi.npz"), "--unlabeled", str(tmp_path / "pool.npz"),
+                 "--semi", "fixmatch", "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not train on multi-label data" in err[0] and "--semi pseudo" in err[0]

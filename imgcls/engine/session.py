@@ -75,6 +75,7 @@ class TrainingSession:
         self.bundle, self.cfg, self.resume = bundle, cfg, resume
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress, self.extra_callbacks = progress, list(callbacks or [])
+        self.pool = None  # --unlabeled with FixMatch: the unlabelled Split (check_unlabeled)
 
     # ------------------------------------------------------------------ steps
     def start(self) -> None:
@@ -220,7 +221,7 @@ class TrainingSession:
     def fixmatch(self, inp: TrainInputs) -> FixMatch | None:
         """The consistency term of the training loop on the unlabelled pool (engine/consistency.py)."""
         cfg = self.cfg
-        if getattr(self, "pool", None) is None:
+        if self.pool is None:
             return None
         u = unlabeled_inputs(self.pool, inp.pre, inp.aug, self.local_batch * cfg.mu, seed=cfg.seed,
                              strong=cfg.strong_augment, cache=cfg.cache, workers=cfg.workers, rank=self.ctx.rank,
@@ -267,7 +268,7 @@ class TrainingSession:
         tta = cfg.tta if cfg.tta != "auto" else "flip" if inp.aug.hflip and inp.data.kind == "small-colour" else "none"
         self.bundle.card["tta"] = tta
         ft = self.finetune(lr)
-        if ft is not None and ft.use_cache and getattr(self, "pool", None) is not None:
+        if ft is not None and ft.use_cache and self.pool is not None:
             if cfg.semi != "auto":
                 raise ImgclsError(f"--semi {cfg.semi} (FixMatch) needs the backbone to see augmented images; a "
                                   "frozen backbone trains a head on cached features",
@@ -335,7 +336,7 @@ class TrainingSession:
             c = out.cached
             summary["finetune"].update({"extract_s": round(c.extract_s, 2), "head_train_s": round(c.head_s, 2),
                                         "cached_views": c.views, "feature_dim": c.feature_dim})
-        if getattr(self, "pool", None) is not None:
+        if self.pool is not None:
             summary["fixmatch"] = {"unlabeled_images": len(self.pool), "mu": cfg.mu,
                                    "threshold": round(confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing,
                                                                            len(self.bundle.classes)), 4),
