@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from imgcls.errors import ImgclsError, did_you_mean
 
 
+# what --semi auto means (TrainConfig.semi_parts): the arm that paid on CIFAR-10 with 250 labels
+# per class at equal wall-clock on 2 cores (docs/benchmarks.md)
+SEMI_AUTO = "pseudo"
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -28,7 +33,14 @@ class TrainConfig(BaseModel):
     val_split: float = 0.1  # held out (stratified) when the data has no validation split
     group_by: str | None = None  # manifest column or path regex: held-out split keeps each group on one side
     unlabeled: str | None = None  # folder / .npz of unlabelled images: pseudo-labels from a teacher (curation/semi.py)
-    pseudo_threshold: float = 0.95  # teacher confidence a pseudo-label needs
+    pseudo_threshold: float = 0.95  # confidence a pseudo-label needs (the teacher's, or FixMatch's weak view)
+    # what --unlabeled does (curation/semi.py, engine/consistency.py): pseudo = a teacher's confident
+    # pseudo-labels join the training split; fixmatch = weak/strong consistency on the pool in the one
+    # training loop; both = the two; auto = what measured best (docs/benchmarks.md)
+    semi: Literal["auto", "pseudo", "fixmatch", "both"] = "auto"
+    mu: int = 7  # fixmatch: unlabelled images per labelled image in a step
+    unlabeled_weight: float = 1.0  # fixmatch: weight of the unlabelled loss (FixMatch's lambda_u)
+    strong_augment: Literal["randaugment", "trivialaugment"] = "randaugment"  # fixmatch's strong view (torchvision)
     classes: list[str] | None = None  # fix the class list and order ("a,b,c" on the command line)
     strict: bool = False  # unreadable image files are an error instead of skipped and reported
     balance: Literal["auto", "none", "weights", "sampler"] = "auto"  # class imbalance handling
@@ -91,6 +103,7 @@ class TrainConfig(BaseModel):
     devices: int = 1  # processes on this machine; >1 starts them through torchrun (DDP)
     deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
     checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (one per epoch always)
+    time_budget: float | None = None  # minutes of training: stop then; the LR schedule follows the clock
     log: str | None = None  # extra experiment logs, comma-separated: tensorboard, mlflow (history.csv always)
     # trust at prediction time (engine/conformal.py, engine/ood.py): fitted after training, stored in model.json
     conformal: float | None = None  # coverage of conformal sets, fitted on a calibration split held out of train
@@ -161,6 +174,19 @@ class TrainConfig(BaseModel):
             raise ValueError("must be in [0, 1), e.g. 0.999")
         return v
 
+    def semi_parts(self) -> tuple[bool, bool]:
+        """What ``--unlabeled`` does: (teacher pseudo-labels, FixMatch consistency); ``auto`` is
+        :data:`SEMI_AUTO`, the measured best (docs/benchmarks.md, "Unlabelled images")."""
+        semi = SEMI_AUTO if self.semi == "auto" else self.semi
+        return semi in ("pseudo", "both"), semi in ("fixmatch", "both")
+
+    @field_validator("mu")
+    @classmethod
+    def _mu(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1 (unlabelled images per labelled image)")
+        return v
+
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: int | None) -> int | None:
@@ -168,7 +194,7 @@ class TrainConfig(BaseModel):
             raise ValueError("must be at least 1")
         return v
 
-    @field_validator("checkpoint_every")
+    @field_validator("checkpoint_every", "time_budget")
     @classmethod
     def _minutes_positive(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:

@@ -118,10 +118,10 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     data, calib = hold_out_calibration(data, cfg)
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
-    if cfg.unlabeled:  # semi-supervised: the teacher's confident pseudo-labels join the training split
+    if cfg.unlabeled and cfg.semi_parts()[0]:  # semi-supervised: a teacher's confident pseudo-labels join train
         from imgcls.curation.semi import add_pseudo_labels
 
-        data = add_pseudo_labels(cfg, data, progress and ctx.is_main)
+        data, cfg = add_pseudo_labels(cfg, data, progress and ctx.is_main)
     clf = Classifier.from_config(cfg, data)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))

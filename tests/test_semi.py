@@ -1,42 +1,166 @@
-"""imgcls train --unlabeled: pseudo-labels from a teacher join the training split."""
+"""imgcls train --unlabeled: pseudo-labels from a teacher, FixMatch consistency in the one
+training loop, and the --time-budget they are compared at."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
+import torch
+from torch import nn
 
 from imgcls.cli import main
+from imgcls.data.loaders import Batches
+from imgcls.data.records import Split
+from imgcls.data.transforms import BatchAugment, Preprocessing, StrongAugment
+from imgcls.engine.consistency import FixMatch, confidence_threshold
+from imgcls.engine.optim import build_scheduler
+from imgcls.engine.trainer import FitSettings, Trainer
 from tests.conftest import pattern_images
 
 
-def test_unlabeled_pool_adds_confident_pseudo_labels(tmp_path, capsys):
-    x, y = pattern_images(12, size=16)
-    xt, yt = pattern_images(10, size=16, seed=1)
+def _npz(tmp_path, n=12, channels=1, pool=30):
+    x, y = pattern_images(n, size=16, channels=channels)
+    xt, yt = pattern_images(10, size=16, seed=1, channels=channels)
     np.savez(tmp_path / "lab.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
-    xu, _ = pattern_images(30, size=16, seed=2)
+    xu, _ = pattern_images(pool, size=16, seed=2, channels=channels)
     np.savez(tmp_path / "pool.npz", x_unlabeled=xu)
-    assert main(["train", "--data", str(tmp_path / "lab.npz"), "--unlabeled", str(tmp_path / "pool.npz"),
+    return tmp_path / "lab.npz", tmp_path / "pool.npz"
+
+
+def test_unlabeled_pool_adds_confident_pseudo_labels(tmp_path, capsys):
+    lab, pool = _npz(tmp_path)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "pseudo",
                  "--epochs", "6", "--batch-size", "8", "--pseudo-threshold", "0.6", "--out", str(tmp_path / "runs"),
                  "--name", "semi"]) == 0
     m = json.loads((tmp_path / "runs" / "semi" / "metrics.json").read_text())
     note = next(n for n in m["training"]["data_notes"] if n.startswith("semi-supervised"))
     n_pseudo = int(note.split()[1])
     labelled = int(note.split()[-3])  # "... joined the 33 labelled ones"
-    assert 0 < n_pseudo <= 90 and labelled < len(y) and m["training"]["train_images"] == labelled + n_pseudo
+    assert 0 < n_pseudo <= 90 and labelled < 36 and m["training"]["train_images"] == labelled + n_pseudo
+    assert "fixmatch" not in m["training"]  # pseudo only: no consistency term
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fixmatch_trains_on_the_pool_in_the_training_loop(tmp_path, capsys, channels):
+    lab, pool = _npz(tmp_path, channels=channels)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "fixmatch", "--mu", "3",
+                 "--epochs", "3", "--batch-size", "8", "--pseudo-threshold", "0.5", "--out", str(tmp_path / "runs"),
+                 "--name", "fm"]) == 0
+    run = tmp_path / "runs" / "fm"
+    tr = json.loads((run / "metrics.json").read_text())["training"]
+    assert tr["train_images"] == 33  # the pool never joins the training split: it trains through the loss
+    assert tr["fixmatch"]["unlabeled_images"] == 90 and tr["fixmatch"]["mu"] == 3
+    assert 0.0 <= tr["fixmatch"]["last_epoch_mask"] <= 1.0
+    assert "unlabeled_mask" in (run / "history.csv").read_text().splitlines()[0]
+    assert "FixMatch consistency on 90 unlabelled images, 24 per step" in capsys.readouterr().err
+
+
+def _tiny_trainer(fixmatch, augment=None, budget=None, epochs=2):
+    torch.manual_seed(0)
+    x, y = pattern_images(8, size=8)
+    split = Split(labels=torch.from_numpy(y), images=torch.from_numpy(x)[:, None])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    model.num_classes = 3
+    pre = Preprocessing(img_size=8, in_chans=1, mean=(0.5,), std=(0.25,))
+    s = FitSettings(epochs=epochs, lr=0.05, optimizer="sgd", schedule="constant", warmup_epochs=0,
+                    time_budget_s=budget)
+    tr = Trainer(model, pre, s, torch.device("cpu"), None, batch_augment=augment, channels_last=False,
+                 fixmatch=fixmatch)
+    state = tr.fit(Batches(split, 6, shuffle=True, seed=0, drop_last=True))
+    return model, state
+
+
+def _pool_fixmatch(threshold):
+    xu, _ = pattern_images(10, size=8, seed=3)
+    pool = Split(labels=torch.zeros(len(xu), dtype=torch.long), images=torch.from_numpy(xu)[:, None])
+    return FixMatch(Batches(pool, 12, shuffle=True, seed=1, drop_last=True), BatchAugment(1, True),
+                    StrongAugment("randaugment"), threshold=threshold)
+
+
+def test_fixmatch_term_is_the_masked_strong_view_loss():
+    # never confident (threshold above 1): the unlabelled images add nothing - the weights are
+    # those of labelled-only training (a model without BatchNorm; up to float rounding of the larger matmul)
+    plain, _ = _tiny_trainer(None)
+    masked, state = _tiny_trainer(_pool_fixmatch(1.01))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.state_dict().values(), masked.state_dict().values()))
+    assert state.history[-1]["unlabeled_mask"] == 0.0
+    # always confident: every strong view trains, the weights move differently
+    used, state = _tiny_trainer(_pool_fixmatch(0.0))
+    assert state.history[-1]["unlabeled_mask"] == 1.0
+    assert (plain[1].weight - used[1].weight).abs().max() > 1e-3
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    label, mask = FixMatch.targets(logits, 0.9)
+    assert label.tolist() == [0, 0] and mask.tolist() == [1.0, 0.0]
+    # label smoothing 0.2 over 10 classes trains towards 0.82 at most: 0.95 of that is the bar
+    assert confidence_threshold(0.95, 0.2, 10) == pytest.approx(0.779) and confidence_threshold(0.95, 0.0, 3) == 0.95
+
+
+def test_fixmatch_cycles_the_pool_across_epochs():
+    fm = _pool_fixmatch(0.5)  # 30 images, 12 per batch: 2 batches per pool epoch
+    seen = [fm.next_batch() for _ in range(5)]
+    assert all(b.shape == (12, 1, 8, 8) for b in seen) and fm._epoch == 3
+
+
+def test_strong_augment_keeps_shape_and_cuts_out_a_square():
+    x = torch.full((6, 3, 16, 16), 200, dtype=torch.uint8)
+    x[:, :, ::2] = 30
+    out = StrongAugment("randaugment")(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert all((img == 127).all(0).sum() >= 16 for img in out)  # a grey Cutout square in every image
+    gray = StrongAugment("trivialaugment")(x[:, :1], torch.Generator().manual_seed(0))
+    assert gray.shape == (6, 1, 16, 16)
+
+
+def test_time_budget_stops_training_and_drives_the_schedule():
+    _, state = _tiny_trainer(None, budget=1e-6, epochs=50)
+    assert len(state.history) == 1 and state.stop_reason.startswith("time budget of")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock = {"t": 0.0}
+    sched = build_scheduler(opt, "linear", total_steps=1000, warmup_steps=0, progress=lambda: clock["t"])
+    clock["t"] = 0.75
+    opt.step()
+    sched.step()  # step 1 of 1000, but three quarters of the budget spent: the lr follows the clock
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_pseudo_labels_share_the_time_budget(tmp_path, capsys):
+    lab, pool = _npz(tmp_path)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "pseudo", "--time-budget", "0.2",
+                 "--epochs", "3", "--batch-size", "8", "--out", str(tmp_path / "runs"), "--name", "b"]) == 0
+    tr = json.loads((tmp_path / "runs" / "b" / "metrics.json").read_text())["training"]
+    assert 0.2 * 0.2 <= tr["time_budget_min"] < 0.2  # the student trains for what the teacher left
+    assert "min left of the budget" in capsys.readouterr().err
 
 
 def test_unlabeled_bad_input_is_one_line(tmp_path, capsys):
     x, y = pattern_images(6, size=16)
     np.savez(tmp_path / "lab.npz", x_train=x, y_train=y)
     (tmp_path / "empty").mkdir()
-    assert main(["train", "--data", str(tmp_path / "lab.npz"), "--unlabeled", str(tmp_path / "empty"),
-                 "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "has no images" in err[0]
     xu, _ = pattern_images(4, size=20)
     np.savez(tmp_path / "big.npz", x_unlabeled=xu)
-    assert main(["train", "--data", str(tmp_path / "lab.npz"), "--unlabeled", str(tmp_path / "big.npz"),
-                 "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
+    for semi in ("pseudo", "fixmatch"):
+        assert main(["train", "--data", str(tmp_path / "lab.npz"), "--unlabeled", str(tmp_path / "empty"),
+                     "--semi", semi, "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no images" in err[0]
+        assert main(["train", "--data", str(tmp_path / "lab.npz"), "--unlabeled", str(tmp_path / "big.npz"),
+                     "--semi", semi, "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "same shape" in err[0]
+    assert main(["train", "--data", str(tmp_path / "lab.npz"), "--mu", "0", "--out", str(tmp_path / "runs")]) == 1
+    assert "mu" in capsys.readouterr().err
+
+
+def test_fixmatch_refuses_multi_label_data_in_one_line(tmp_path, capsys):
+    x, y = pattern_images(8, size=16)
+    multi = np.eye(3, dtype=np.int64)[y]
+    multi[::2, (y[::2] + 1) % 3] = 1  # every other image has two labels
+    np.savez(tmp_path / "multi.npz", x_train=x, y_train=multi)
+    xu, _ = pattern_images(3, size=16, seed=2)
+    np.savez(tmp_path / "pool.npz", x_unlabeled=xu)
+    assert main(["train", "--data", str(tmp_path / "multi.npz"), "--unlabeled", str(tmp_path / "pool.npz"),
+                 "--semi", "fixmatch", "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "same shape" in err[0]
+    assert len(err) == 1 and "does not train on multi-label data" in err[0] and "--semi pseudo" in err[0]

@@ -21,9 +21,18 @@ _HELP = {
     "img_size": "input side in pixels (default: the data's own size, or 224 for photos)",
     "in_chans": "input channels, 1 or 3 (default: the data's)",
     "val_split": "fraction of train held out for validation when the data has no val split",
-    "unlabeled": "folder or .npz of unlabelled images: a teacher trained on the labelled ones pseudo-labels those "
-                 "it is sure of (--pseudo-threshold) and the model trains on both",
-    "pseudo_threshold": "teacher confidence a pseudo-label needs (with --unlabeled)",
+    "unlabeled": "folder or .npz of unlabelled images for semi-supervised training (--semi)",
+    "pseudo_threshold": "confidence a pseudo-label needs (with --unlabeled): the teacher's, or FixMatch's on the "
+                        "weak view",
+    "semi": "with --unlabeled: pseudo (a teacher's confident pseudo-labels join the training split), fixmatch "
+            "(weak/strong-augmentation consistency on the pool in the training loop), both; auto: "
+            "the measured best",
+    "mu": "fixmatch: unlabelled images per labelled image in each step",
+    "unlabeled_weight": "fixmatch: weight of the loss on the unlabelled images",
+    "strong_augment": "fixmatch: the strong augmentation (torchvision RandAugment or TrivialAugmentWide)",
+    "time_budget": "minutes of training (validation included): training stops then and the learning-rate "
+                   "schedule follows the clock (--epochs stays an upper bound); with --unlabeled pseudo the "
+                   "teacher, the pool prediction and the student share it",
     "group_by": "keep each group on one side of the held-out split: a manifest COLUMN (e.g. run) or a REGEX "
                 "on the file path whose first capture group is the group",
     "warmup_epochs": "linear learning-rate warm-up length, in epochs",

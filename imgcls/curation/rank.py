@@ -35,41 +35,16 @@ from PIL import Image
 
 from imgcls.api import Classifier
 from imgcls.curation.gallery import as_image, write_gallery
-from imgcls.data.decode import scan_folder
 from imgcls.data.labelstudio import label_config, task
+from imgcls.data.pool import pool_split
 from imgcls.data.records import Split
-from imgcls.data.sources import _to_nchw_uint8, load_data
+from imgcls.data.sources import load_data
 from imgcls.engine.predictor import Predictor, softmax
 from imgcls.curation import STRATEGIES
 from imgcls.errors import ImgclsError
 
 HYBRID_POOL = 10  # hybrid: k-center among this many times the budget of the most uncertain
 LABELLED_SAMPLE = 2000  # coreset: labelled images whose features seed the centres
-_ARRAY_KEYS = ("x_unlabeled", "x_unlabelled", "x_train", "x", "images")
-
-
-def pool_split(spec: str | Path) -> tuple[Split, list[Path] | None]:
-    """The unlabelled pool: a folder of images (recursively) or an ``.npz`` of images."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        files = scan_folder(p).files
-        if not files:
-            raise ImgclsError(f"unlabelled folder {p} has no images",
-                              "put the images to rank (jpg, png, ...) in it, or give an .npz of images")
-        return Split(labels=torch.zeros(len(files), dtype=torch.long), paths=files), files
-    if p.is_file() and p.suffix.lower() == ".npz":
-        with np.load(p, allow_pickle=False) as f:
-            key = next((k for k in _ARRAY_KEYS if k in f.files), None)
-            if key is None:
-                raise ImgclsError(f"{p} has none of the arrays {', '.join(_ARRAY_KEYS)}",
-                                  "save the unlabelled images as x_unlabeled (N, H, W[, C])")
-            x = _to_nchw_uint8(f[key], f"{p}[{key}]")
-        if not len(x):
-            raise ImgclsError(f"{p}[{key}] has no images", "give at least one unlabelled image")
-        return Split(labels=torch.zeros(len(x), dtype=torch.long), images=x), None
-    raise ImgclsError(f"unlabelled pool not found: {p}", "give a folder of images or an .npz of images")
-
-
 def uncertainty(probs: np.ndarray) -> dict[str, np.ndarray]:
     top2 = np.sort(probs, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]

@@ -32,7 +32,8 @@ from imgcls.data.loaders import BalancedOrder, Batches, default_workers
 from imgcls.data.records import ImageData, Split
 from imgcls.data.sources import _to_nchw_uint8, load_data
 from imgcls.data.streaming import BytesDecoder, StreamBatches
-from imgcls.data.transforms import (AugmentSpec, BatchAugment, BatchResizedCrop, Preprocessing, augment_preset)
+from imgcls.data.transforms import (AugmentSpec, BatchAugment, BatchResizedCrop, Preprocessing, StrongAugment,
+                                    augment_preset)
 from imgcls.errors import ImgclsError
 
 
@@ -286,6 +287,33 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
             if data.train.in_memory and (aug.preset != "none" or s.randaugment) else None
     return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
                        files=files)
+
+
+@dataclass
+class UnlabeledInputs:
+    """The unlabelled pool of a FixMatch run (engine/consistency.py): its batches (uint8,
+    shuffled, cycled by the trainer) and the weak and strong views of a batch."""
+
+    batches: Batches
+    weak: Any  # BatchAugment / BatchResizedCrop: the run's own augmentation, flips included
+    strong: StrongAugment  # applied to a weak view: RandAugment / TrivialAugmentWide + Cutout
+
+
+def unlabeled_inputs(pool: Split, pre: Preprocessing, aug: AugmentSpec, batch_size: int, *, seed: int = 0,
+                     strong: str = "randaugment", cache: bool = True, workers: int | None = None,
+                     rank: int = 0, world: int = 1, progress: bool = False) -> UnlabeledInputs:
+    """Batches of the unlabelled pool through the same decode pass as training (files are
+    decoded once, through the cache) with the run's augmentation as the weak view."""
+    if not pool.in_memory:
+        pool = decoded_split(pool, pre, cache=cache, workers=workers, progress=progress,
+                             what="unlabelled images").split
+    batches = Batches(pool, batch_size, shuffle=True, seed=seed + 7, drop_last=True)
+    if world > 1:
+        batches.shard(rank, world, even=True)
+    photo = pre.resize == "shorter_side" and pool.images.shape[-1] > pre.img_size
+    weak = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip) if photo \
+        else BatchAugment(aug.translate, aug.hflip)
+    return UnlabeledInputs(batches=batches, weak=weak, strong=StrongAugment(strong))
 
 
 # ---------------------------------------------------------------------- streamed (sharded) data

@@ -36,6 +36,8 @@ class TrainState:
     correct: Any = None
     loss: Any = None  # the last step's loss (a device tensor; read it only where a sync is fine)
     lr: float | None = None  # set by a callback before a step (the LR finder)
+    unlabeled_used: Any = 0  # FixMatch: this epoch's unlabelled images above the threshold (device tensor)
+    unlabeled_seen: int = 0
 
     def end_epoch(self, metrics: dict[str, float], train_time: float) -> None:
         """Record an epoch's metrics, adding its wall time (validation included) and the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,8 +48,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     raise ValueError(name)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int,
-                    warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int,
+                    progress: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step multiplier on the base learning rate.
 
     onecycle: linear warm-up from lr/25 to lr, then cosine down to ~0 (the one-cycle policy
@@ -56,12 +57,18 @@ def build_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int,
     warm-up from lr/5, then a straight line down to 0 (airbench's triangle); constant:
     warm-up, then flat. Written as one LambdaLR rather than torch's OneCycleLR, which
     divides by zero when a tiny data set gives only a handful of steps.
+
+    ``progress`` (a time budget, engine/trainer.py): a callable giving the share of the
+    budget spent, 0..1; the schedule then runs at ``max(step, progress() * total_steps)``, so
+    warm-up and decay follow whichever of the step count and the clock is further along.
     """
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1)
     start = {"onecycle": 1 / 25, "linear": 0.2}.get(name, 0.0)
 
-    def factor(step: int) -> float:
+    def factor(step: float) -> float:
+        if progress is not None:
+            step = max(step, progress() * total_steps)
         if step < warmup_steps:
             return start + (1 - start) * (step + 1) / (warmup_steps + 1)
         if name == "constant":

@@ -24,14 +24,16 @@ import torch
 from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
 from imgcls.data.pipeline import (TrainInputs, TrainSettings, derive_preprocessing, eval_batches, require_train,
-                                  training_inputs)
+                                  training_inputs, unlabeled_inputs)
 from imgcls.data.groups import leak_hint
+from imgcls.data.pool import check_pool, pool_split
 from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
 from imgcls.engine.averaging import EMA, Lookahead
 from imgcls.engine.callbacks import BestModel, Callback, EarlyStopping, HistoryCSV, ProgressBar
 from imgcls.engine.checkpoint import Checkpoint
+from imgcls.engine.consistency import FixMatch, confidence_threshold
 from imgcls.engine.device import precision_name, resolve_device, resolve_precision
 from imgcls.engine.finetune import FineTunePlan, fit_head_cached, plan_finetune
 from imgcls.engine.lr_find import LRFindResult, lr_find
@@ -55,7 +57,8 @@ def fit_settings(cfg: TrainConfig, lr: float, multi_label: bool = False) -> FitS
     return FitSettings(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                        momentum=cfg.momentum, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, compile=cfg.compile, mixup=cfg.mixup,
-                       cutmix=cfg.cutmix, multi_label=multi_label, loss=cfg.loss, pos_weight=cfg.pos_weight)
+                       cutmix=cfg.cutmix, multi_label=multi_label, loss=cfg.loss, pos_weight=cfg.pos_weight,
+                       time_budget_s=cfg.time_budget * 60 if cfg.time_budget else None)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TrainingSession:
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress, self.extra_callbacks = progress, list(callbacks or [])
         self._top_skipped = ""  # why the top-block stage did not run (finetune_top auto)
+        self.pool = None  # --unlabeled with FixMatch: the unlabelled Split (check_unlabeled)
 
     # ------------------------------------------------------------------ steps
     def start(self) -> None:
@@ -197,7 +201,8 @@ class TrainingSession:
             trainer = Trainer(b.model, b.preprocessing, settings, self.device, self.amp,
                               batch_augment=inp.batch_augment, callbacks=cbs + (ft.callbacks if ft else []),
                               dist=self.ctx, class_weights=inp.balance.weight_tensor(),
-                              param_groups=ft.param_groups if ft else None, tta=tta)
+                              param_groups=ft.param_groups if ft else None, tta=tta,
+                              fixmatch=self.fixmatch(inp))
             if ckpt is not None:
                 ckpt.attach(trainer)
             return _Outcome(trainer.fit(inp.train, inp.val), time.perf_counter() - t0)
@@ -238,6 +243,37 @@ class TrainingSession:
             res.state.best = {**res.state.best, "epoch": res.state.best.get("epoch", 0) + n}
             cached.state = res.state
 
+    def check_unlabeled(self, data: ImageData) -> None:
+        """With ``--unlabeled`` and FixMatch (``--semi fixmatch|both``): the pool, checked against
+        the labelled data before anything trains; the refusals name the flag to change."""
+        cfg = self.cfg
+        self.pool = None
+        if not cfg.unlabeled or not cfg.semi_parts()[1]:
+            return
+        why = "multi-label data" if self.multi_label else "streamed shards" if data.train.streamed else None
+        if why:
+            raise ImgclsError(f"--semi {cfg.semi} (FixMatch) does not train on {why}",
+                              "use --semi pseudo, or train without --unlabeled")
+        self.pool, _ = pool_split(cfg.unlabeled)
+        check_pool(data.train, self.pool, str(cfg.unlabeled))
+
+    def fixmatch(self, inp: TrainInputs) -> FixMatch | None:
+        """The consistency term of the training loop on the unlabelled pool (engine/consistency.py)."""
+        cfg = self.cfg
+        if self.pool is None:
+            return None
+        u = unlabeled_inputs(self.pool, inp.pre, inp.aug, self.local_batch * cfg.mu, seed=cfg.seed,
+                             strong=cfg.strong_augment, cache=cfg.cache, workers=cfg.workers, rank=self.ctx.rank,
+                             world=self.ctx.world_size, progress=self.progress and self.ctx.is_main)
+        tau = confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing, len(self.bundle.classes))
+        if self.say:
+            scaled = f" ({cfg.pseudo_threshold:g} x the {tau / cfg.pseudo_threshold:.2f} a label-smoothed model " \
+                     "reaches)" if tau != cfg.pseudo_threshold else ""
+            self.say(f"semi-supervised: FixMatch consistency on {len(self.pool):,} unlabelled images, "
+                     f"{self.local_batch * cfg.mu} per step (mu {cfg.mu}), threshold {tau:.3g}{scaled}, "
+                     f"strong view {cfg.strong_augment} + cutout")
+        return FixMatch(u.batches, u.weak, u.strong, threshold=tau, weight=cfg.unlabeled_weight)
+
     def thresholds(self, inp: TrainInputs, tta: str) -> dict[str, Any]:
         """Per-class thresholds of a multi-label model, tuned on the validation split
         (``--threshold-target``; engine/multilabel.py), for model.json."""
@@ -259,7 +295,9 @@ class TrainingSession:
         """Train on ``data``; returns the training summary (also in ``bundle.card``)."""
         cfg = self.cfg
         self.start()
-        inp = self.inputs(self.load(data))
+        loaded = self.load(data)
+        self.check_unlabeled(loaded)
+        inp = self.inputs(loaded)
         self.bundle.preprocessing = inp.pre  # the model trains, and is saved, with what its batches were built for
         lr, found = cfg.lr, None
         if lr == "auto":
@@ -269,6 +307,12 @@ class TrainingSession:
         tta = cfg.tta if cfg.tta != "auto" else "flip" if inp.aug.hflip and inp.data.kind == "small-colour" else "none"
         self.bundle.card["tta"] = tta
         ft = self.finetune(lr)
+        if ft is not None and ft.use_cache and self.pool is not None:
+            if cfg.semi != "auto":
+                raise ImgclsError(f"--semi {cfg.semi} (FixMatch) needs the backbone to see augmented images; a "
+                                  "frozen backbone trains a head on cached features",
+                                  "use --semi pseudo (or auto), or --feature-cache off")
+            self.pool = None  # auto: pseudo-labels only on cached features
         self._announce()
         out = self.train(inp, lr, tta, ft)
         if self.multi_label:
@@ -323,6 +367,7 @@ class TrainingSession:
             "val_split": cfg.val_split, "group_by": cfg.group_by, "seed": cfg.seed, "distributed": scale,
             "resumed_from_epoch": int(self.resume["epoch"]) if self.resume else None,
             "balance": inp.balance.to_dict(), "lr": lr, "tta": tta, "threads": torch.get_num_threads(),
+            "time_budget_min": cfg.time_budget,
         }
         if ft is not None:
             summary["finetune"] = dict(ft.settings)
@@ -334,6 +379,12 @@ class TrainingSession:
                 summary["finetune"]["top_blocks"] = c.top_stage.to_dict()
             elif self.cfg.finetune_top == "auto":
                 summary["finetune"]["top_blocks"] = {"kept": False, "why": f"skipped: {self._top_skipped}"}
+        if self.pool is not None:
+            summary["fixmatch"] = {"unlabeled_images": len(self.pool), "mu": cfg.mu,
+                                   "threshold": round(confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing,
+                                                                           len(self.bundle.classes)), 4),
+                                   "strong_augment": cfg.strong_augment, "weight": cfg.unlabeled_weight,
+                                   "last_epoch_mask": state.history[-1].get("unlabeled_mask") if state.history else None}
         if found is not None:
             summary["lr_find"] = {"suggestion": found.suggestion, "min_loss_lr": found.min_loss_lr}
         if inp.files is not None:

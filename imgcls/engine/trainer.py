@@ -48,6 +48,24 @@ class FitSettings:
     multi_label: bool = False  # targets are multi-hot rows: a sigmoid per class (engine/multilabel.py)
     loss: str = "auto"  # multi-label: bce or asl
     pos_weight: str = "none"  # multi-label bce: auto weights each label's positives by its rarity
+    time_budget_s: float | None = None  # stop after this many seconds of fit; the LR schedule follows the clock
+
+
+class TimeBudget:
+    """Seconds of training a run may take (``--time-budget``, validation included), from
+    the start of :meth:`Trainer.fit`. ``fraction`` drives the LR schedule (warm-up and decay
+    end with the budget, engine/optim.py); ``spent`` stops training after the batch that
+    crossed it. ``--epochs`` stays an upper bound. A resumed run gets the budget afresh."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.start = time.perf_counter()
+
+    def fraction(self) -> float:
+        return min(1.0, (time.perf_counter() - self.start) / self.seconds)
+
+    def spent(self) -> bool:
+        return self.fraction() >= 1.0
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -87,7 +105,7 @@ class Trainer:
                  amp_dtype: torch.dtype | None, batch_augment: BatchAugment | None = None,
                  callbacks: list[Callback] | None = None, channels_last: bool = True,
                  class_weights: torch.Tensor | None = None, dist: D.DistContext | None = None,
-                 param_groups: list[dict] | None = None, tta: str = "none"):
+                 param_groups: list[dict] | None = None, tta: str = "none", fixmatch=None):
         self.model, self.pre, self.s = model, pre, settings
         self.device, self.amp_dtype = device, amp_dtype
         self.augment = batch_augment
@@ -97,6 +115,7 @@ class Trainer:
         self.tta = tta  # test-time augmentation for the per-epoch validation
         self.dist = dist or D.SINGLE  # multi-process data parallel (engine/distributed.py)
         self.param_groups = param_groups  # optional per-group lr / weight decay (fine-tuning)
+        self.fixmatch = fixmatch  # engine/consistency.FixMatch: weak/strong consistency on an unlabelled pool
 
     def _setup(self, train) -> TrainState:
         s, model, dev = self.s, self.model, self.device
@@ -112,8 +131,10 @@ class Trainer:
         self.criterion = build_loss(s.loss, s.label_smoothing, self.class_weights, train.split.labels,
                                     s.pos_weight).to(dev) if s.multi_label else None
         steps = len(self.train_batches)
+        self.budget = TimeBudget(s.time_budget_s) if s.time_budget_s else None
         self.opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
-        self.sched = build_scheduler(self.opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)))
+        self.sched = build_scheduler(self.opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)),
+                                     progress=self.budget.fraction if self.budget else None)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
         # augmentation draws: reproducible per seed (and independent per process); callbacks
         # that save / restore the whole training state read opt, sched, scaler and gen
@@ -133,6 +154,7 @@ class Trainer:
                 state.batch_in_epoch, state.seen = 0, 0
                 state.loss_sum = torch.zeros((), device=self.device)
                 state.correct = torch.zeros((), device=self.device, dtype=torch.long)
+                state.unlabeled_used, state.unlabeled_seen = torch.zeros((), device=self.device), 0
             state.epoch, state.epoch_start = epoch, time.perf_counter()
             train.set_epoch(epoch)
             train.skip = skip if resumed else 0
@@ -163,14 +185,22 @@ class Trainer:
             if self.mix is not None:
                 x, soft = self.mix(x, y)
                 y = y[:len(x)]
+            if self.fixmatch is not None:  # + the strong views of mu x B unlabelled images, one forward
+                x, u_label, u_mask = self._fixmatch_batch(x)
             with autocast(dev, self.amp_dtype):
                 out = self.net(x)
+                if self.fixmatch is not None:
+                    out, u_out = out[:len(y)], out[len(y):]
                 if self.criterion is not None:  # multi-label: multi-hot (or mixed) targets
                     loss = self.criterion(out.float(), y if self.mix is None else soft, smoothed=self.mix is not None)
                 else:
                     loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
                                            label_smoothing=s.label_smoothing) if self.mix is None \
                         else self.mix.loss(out.float(), soft)
+                if self.fixmatch is not None:
+                    loss = loss + self.fixmatch.loss(u_out, u_label, u_mask)
+                    state.unlabeled_used += u_mask.sum()
+                    state.unlabeled_seen += len(u_mask)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
@@ -186,8 +216,22 @@ class Trainer:
             state.running = {"loss": float(loss_sum) / state.seen, "acc": float(correct) / state.seen} \
                 if dev.type == "cpu" or state.batch_in_epoch % 20 == 0 else state.running
             self.callbacks.on_batch_end(state)
-            if state.stop:  # a callback ended training mid-epoch (the LR finder's divergence)
+            if self.budget is not None and not state.stop and self.budget.spent():
+                state.stop = True
+                state.stop_reason = (f"time budget of {self.budget.seconds / 60:g} min spent after {state.step} steps "
+                                     f"(epoch {state.epoch}, batch {state.batch_in_epoch}/{state.steps_per_epoch})")
+            if state.stop:  # a callback ended training mid-epoch (the LR finder's divergence, the time budget)
                 break
+
+    def _fixmatch_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` (normalised labelled batch) with the strong views of the next unlabelled batch
+        appended, and the pseudo-labels and confidence mask of their weak views (the model in
+        training mode, no gradients)."""
+        fm, dev = self.fixmatch, self.device
+        weak, strong = fm.views(self.gen, dev)
+        with torch.no_grad(), autocast(dev, self.amp_dtype):
+            label, mask = fm.targets(self.net(_prepare(weak, self.pre, dev, self.channels_last)), fm.threshold)
+        return torch.cat([x, _prepare(strong, self.pre, dev, self.channels_last)]), label, mask
 
     def _epoch_metrics(self, state: TrainState, val) -> dict[str, float]:
         loss_sum, correct, seen = state.loss_sum, state.correct, state.seen
@@ -195,6 +239,8 @@ class Trainer:
             loss_sum, correct, seen = D.sum_across([loss_sum, correct, seen], self.dist, self.device)
         metrics = {"epoch": state.epoch, "train_loss": float(loss_sum) / max(seen, 1),
                    "train_acc": float(correct) / max(seen, 1), "lr": self.opt.param_groups[0]["lr"]}
+        if self.fixmatch is not None:  # share of this epoch's unlabelled images above the threshold
+            metrics["unlabeled_mask"] = float(state.unlabeled_used) / max(float(state.unlabeled_seen), 1.0)
         if val is None or not len(val.split):
             return metrics
         logits, labels = predict_logits(self.model, val, self.pre, self.device, self.amp_dtype, self.channels_last,
