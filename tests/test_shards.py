@@ -80,18 +80,30 @@ def test_parse_size():
     assert parse_size("512MB") == 512 * 10**6 and parse_size("64MiB") == 64 * 2**20 and parse_size("1.5gb") == 1.5e9
 
 
-def test_folder_with_resize_and_an_unreadable_file(tmp_path, capsys):
+@pytest.mark.parametrize("encoding", ["encoded", "raw"])
+def test_folder_with_resize_and_an_unreadable_file(tmp_path, capsys, encoding):
     root = write_folder(tmp_path / "photos", n_per_class=6, size=40)
     (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    index = write_shards(load_data(root), tmp_path / "sh", resize=24)
+    index = write_shards(load_data(root), tmp_path / "sh", resize=24, encoding=encoding if encoding == "encoded"
+                         else None)  # --resize alone writes raw pixels
     assert [s["path"] for s in index["skipped"]] == [str(root / "cat" / "broken.jpg")]
     assert "skipped 1 unreadable" in capsys.readouterr().err
     data = from_shards(tmp_path / "sh")
     assert data.kind == "photos" and len(data.train) + len(data.val) == 18
     with tarfile.open(tmp_path / "sh" / "train-000000.tar") as t:
         from PIL import Image
-        img = Image.open(io.BytesIO(t.extractfile(next(m for m in t if m.name.endswith(".jpg"))).read()))
-        assert min(img.size) == 24  # re-encoded with the shorter side at 24
+        if encoding == "encoded":
+            img = Image.open(io.BytesIO(t.extractfile(next(m for m in t if m.name.endswith(".jpg"))).read()))
+            assert min(img.size) == 24  # re-encoded with the shorter side at 24
+        else:  # the decode cache's row for the file: shorter side 24, centre square, (H, W, C) uint8
+            from imgcls.data.cache import CacheSpec
+
+            m = next(m for m in t if m.name.endswith(".npy"))
+            row = np.load(io.BytesIO(t.extractfile(m).read()))
+            path = json.loads(t.extractfile(m.name.replace(".npy", ".json")).read())["path"]
+            want = CacheSpec(side=24, channels=3).decode(Path(path)).permute(1, 2, 0).numpy()
+            assert row.dtype == np.uint8 and np.array_equal(row, want)
+    assert index["encoding"] == encoding and (index.get("raw_shape") == [24, 24, 3]) == (encoding == "raw")
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
