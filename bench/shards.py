@@ -213,6 +213,7 @@ def main() -> None:
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--model", default="reference_cnn", help="e.g. airbench (the fast recipe's CIFAR network)")
     t.add_argument("--only", nargs="*", default=[], help="run only these variants")
+    t.add_argument("--tag", default="", help="a suffix of the results file name")
     q = sub.add_parser("predict")
     q.add_argument("--images", type=int, default=20000)
     q.add_argument("--batch-size", type=int, default=256)
@@ -224,6 +225,7 @@ def main() -> None:
     result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
     model = "" if args.what != "train" or args.model == "reference_cnn" else f"_{args.model}"
+    model += f"_{args.tag}" if getattr(args, "tag", "") else ""
     path = RESULTS / (f"shards_train_{args.data}{model}.json" if args.what == "train" else f"shards_{args.what}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -530,7 +530,7 @@ def _chunk_of(members: list[tuple[int, Member]], raw_shape, shard: ShardInfo) ->
                  [g[1].source for g in good], [g[1].name for g in good], problems)
 
 
-def _parquet_chunks(data: bytes, shard: ShardInfo, raw_shape) -> Iterator[Chunk]:
+def _parquet_chunks(data: bytes, shard: ShardInfo, raw_shape, sources: bool = True) -> Iterator[Chunk]:
     """Parquet row groups as chunks: raw pixels as one array per row group (no per-sample work)."""
     import io
 
@@ -546,7 +546,7 @@ def _parquet_chunks(data: bytes, shard: ShardInfo, raw_shape) -> Iterator[Chunk]
     start = 0
     for g in range(groups):
         try:
-            t = pf.read_row_group(g, columns=["key", col, "label", "path"])
+            t = pf.read_row_group(g, columns=["key", col, "label"] + (["path"] if sources else []))
         except Exception as exc:
             raise ShardError(f"shard {shard.name}: row group {g} unreadable ({type(exc).__name__}: {exc})") from None
         n = t.num_rows
@@ -567,17 +567,19 @@ def _parquet_chunks(data: bytes, shard: ShardInfo, raw_shape) -> Iterator[Chunk]
         else:
             x = np.empty(n, object)
             x[:] = img.to_pylist()
-        paths = t.column("path").to_pylist()
+        paths = t.column("path").to_pylist() if sources else keys
         ordinal = np.arange(start, start + n, dtype=np.int64)
         problems = [(start + int(i), f"{shard.name}:{keys[i]}: no image or label") for i in np.flatnonzero(bad)]
         ok = ~bad
         sel = np.flatnonzero(ok)
         yield Chunk(ordinal[ok], x[ok] if bad.any() else x, y[ok],
-                    [str(paths[i] or keys[i]) for i in sel], [f"{shard.name}:{keys[i]}" for i in sel], problems)
+                    [str(paths[i] or keys[i]) for i in sel] if sources else [],
+                    [f"{shard.name}:{keys[i]}" for i in sel] if raw_shape is None else [], problems)
         start += n
 
 
-def read_chunks(shard: ShardInfo, split: "ShardSplit", verify: bool = True, size: int = 256) -> Iterator[Chunk]:
+def read_chunks(shard: ShardInfo, split: "ShardSplit", verify: bool = True, size: int = 256,
+                sources: bool = True) -> Iterator[Chunk]:
     """:func:`read_shard` in chunks of about ``size`` samples (Parquet: one per row group),
     raw shards' pixels as one uint8 array per chunk. The same errors as read_shard."""
     raw_shape = split.raw_shape if split.encoding == "raw" else None
@@ -591,7 +593,7 @@ def read_chunks(shard: ShardInfo, split: "ShardSplit", verify: bool = True, size
         f = _Hashing(f0)
         try:
             if split.format == "parquet":
-                yield from _parquet_chunks(f.read(), shard, raw_shape)
+                yield from _parquet_chunks(f.read(), shard, raw_shape, sources)
             else:
                 pending: list[tuple[int, Member]] = []
                 try:

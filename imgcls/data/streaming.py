@@ -133,6 +133,7 @@ class ShardStream(IterableDataset):
         self.crop = crop  # a batch transform run in the worker (random resized crops on a CPU)
         self.rank, self.world = 0, 1
         self.resume: dict | None = None  # a recorded position to continue from (one epoch, once)
+        self.sources = True  # carry each sample's source name (prediction); training does without
         # shared with persistent loader workers (their copy of this object outlives an epoch)
         self._epoch = mp.get_context("fork").Value("i", 0, lock=False) if "fork" in mp.get_all_start_methods() \
             else None
@@ -204,7 +205,7 @@ class ShardStream(IterableDataset):
             gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, torch.from_numpy(take["pos"])))
             x = self.crop(x, gen=gen)
         done = np.concatenate([take["pos"], *settled]) if settled else take["pos"]
-        sources = [s for s, good in zip(take["src"].tolist(), ok) if good]
+        sources = [s for s, good in zip(take["src"].tolist(), ok) if good] if "src" in take else []
         return x, y, list(problems), sources, (worker, read, done)
 
     def __iter__(self):
@@ -238,7 +239,7 @@ class ShardStream(IterableDataset):
                 want = (mine[0], pend)
             nxt = 0
             try:
-                for ch in read_chunks(self.split.shards[u.shard], self.split):
+                for ch in read_chunks(self.split.shards[u.shard], self.split, sources=self.sources):
                     for o, why in ch.problems:
                         if o % u.parts == u.part and (want is None or a + o // u.parts >= want[0]
                                                       or a + o // u.parts in want[1]):
@@ -252,7 +253,9 @@ class ShardStream(IterableDataset):
                         continue
                     nxt = max(nxt, int(local[-1]) + 1)
                     pos = a + local
-                    cols = {"pos": pos, "x": ch.x[sel], "y": ch.y[sel], "src": _objects(ch.sources)[sel]}
+                    cols = {"pos": pos, "x": ch.x[sel], "y": ch.y[sel]}
+                    if self.sources:
+                        cols["src"] = _objects(ch.sources)[sel]
                     if encoded:  # bytes, decoded when the batch is made (the buffer holds bytes)
                         cols["name"] = _objects(ch.names)[sel]
                     if want is not None:
@@ -402,6 +405,9 @@ class StreamBatches:
         skip, steps, self.padded = (0 if resume else self.skip), len(self), 0
         n = self.skip if resume else 0
         self.skip = 0  # a resume offset applies to one epoch only
+        if self.stream.sources != (self.on_sources is not None):
+            self.stream.sources = self.on_sources is not None
+            self._dl = None  # persistent workers hold their copy of the stream
         self.stream.resume = resume
         it = iter(self._loader())  # workers start (and copy the stream) here
         self.stream.resume = None
