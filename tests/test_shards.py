@@ -464,3 +464,102 @@ def test_the_fast_path_for_images_at_their_size_gives_the_transforms_pixels(chan
     pre = Preprocessing(img_size=12, in_chans=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
     fast = BytesDecoder(pre.pil_transform(), channels, exact=12)(buf.getvalue(), "x.png")
     assert torch.equal(fast, BytesDecoder(pre.pil_transform(), channels)(buf.getvalue(), "x.png"))
+
+
+# ---------------------------------------------------------------------- resuming from recorded positions
+@pytest.mark.parametrize("fmt, resize", [("webdataset", None), ("parquet", 8)])
+def test_a_recorded_position_continues_the_epoch_with_every_sample_once(tmp_path, fmt, resize):
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 150), val_split=0.0)
+    write_shards(data, tmp_path / "sh", fmt=fmt, shard_size=parse_size("2KB"), resize=resize)
+    split = from_shards(tmp_path / "sh").train
+    assert split.shards.encoding == ("raw" if resize else "encoded")
+
+    def stream():
+        s = StreamBatches(split, 8, RAW, shuffle=True, seed=2, shuffle_buffer=30, workers=2)
+        s.set_epoch(3)
+        return s
+
+    first, it = stream(), None
+    done = []
+    it = iter(first)
+    for _ in range(7):
+        done.append(_ids(next(it)[0]))
+    pos = first.position()  # what a checkpoint after batch 7 records
+    assert pos["epoch"] == 3 and len(pos["workers"]) == 2 and any(w["pending"] for w in pos["workers"])
+    del it
+    replay = stream()
+    replay.load_position({**pos, "workers_n": 3})  # recorded with another layout: replayed, batches dropped
+    replay.skip = 7
+    assert len([x for x, _ in replay]) == len(replay) - 7
+    again = stream()  # a new process: the recorded position, and the trainer's batch offset
+    gone = 0  # shards wholly trained on before the checkpoint are never opened again: delete them
+    for w, st in enumerate(pos["workers"]):
+        start = 0
+        for u, n in zip(again.stream.units(0, w), again.stream.unit_counts(0, w)):
+            if start + n <= st["read"] and not any(start <= p < start + n for p in st["pending"]):
+                Path(split.shards.shards[u.shard].url).unlink()
+                gone += 1
+            start += n
+    assert gone >= 2
+    again.load_position(pos)
+    again.skip = 7
+    rest = [_ids(x) for x, _ in again]
+    seen = [i for b in done + rest for i in b]
+    assert sorted(seen) == list(range(150)) and again.problems == []  # every sample once across the restart
+    assert len(done) + len(rest) == len(again)  # and the epoch's number of steps
+
+
+_CHILD = """
+import sys, time
+from imgcls.data.streaming import StreamBatches
+log, delay = sys.argv[1], float(sys.argv[2])
+orig = StreamBatches.__iter__
+def logged(self):
+    for x, y in orig(self):
+        if self.stream.shuffle:  # the training stream: the ids of each batch handed to training
+            ids = (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+            with open(log, "a") as f:
+                f.write(" ".join(map(str, ids)) + "\\n")
+            time.sleep(delay)
+        yield x, y
+StreamBatches.__iter__ = logged
+from imgcls.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_resume_after_sigkill_continues_mid_epoch_from_the_recorded_positions(tmp_path):
+    import signal
+    import time
+
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 240, size=12), val_split=0.0)
+    write_shards(data, tmp_path / "sh", shard_size=parse_size("6KB"))
+    (tmp_path / "child.py").write_text(_CHILD)
+    run = tmp_path / "runs" / "r"
+    args = ["train", "--data", str(tmp_path / "sh"), "--epochs", "1", "--batch-size", "8", "--workers", "2",
+            "--shuffle-buffer", "40", "--checkpoint-every", "0.000001", "--out", str(tmp_path / "runs"),
+            "--name", "r", "--device", "cpu", "--model", "reference_cnn", "--img-size", "12"]
+    killed = tmp_path / "killed.log"
+    proc = subprocess.Popen([PY, str(tmp_path / "child.py"), str(killed), "0.05", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if killed.exists() and len(killed.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # no handler, no last checkpoint
+    proc.wait(timeout=60)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    k = ck["batch_in_epoch"]
+    assert ck["epoch"] == 1 and k > 0 and ck["data_position"][0]["epoch"] == 1
+    before = [[int(i) for i in line.split()] for line in killed.read_text().splitlines()]
+    assert k <= len(before) <= k + 1  # at most the batch in flight was handed out after the checkpoint
+    resumed = tmp_path / "resumed.log"
+    out = subprocess.run([PY, str(tmp_path / "child.py"), str(resumed), "0", "train", "--resume", str(run)],
+                         env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = [[int(i) for i in line.split()] for line in resumed.read_text().splitlines()]
+    seen = [i for b in before[:k] + after for i in b]
+    # the checkpointed batches and the resumed run: the epoch's samples, each exactly once
+    assert sorted(seen) == list(range(240)) and len(before[:k]) + len(after) == 30
