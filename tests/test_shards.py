@@ -563,3 +563,45 @@ def test_resume_after_sigkill_continues_mid_epoch_from_the_recorded_positions(tm
     seen = [i for b in before[:k] + after for i in b]
     # the checkpointed batches and the resumed run: the epoch's samples, each exactly once
     assert sorted(seen) == list(range(240)) and len(before[:k]) + len(after) == 30
+
+
+def test_the_tar_reader_reads_what_tarfile_writes_pax_and_gnu(tmp_path):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from imgcls.data.shardset import tar_samples
+
+    long = "d/" + "x" * 120  # a name over 100 characters: a pax (or GNU longname) header
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"t{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as t:
+            t.addfile(tarfile.TarInfo("d"))  # a directory-ish entry of size 0 is skipped by both
+            for key, ext, data in [("a", "png", b"1" * 700), ("a", "cls", b"2"), (long, "jpg", b"3" * 513),
+                                   (long, "cls", b"0"), ("b", "json", b"{}")]:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as f:
+            ours = list(tar_samples(f))
+        with open(path, "rb") as f:
+            theirs = [{k: v for k, v in s.items() if k != "__url__"}
+                      for s in group_by_keys(dict(x, __url__="u") for x in tar_file_iterator(f))]
+        assert ours == theirs and [s["__key__"] for s in ours] == ["a", long, "b"]
+
+
+def test_raw_photo_shards_stream_the_decode_caches_rows(tmp_path):
+    from imgcls.data.cache import CacheSpec
+    from imgcls.data.pipeline import stream_batches
+    from imgcls.data.transforms import Preprocessing
+
+    root = write_folder(tmp_path / "photos", n_per_class=4, size=50)
+    write_shards(load_data(root, val_split=0.0), tmp_path / "sh", resize=37, fmt="parquet")
+    split = from_shards(tmp_path / "sh").train
+    pre = Preprocessing(img_size=32, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="shorter_side",
+                        crop_pct=0.875)  # its cache side: round(32 / 0.875) = 37
+    for stored in (True, False):  # training (the cache's rows) and inference (their centre crop)
+        b = stream_batches(split, pre, 5, stored=stored, workers=1)
+        names = []
+        b.on_sources = names.extend
+        x = torch.cat([x for x, _ in b])
+        want = torch.stack([CacheSpec(side=37, channels=3).decode(Path(p)) for p in names])
+        assert torch.equal(x, want if stored else want[..., 2:34, 2:34])
