@@ -605,3 +605,21 @@ def test_raw_photo_shards_stream_the_decode_caches_rows(tmp_path):
         x = torch.cat([x for x, _ in b])
         want = torch.stack([CacheSpec(side=37, channels=3).decode(Path(p)) for p in names])
         assert torch.equal(x, want if stored else want[..., 2:34, 2:34])
+
+
+def test_streamed_small_images_get_alternating_flips_like_in_memory_data(tmp_path):
+    path = _indexed_npz(tmp_path / "ix.npz", 60)
+    write_shards(load_data(path, val_split=0.0), tmp_path / "sh", shard_size=parse_size("2KB"))
+    orig = torch.from_numpy(np.load(path)["x_train"])[:, None]
+    known = {bytes(orig[i].numpy()): (i, False) for i in range(60)}
+    known.update({bytes(orig[i].flip(-1).numpy()): (i, True) for i in range(60)})
+    s = StreamBatches(from_shards(tmp_path / "sh").train, 8, RAW, shuffle=True, seed=1, shuffle_buffer=20, workers=1)
+    s.alternate_flips(5)
+    flipped = []
+    for epoch in (1, 2):
+        s.set_epoch(epoch)
+        seen = dict(known[bytes(img.numpy())] for x, _ in s for img in x)
+        assert sorted(seen) == list(range(60))
+        flipped.append(seen)
+    assert all(flipped[0][i] != flipped[1][i] for i in range(60))  # every image both ways over two epochs
+    assert 15 <= sum(flipped[0].values()) <= 45

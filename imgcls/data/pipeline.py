@@ -313,8 +313,8 @@ def stream_batches(split: Split, pre: Preprocessing, batch_size: int, *, train: 
 
 def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_size: int, *,
                    device: torch.device, rank: int, world: int) -> TrainInputs:
-    """:func:`training_inputs` for a shard set: the same augmentation and normalisation on
-    the device; flips are random (alternating flips need random access)."""
+    """:func:`training_inputs` for a shard set: the same augmentation and normalisation;
+    alternating flips by sample id (the shard's place in the index and the sample's in it)."""
     aug = augment_preset(s.augment, data.kind, s.hflip)
     aug.randaugment = s.randaugment
     plan = plan_balance(data.train.labels, data.classes, s.balance)
@@ -335,7 +335,11 @@ def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_
     train.shard(rank, world, even=True)
     if val is not None:
         val.shard(rank, world, even=False)
-    batch_aug = (None if in_workers else crop) if photo else BatchAugment(aug.translate, aug.hflip, s.randaugment) \
+    if not photo and aug.hflip:  # flips alternating per epoch, by sample id, as for in-memory data (airbench)
+        aug.flip_order = "alternate"
+        train.alternate_flips(s.seed)
+    batch_aug = (None if in_workers else crop) if photo else \
+        BatchAugment(aug.translate, aug.hflip and aug.flip_order != "alternate", s.randaugment) \
         if aug.preset != "none" or s.randaugment else None
     return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
                        files=None)

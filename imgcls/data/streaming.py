@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgcls.data.decode import load_image_bytes
+from imgcls.data.loaders import alternating_flip
 from imgcls.data.records import Split
 from imgcls.data.shardset import Member, ShardError, ShardSplit, Unit, assign, batches_of, read_chunks, read_shard
 from imgcls.errors import ImgclsError
@@ -170,6 +171,8 @@ class ShardStream(IterableDataset):
         self.rank, self.world = 0, 1
         self.resume: dict | None = None  # a recorded position to continue from (one epoch, once)
         self.sources = True  # carry each sample's source name (prediction); training does without
+        self.flip_seed: int | None = None  # alternating flips (loaders.alternating_flip), by sample id
+        self._flip_first: torch.Tensor | None = None
         # shared with persistent loader workers (their copy of this object outlives an epoch)
         self._epoch = mp.get_context("fork").Value("i", 0, lock=False) if "fork" in mp.get_all_start_methods() \
             else None
@@ -240,9 +243,19 @@ class ShardStream(IterableDataset):
 
             gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, torch.from_numpy(take["pos"])))
             x = self.crop(x, gen=gen)
+        if self.flip_seed is not None and len(y):
+            x = alternating_flip(x, torch.from_numpy(take["id"][ok]), self._first_flips(), self.epoch)
         done = np.concatenate([take["pos"], *settled]) if settled else take["pos"]
         sources = [s for s, good in zip(take["src"].tolist(), ok) if good] if "src" in take else []
         return x, y, list(problems), sources, (worker, read, done)
+
+    def _first_flips(self) -> torch.Tensor:
+        """The fixed random half of the samples mirrored in odd epochs (by sample id: a
+        shard's place in the index, then the sample's in the shard), as Batches.alternate_flips."""
+        if self._flip_first is None:
+            n = max(1, self.split.count)
+            self._flip_first = torch.rand(n, generator=torch.Generator().manual_seed(self.flip_seed * 7_919 + 17)) < 0.5
+        return self._flip_first
 
     def __iter__(self):
         resume, self.resume = self.resume, None  # once (a persistent worker keeps this object)
@@ -265,6 +278,7 @@ class ShardStream(IterableDataset):
         problems: list[str] = []
         settled: list[np.ndarray] = []
         encoded = self.split.encoding != "raw"
+        base = np.concatenate([[0], np.cumsum([s.count for s in self.split.shards])]).astype(np.int64)
         for j, u in enumerate(units):
             a, n = int(offsets[j]), counts[j]
             want = None
@@ -290,6 +304,8 @@ class ShardStream(IterableDataset):
                     nxt = max(nxt, int(local[-1]) + 1)
                     pos = a + local
                     cols = {"pos": pos, "x": ch.x[sel], "y": ch.y[sel]}
+                    if self.flip_seed is not None:  # a sample's id, the same in every epoch
+                        cols["id"] = (base[u.shard] + ch.ordinal[sel]) % max(1, int(base[-1]))
                     if self.sources:
                         cols["src"] = _objects(ch.sources)[sel]
                     if encoded:  # bytes, decoded when the batch is made (the buffer holds bytes)
@@ -312,7 +328,7 @@ class ShardStream(IterableDataset):
         while pool.n or problems:
             take = pool.take() if pool.n else {"pos": np.empty(0, np.int64), "x": np.empty(0, object),
                                                "y": np.empty(0, np.int64), "src": np.empty(0, object),
-                                               "name": np.empty(0, object)}
+                                               "name": np.empty(0, object), "id": np.empty(0, np.int64)}
             yield self._emit(take, worker, read, problems, settled)
             problems, settled = [], []
 
@@ -378,6 +394,13 @@ class StreamBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.stream.epoch = epoch
+
+    def alternate_flips(self, seed: int) -> None:
+        """Mirror samples by :func:`~imgcls.data.loaders.alternating_flip` (in the loader
+        workers), as in-memory training data is: a fixed random half (by sample id, ``seed``)
+        in odd epochs, the other half in even ones."""
+        self.stream.flip_seed = seed
+        self._dl = None
 
     def shard(self, rank: int, world: int, even: bool) -> None:
         """Read only this rank's shards; ``even``: every rank the same number of steps (training)."""
