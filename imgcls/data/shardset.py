@@ -4,8 +4,8 @@ files, plus an ``index.json`` (class names, counts per split, a sha256 per shard
 A shard set is named by a local folder, a brace pattern (``train-{000000..000099}.tar``,
 webdataset's notation, expanded with ``braceexpand``) or a URL that fsspec opens
 (``http(s)://``, ``s3://``, ``gs://`` with their fsspec packages). Its ``index.json`` sits
-beside the shards. Reading is streaming: one shard at a time, front to back
-(:func:`read_shard`), never a full local copy.
+beside the shards. Reading is streaming: one shard at a time, front to back, in chunks
+(:func:`read_chunks`), never a full local copy.
 
 Which process reads what is index arithmetic on the shards' counts (:func:`assign`): the
 shards of an epoch are split over (rank, loader worker) *units* so that every sample is
@@ -437,48 +437,6 @@ def _member(sample: dict, shard: ShardInfo) -> Member:
     return Member(key, name, sample.get(ext) if ext else None, label, source, problem)
 
 
-def _parquet_members(data: bytes, shard: ShardInfo) -> Iterator[Member]:
-    import io
-
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(io.BytesIO(data), columns=["key", "image", "label", "path"])
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
-        raise ShardError(f"shard {shard.name}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    for key, image, label, path in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label", "path"))):
-        yield Member(str(key), f"{shard.name}:{key}", image, label, str(path or key),
-                     None if image is not None and label is not None else f"{shard.name}:{key}: no image or label")
-
-
-def read_shard(shard: ShardInfo, fmt: str, verify: bool = True) -> Iterator[Member]:
-    """The samples of one shard, streamed front to back. A shard that is missing, truncated
-    or (``verify``, when the index has its sha256) not the one indexed raises ShardError
-    naming it (after the samples read before the damage)."""
-    try:
-        raw = open_url(shard.url)
-    except FileNotFoundError:
-        raise ShardError(f"shard {shard.name}: missing ({shard.url} not found)") from None
-    except OSError as exc:
-        raise ShardError(f"shard {shard.name}: cannot be opened ({type(exc).__name__}: {exc})") from None
-    with raw:
-        f = _Hashing(raw)
-        try:
-            if fmt == "parquet":  # Parquet's footer is at its end: a Parquet shard is read whole
-                yield from _parquet_members(f.read(), shard)
-            else:
-                yield from _tar_members(f, shard)
-                f.drain()  # the tar's end blocks count towards its checksum
-        except FileNotFoundError:
-            raise ShardError(f"shard {shard.name}: missing ({shard.url} not found)") from None
-        except OSError as exc:
-            raise ShardError(f"shard {shard.name}: read failed ({type(exc).__name__}: {exc})") from None
-        digest = f.h.hexdigest()
-    if verify and shard.sha256 and digest != shard.sha256:
-        raise ShardError(f"shard {shard.name}: sha256 mismatch (index {shard.sha256[:12]}..., read {digest[:12]}... "
-                         f"in {f.n} bytes): changed or damaged since `imgcls shard` wrote it")
-
-
 @dataclass
 class Chunk:
     """Consecutive samples of one shard, for bulk reading (data/streaming.py). ``ordinal``:
@@ -580,8 +538,10 @@ def _parquet_chunks(data: bytes, shard: ShardInfo, raw_shape, sources: bool = Tr
 
 def read_chunks(shard: ShardInfo, split: "ShardSplit", verify: bool = True, size: int = 256,
                 sources: bool = True) -> Iterator[Chunk]:
-    """:func:`read_shard` in chunks of about ``size`` samples (Parquet: one per row group),
-    raw shards' pixels as one uint8 array per chunk. The same errors as read_shard."""
+    """The samples of one shard, streamed front to back in chunks of about ``size`` samples
+    (Parquet: one per row group; raw shards' pixels as one uint8 array per chunk). A shard
+    that is missing, truncated or (``verify``, when the index has its sha256) not the one
+    indexed raises ShardError naming it, after the chunks read before the damage."""
     raw_shape = split.raw_shape if split.encoding == "raw" else None
     try:
         f0 = open_url(shard.url)

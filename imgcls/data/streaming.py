@@ -3,11 +3,15 @@
 
 * Each (rank, loader worker) reads its own shards (:func:`~imgcls.data.shardset.assign`),
   so an epoch reads every sample exactly once across all processes. Which shards a rank
-  reads is fixed; the order of a worker's shards and a shuffle buffer (webdataset's
-  ``shuffle``) change every epoch, seeded by (seed, epoch, rank, worker).
-* Decoding happens in the loader workers (the same decode as image files,
-  data/decode.py, on the member's bytes), into uint8 batches like every other loader; the
-  engine augments and normalises them on the device as it does for every source.
+  reads is fixed; the order of a worker's shards and its shuffle buffer change every
+  epoch, seeded by (seed, epoch, rank, worker).
+* Shards are read in chunks of samples and shuffled as arrays (:class:`_Pool`, webdataset's
+  ``shuffle`` done batch-wise): raw shards (decoded uint8 pixels, ``imgcls shard --resize``)
+  go from a Parquet row group or a run of tar members to a batch without per-sample image
+  work; encoded ones are decoded in the loader workers (the same decode as image files,
+  data/decode.py) when their batch is made. Batches are uint8 like every other loader's,
+  augmented and normalised by the same code: random resized crops of photos (in the workers
+  on a CPU, as from the decode cache), alternating flips of small images (by sample id).
 * Every rank runs the same number of steps per epoch (computed from the index's counts):
   a rank whose shards hold fewer samples repeats its first batch at the end of the epoch,
   so DDP never waits for a rank that has run out of data (DistributedSampler pads the same
@@ -15,8 +19,10 @@
 * A bad shard or member (missing, truncated, corrupt image, checksum mismatch) is reported
   with the shard and member names; ``strict`` makes it an error, else it is skipped (its
   samples are not trained on; those read before the damage are) and listed in ``problems``.
-* Resuming mid-epoch replays the epoch's (deterministic) stream and drops the batches
-  already trained on: exact, at the cost of reading them again.
+* Resuming mid-epoch continues from the recorded position (:class:`StreamPosition`, saved
+  in every checkpoint): per worker, how far it had read and which samples before that were
+  not yet trained on. Shards wholly trained on are not opened again. Without a position
+  (another worker layout), the epoch's seeded stream is replayed and trained batches dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imgcls.data.decode import load_image_bytes
 from imgcls.data.loaders import alternating_flip
 from imgcls.data.records import Split
-from imgcls.data.shardset import Member, ShardError, ShardSplit, Unit, assign, batches_of, read_chunks, read_shard
+from imgcls.data.shardset import ShardError, ShardSplit, Unit, assign, batches_of, read_chunks
 from imgcls.errors import ImgclsError
 
 MAX_REPORTED = 20  # problems printed one per line; the rest are counted
@@ -193,17 +199,6 @@ class ShardStream(IterableDataset):
 
     def unit_counts(self, rank: int, worker: int) -> list[int]:
         return [u.count(self.split.shards) for u in self.units(rank, worker)]
-
-    def _members(self, units: list[Unit]) -> Iterator[Member | str]:
-        """The units' samples (a str: a problem), shard by shard (one at a time)."""
-        for u in units:
-            shard = self.split.shards[u.shard]
-            try:
-                for pos, m in enumerate(read_shard(shard, self.split.format)):
-                    if pos % u.parts == u.part:
-                        yield m
-            except ShardError as exc:
-                yield str(exc)
 
     def _to_batch(self, x: np.ndarray, names: np.ndarray | None, pos: np.ndarray,
                   problems: list[str]) -> tuple[torch.Tensor, np.ndarray]:
