@@ -509,6 +509,31 @@ def test_a_recorded_position_continues_the_epoch_with_every_sample_once(tmp_path
     assert len(done) + len(rest) == len(again)  # and the epoch's number of steps
 
 
+def test_recorded_positions_of_two_ranks_resume_each_rank_with_equal_steps(tmp_path):
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 203), val_split=0.0)
+    write_shards(data, tmp_path / "sh", shard_size=parse_size("3KB"))
+    split = from_shards(tmp_path / "sh").train
+    seen, steps = [], []
+    for rank in (0, 1):  # each rank's stream as its process sees it (2 ranks x 2 workers)
+        def stream():
+            s = StreamBatches(split, 8, RAW, shuffle=True, seed=4, shuffle_buffer=16, workers=2)
+            s.shard(rank, 2, even=True)
+            s.set_epoch(2)
+            return s
+        first = stream()
+        it = iter(first)
+        done = [_ids(next(it)[0]) for _ in range(5)]
+        pos = first.position()
+        del it
+        again = stream()
+        again.load_position(pos)
+        again.skip = 5
+        rest = [_ids(x) for x, _ in again]
+        steps.append(len(done) + len(rest))
+        seen += [i for b in done + rest[:len(rest) - again.padded] for i in b]
+    assert sorted(seen) == list(range(203)) and steps[0] == steps[1]  # once each, in equal steps
+
+
 _CHILD = """
 import sys, time
 from imgcls.data.streaming import StreamBatches
