@@ -35,10 +35,10 @@ from bench._common import default_data, machine  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _fit(data, classes, in_chans, img_size, epochs, batch, workers, seed=0) -> dict:
+def _fit(data, classes, in_chans, img_size, epochs, batch, workers, seed=0, model="reference_cnn") -> dict:
     from imgcls import Classifier
 
-    clf = Classifier.create("reference_cnn", classes=classes, in_chans=in_chans, img_size=img_size, seed=seed)
+    clf = Classifier.create(model, classes=classes, in_chans=in_chans, img_size=img_size, seed=seed)
     t0 = time.perf_counter()
     s = clf.fit(data, epochs=epochs, batch_size=batch, workers=workers, progress=False, seed=seed, threads=None)
     wall = time.perf_counter() - t0
@@ -63,31 +63,44 @@ def bench_train(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     os.environ["IMGCLS_DECODE_CACHE_DIR"] = str(tmp / "decoded")  # a cold decode cache: the first run decodes
-    out = {"machine": machine(), "data": args.data, "epochs": args.epochs, "workers": args.workers, "runs": {}}
+    out = {"machine": machine(), "data": args.data, "model": args.model, "epochs": args.epochs,
+           "workers": args.workers, "batch_size": args.batch_size, "runs": {}, "shard_write_s": {}, "shard_mb": {}}
+
+    def shards(name: str, **kw) -> str:
+        t0 = time.perf_counter()
+        write_shards(data, tmp / name, **kw)
+        out["shard_write_s"][name] = round(time.perf_counter() - t0, 2)
+        out["shard_mb"][name] = round(sum(f.stat().st_size for f in (tmp / name).iterdir()) / 1e6, 1)
+        return str(tmp / name)
+
     if args.data == "cifar10":
         src = _cifar_subset(args.subset, tmp)
         data = load_data(src)
         classes, chans, size = data.classes, 3, 32
         out["subset"] = args.subset
         variants = {"npz_in_memory": str(src)}
-        t0 = time.perf_counter()
-        write_shards(data, tmp / "sh", shard_size=parse_size("4MB"))
-        out["shard_write_s"] = {"webdataset": round(time.perf_counter() - t0, 2)}
-        variants["shards"] = str(tmp / "sh")
+        # PNG bytes (the default without --resize); decoded pixels (--resize 32: raw), tar and Parquet
+        variants["shards"] = shards("shards", shard_size=parse_size("4MB"))
+        variants["shards_resize_webdataset"] = shards("shards_resize_webdataset", shard_size=parse_size("4MB"),
+                                                      resize=32)
+        variants["shards_resize_parquet"] = shards("shards_resize_parquet", shard_size=parse_size("4MB"), resize=32,
+                                                   fmt="parquet")
     else:
         src = default_data("hymenoptera")
         data = load_data(src)
         classes, chans, size = data.classes, 3, args.img_size
         variants = {"folder_decode_cache_cold": str(src), "folder_decode_cache_warm": str(src)}
-        out["shard_write_s"] = {}
-        for name, resize in (("shards_raw", None), ("shards_resize", int(round(size / 0.875)))):
-            t0 = time.perf_counter()
-            write_shards(data, tmp / name, shard_size=parse_size("8MB"), resize=resize)
-            out["shard_write_s"][name] = round(time.perf_counter() - t0, 2)
-            variants[name] = str(tmp / name)
+        side = int(round(size / 0.875))  # the decode cache's side for this input size
+        variants["shards_raw"] = shards("shards_raw", shard_size=parse_size("8MB"))  # the files' JPEG bytes
+        variants["shards_resize"] = shards("shards_resize", shard_size=parse_size("8MB"), resize=side)
+        variants["shards_resize_parquet"] = shards("shards_resize_parquet", shard_size=parse_size("8MB"),
+                                                   resize=side, fmt="parquet")
     for name, spec in variants.items():
+        if args.only and name not in args.only:
+            continue
         print(f"bench: {name}", file=sys.stderr)
-        out["runs"][name] = _fit(spec, classes, chans, size, args.epochs, args.batch_size, args.workers)
+        out["runs"][name] = _fit(spec, classes, chans, size, args.epochs, args.batch_size, args.workers,
+                                 model=args.model)
         print(json.dumps(out["runs"][name]), file=sys.stderr)
     return out
 
@@ -198,6 +211,9 @@ def main() -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--img-size", type=int, default=128)
     t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--model", default="reference_cnn", help="e.g. airbench (the fast recipe's CIFAR network)")
+    t.add_argument("--only", nargs="*", default=[], help="run only these variants")
+    t.add_argument("--tag", default="", help="a suffix of the results file name")
     q = sub.add_parser("predict")
     q.add_argument("--images", type=int, default=20000)
     q.add_argument("--batch-size", type=int, default=256)
@@ -208,7 +224,9 @@ def main() -> None:
     args = p.parse_args()
     result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / (f"shards_train_{args.data}.json" if args.what == "train" else f"shards_{args.what}.json")
+    model = "" if args.what != "train" or args.model == "reference_cnn" else f"_{args.model}"
+    model += f"_{args.tag}" if getattr(args, "tag", "") else ""
+    path = RESULTS / (f"shards_train_{args.data}{model}.json" if args.what == "train" else f"shards_{args.what}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

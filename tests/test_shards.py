@@ -80,18 +80,30 @@ def test_parse_size():
     assert parse_size("512MB") == 512 * 10**6 and parse_size("64MiB") == 64 * 2**20 and parse_size("1.5gb") == 1.5e9
 
 
-def test_folder_with_resize_and_an_unreadable_file(tmp_path, capsys):
+@pytest.mark.parametrize("encoding", ["encoded", "raw"])
+def test_folder_with_resize_and_an_unreadable_file(tmp_path, capsys, encoding):
     root = write_folder(tmp_path / "photos", n_per_class=6, size=40)
     (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    index = write_shards(load_data(root), tmp_path / "sh", resize=24)
+    index = write_shards(load_data(root), tmp_path / "sh", resize=24, encoding=encoding if encoding == "encoded"
+                         else None)  # --resize alone writes raw pixels
     assert [s["path"] for s in index["skipped"]] == [str(root / "cat" / "broken.jpg")]
     assert "skipped 1 unreadable" in capsys.readouterr().err
     data = from_shards(tmp_path / "sh")
     assert data.kind == "photos" and len(data.train) + len(data.val) == 18
     with tarfile.open(tmp_path / "sh" / "train-000000.tar") as t:
         from PIL import Image
-        img = Image.open(io.BytesIO(t.extractfile(next(m for m in t if m.name.endswith(".jpg"))).read()))
-        assert min(img.size) == 24  # re-encoded with the shorter side at 24
+        if encoding == "encoded":
+            img = Image.open(io.BytesIO(t.extractfile(next(m for m in t if m.name.endswith(".jpg"))).read()))
+            assert min(img.size) == 24  # re-encoded with the shorter side at 24
+        else:  # the decode cache's row for the file: shorter side 24, centre square, (H, W, C) uint8
+            from imgcls.data.cache import CacheSpec
+
+            m = next(m for m in t if m.name.endswith(".npy"))
+            row = np.load(io.BytesIO(t.extractfile(m).read()))
+            path = json.loads(t.extractfile(m.name.replace(".npy", ".json")).read())["path"]
+            want = CacheSpec(side=24, channels=3).decode(Path(path)).permute(1, 2, 0).numpy()
+            assert row.dtype == np.uint8 and np.array_equal(row, want)
+    assert index["encoding"] == encoding and (index.get("raw_shape") == [24, 24, 3]) == (encoding == "raw")
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
@@ -452,3 +464,187 @@ def test_the_fast_path_for_images_at_their_size_gives_the_transforms_pixels(chan
     pre = Preprocessing(img_size=12, in_chans=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
     fast = BytesDecoder(pre.pil_transform(), channels, exact=12)(buf.getvalue(), "x.png")
     assert torch.equal(fast, BytesDecoder(pre.pil_transform(), channels)(buf.getvalue(), "x.png"))
+
+
+# ---------------------------------------------------------------------- resuming from recorded positions
+@pytest.mark.parametrize("fmt, resize", [("webdataset", None), ("parquet", 8)])
+def test_a_recorded_position_continues_the_epoch_with_every_sample_once(tmp_path, fmt, resize):
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 150), val_split=0.0)
+    write_shards(data, tmp_path / "sh", fmt=fmt, shard_size=parse_size("2KB"), resize=resize)
+    split = from_shards(tmp_path / "sh").train
+    assert split.shards.encoding == ("raw" if resize else "encoded")
+
+    def stream():
+        s = StreamBatches(split, 8, RAW, shuffle=True, seed=2, shuffle_buffer=30, workers=2)
+        s.set_epoch(3)
+        return s
+
+    first, it = stream(), None
+    done = []
+    it = iter(first)
+    for _ in range(7):
+        done.append(_ids(next(it)[0]))
+    pos = first.position()  # what a checkpoint after batch 7 records
+    assert pos["epoch"] == 3 and len(pos["workers"]) == 2 and any(w["pending"] for w in pos["workers"])
+    del it
+    replay = stream()
+    replay.load_position({**pos, "workers_n": 3})  # recorded with another layout: replayed, batches dropped
+    replay.skip = 7
+    assert len([x for x, _ in replay]) == len(replay) - 7
+    again = stream()  # a new process: the recorded position, and the trainer's batch offset
+    gone = 0  # shards wholly trained on before the checkpoint are never opened again: delete them
+    for w, st in enumerate(pos["workers"]):
+        start = 0
+        for u, n in zip(again.stream.units(0, w), again.stream.unit_counts(0, w)):
+            if start + n <= st["read"] and not any(start <= p < start + n for p in st["pending"]):
+                Path(split.shards.shards[u.shard].url).unlink()
+                gone += 1
+            start += n
+    assert gone >= 2
+    again.load_position(pos)
+    again.skip = 7
+    rest = [_ids(x) for x, _ in again]
+    seen = [i for b in done + rest for i in b]
+    assert sorted(seen) == list(range(150)) and again.problems == []  # every sample once across the restart
+    assert len(done) + len(rest) == len(again)  # and the epoch's number of steps
+
+
+def test_recorded_positions_of_two_ranks_resume_each_rank_with_equal_steps(tmp_path):
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 203), val_split=0.0)
+    write_shards(data, tmp_path / "sh", shard_size=parse_size("3KB"))
+    split = from_shards(tmp_path / "sh").train
+    seen, steps = [], []
+    for rank in (0, 1):  # each rank's stream as its process sees it (2 ranks x 2 workers)
+        def stream():
+            s = StreamBatches(split, 8, RAW, shuffle=True, seed=4, shuffle_buffer=16, workers=2)
+            s.shard(rank, 2, even=True)
+            s.set_epoch(2)
+            return s
+        first = stream()
+        it = iter(first)
+        done = [_ids(next(it)[0]) for _ in range(5)]
+        pos = first.position()
+        del it
+        again = stream()
+        again.load_position(pos)
+        again.skip = 5
+        rest = [_ids(x) for x, _ in again]
+        steps.append(len(done) + len(rest))
+        seen += [i for b in done + rest[:len(rest) - again.padded] for i in b]
+    assert sorted(seen) == list(range(203)) and steps[0] == steps[1]  # once each, in equal steps
+
+
+_CHILD = """
+import sys, time
+from imgcls.data.streaming import StreamBatches
+log, delay = sys.argv[1], float(sys.argv[2])
+orig = StreamBatches.__iter__
+def logged(self):
+    for x, y in orig(self):
+        if self.stream.shuffle:  # the training stream: the ids of each batch handed to training
+            ids = (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+            with open(log, "a") as f:
+                f.write(" ".join(map(str, ids)) + "\\n")
+            time.sleep(delay)
+        yield x, y
+StreamBatches.__iter__ = logged
+from imgcls.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_resume_after_sigkill_continues_mid_epoch_from_the_recorded_positions(tmp_path):
+    import signal
+    import time
+
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 240, size=12), val_split=0.0)
+    write_shards(data, tmp_path / "sh", shard_size=parse_size("6KB"))
+    (tmp_path / "child.py").write_text(_CHILD)
+    run = tmp_path / "runs" / "r"
+    args = ["train", "--data", str(tmp_path / "sh"), "--epochs", "1", "--batch-size", "8", "--workers", "2",
+            "--shuffle-buffer", "40", "--checkpoint-every", "0.000001", "--out", str(tmp_path / "runs"),
+            "--name", "r", "--device", "cpu", "--model", "reference_cnn", "--img-size", "12"]
+    killed = tmp_path / "killed.log"
+    proc = subprocess.Popen([PY, str(tmp_path / "child.py"), str(killed), "0.05", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if killed.exists() and len(killed.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # no handler, no last checkpoint
+    proc.wait(timeout=60)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    k = ck["batch_in_epoch"]
+    assert ck["epoch"] == 1 and k > 0 and ck["data_position"][0]["epoch"] == 1
+    before = [[int(i) for i in line.split()] for line in killed.read_text().splitlines()]
+    assert k <= len(before) <= k + 1  # at most the batch in flight was handed out after the checkpoint
+    resumed = tmp_path / "resumed.log"
+    out = subprocess.run([PY, str(tmp_path / "child.py"), str(resumed), "0", "train", "--resume", str(run)],
+                         env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = [[int(i) for i in line.split()] for line in resumed.read_text().splitlines()]
+    seen = [i for b in before[:k] + after for i in b]
+    # the checkpointed batches and the resumed run: the epoch's samples, each exactly once
+    assert sorted(seen) == list(range(240)) and len(before[:k]) + len(after) == 30
+
+
+def test_the_tar_reader_reads_what_tarfile_writes_pax_and_gnu(tmp_path):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from imgcls.data.shardset import tar_samples
+
+    long = "d/" + "x" * 120  # a name over 100 characters: a pax (or GNU longname) header
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"t{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as t:
+            t.addfile(tarfile.TarInfo("d"))  # a directory-ish entry of size 0 is skipped by both
+            for key, ext, data in [("a", "png", b"1" * 700), ("a", "cls", b"2"), (long, "jpg", b"3" * 513),
+                                   (long, "cls", b"0"), ("b", "json", b"{}")]:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as f:
+            ours = list(tar_samples(f))
+        with open(path, "rb") as f:
+            theirs = [{k: v for k, v in s.items() if k != "__url__"}
+                      for s in group_by_keys(dict(x, __url__="u") for x in tar_file_iterator(f))]
+        assert ours == theirs and [s["__key__"] for s in ours] == ["a", long, "b"]
+
+
+def test_raw_photo_shards_stream_the_decode_caches_rows(tmp_path):
+    from imgcls.data.cache import CacheSpec
+    from imgcls.data.pipeline import stream_batches
+    from imgcls.data.transforms import Preprocessing
+
+    root = write_folder(tmp_path / "photos", n_per_class=4, size=50)
+    write_shards(load_data(root, val_split=0.0), tmp_path / "sh", resize=37, fmt="parquet")
+    split = from_shards(tmp_path / "sh").train
+    pre = Preprocessing(img_size=32, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="shorter_side",
+                        crop_pct=0.875)  # its cache side: round(32 / 0.875) = 37
+    for stored in (True, False):  # training (the cache's rows) and inference (their centre crop)
+        b = stream_batches(split, pre, 5, stored=stored, workers=1)
+        names = []
+        b.on_sources = names.extend
+        x = torch.cat([x for x, _ in b])
+        want = torch.stack([CacheSpec(side=37, channels=3).decode(Path(p)) for p in names])
+        assert torch.equal(x, want if stored else want[..., 2:34, 2:34])
+
+
+def test_streamed_small_images_get_alternating_flips_like_in_memory_data(tmp_path):
+    path = _indexed_npz(tmp_path / "ix.npz", 60)
+    write_shards(load_data(path, val_split=0.0), tmp_path / "sh", shard_size=parse_size("2KB"))
+    orig = torch.from_numpy(np.load(path)["x_train"])[:, None]
+    known = {bytes(orig[i].numpy()): (i, False) for i in range(60)}
+    known.update({bytes(orig[i].flip(-1).numpy()): (i, True) for i in range(60)})
+    s = StreamBatches(from_shards(tmp_path / "sh").train, 8, RAW, shuffle=True, seed=1, shuffle_buffer=20, workers=1)
+    s.alternate_flips(5)
+    flipped = []
+    for epoch in (1, 2):
+        s.set_epoch(epoch)
+        seen = dict(known[bytes(img.numpy())] for x, _ in s for img in x)
+        assert sorted(seen) == list(range(60))
+        flipped.append(seen)
+    assert all(flipped[0][i] != flipped[1][i] for i in range(60))  # every image both ways over two epochs
+    assert 15 <= sum(flipped[0].values()) <= 45

@@ -319,24 +319,30 @@ def unlabeled_inputs(pool: Split, pre: Preprocessing, aug: AugmentSpec, batch_si
 # ---------------------------------------------------------------------- streamed (sharded) data
 def stream_batches(split: Split, pre: Preprocessing, batch_size: int, *, train: bool = False, stored: bool = False,
                    seed: int = 0, shuffle_buffer: int = 1000, workers: int | None = None, pin: bool = False,
-                   strict: bool = False) -> StreamBatches:
+                   strict: bool = False, crop: Any = None) -> StreamBatches:
     """Batches of a split streamed from shards, decoded in loader workers. ``stored``: photos
     as the decode cache stores them (``img_size / crop_pct`` square, for random resized
-    crops on the device); else as the model sees them at inference (``pil_transform``)."""
+    crops; ``crop``: run them in the loader workers); else as the model sees them at
+    inference (``pil_transform``). Raw shards (decoded pixels, ``imgcls shard --resize``)
+    are not decoded: their rows are the batch, resized only when stored at another size."""
     spec = CacheSpec.for_preprocessing(pre)
     photo = pre.resize == "shorter_side"
     tf = spec.transform() if stored else pre.pil_transform()
     exact = pre.img_size if pre.resize == "squash" and pre.bit_depth == 8 else None
     decode = BytesDecoder(tf, pre.in_chans, min_side=spec.side if photo else None, exact=exact)
     n = default_workers() if workers is None else workers
+    # raw rows: at the cache's side (photos; centre-cropped to the model input at inference, as
+    # cached rows are) or at the model input (squashed data)
+    center = pre.img_size if photo and not stored else None
     return StreamBatches(split, batch_size, decode, shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer,
-                         workers=n, pin_memory=pin, strict=strict)
+                         workers=n, pin_memory=pin, strict=strict, size=spec.side, channels=pre.in_chans,
+                         crop=crop, center=center)
 
 
 def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_size: int, *,
                    device: torch.device, rank: int, world: int) -> TrainInputs:
-    """:func:`training_inputs` for a shard set: the same augmentation and normalisation on
-    the device; flips are random (alternating flips need random access)."""
+    """:func:`training_inputs` for a shard set: the same augmentation and normalisation;
+    alternating flips by sample id (the shard's place in the index and the sample's in it)."""
     aug = augment_preset(s.augment, data.kind, s.hflip)
     aug.randaugment = s.randaugment
     plan = plan_balance(data.train.labels, data.classes, s.balance)
@@ -346,14 +352,22 @@ def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_
     photo = aug.preset == "photo" and data.native_size is None
     crop = BatchResizedCrop(pre.img_size, aug.scale, hflip=aug.hflip) if photo else None
     pin = device.type == "cuda"
+    # as from the decode cache: random resized crops in the loader workers on a CPU (in
+    # parallel with the training step), per batch on the device elsewhere
+    in_workers = photo and device.type == "cpu" and (s.workers is None or s.workers > 0)
     train = stream_batches(data.train, pre, batch_size, train=True, stored=photo, seed=s.seed,
-                           shuffle_buffer=s.shuffle_buffer, workers=s.workers, pin=pin, strict=s.strict)
+                           shuffle_buffer=s.shuffle_buffer, workers=s.workers, pin=pin, strict=s.strict,
+                           crop=crop if in_workers else None)
     val = stream_batches(data.val, pre, max(256, batch_size), workers=s.workers, pin=pin, strict=s.strict) \
         if data.val is not None else None
     train.shard(rank, world, even=True)
     if val is not None:
         val.shard(rank, world, even=False)
-    batch_aug = crop if photo else BatchAugment(aug.translate, aug.hflip, s.randaugment) \
+    if not photo and aug.hflip:  # flips alternating per epoch, by sample id, as for in-memory data (airbench)
+        aug.flip_order = "alternate"
+        train.alternate_flips(s.seed)
+    batch_aug = (None if in_workers else crop) if photo else \
+        BatchAugment(aug.translate, aug.hflip and aug.flip_order != "alternate", s.randaugment) \
         if aug.preset != "none" or s.randaugment else None
     return TrainInputs(pre=pre, data=data, train=train, val=val, batch_augment=batch_aug, aug=aug, balance=plan,
                        files=None)

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from imgcls.data.decode import load_image, load_image_bytes
 from imgcls.data.loaders import default_workers
 from imgcls.data.records import ImageData, Split
-from imgcls.data.shardset import FORMATS, IMAGE_KEYS, INDEX_NAME, SUFFIX, ShardIndexWriter
+from imgcls.data.shardset import (ENCODINGS, FORMATS, IMAGE_KEYS, INDEX_NAME, RAW_COLUMN, RAW_KEY, SUFFIX,
+                                  ShardIndexWriter)
 from imgcls.errors import ImgclsError
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6, "g": 10**9,
@@ -63,22 +64,33 @@ def _shrink(img: Image.Image, side: int | None) -> Image.Image:
     return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
 
 
+def _npy(row: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(row), allow_pickle=False)
+    return buf.getvalue()
+
+
 class _EncodeFiles(Dataset):
     """One image file -> (bytes, extension, "") or (b"", "", reason): decoded once to check it
-    (and to re-encode it with ``resize``)."""
+    (and to re-encode it with ``resize``). ``raw``: the decode cache's row instead (shorter
+    side to ``resize``, centre square; (H, W, C) uint8 pixels, extension "npy")."""
 
-    def __init__(self, paths: list[Path], channels: int, resize: int | None, jpeg: bool):
-        self.paths, self.channels, self.resize, self.jpeg = paths, channels, resize, jpeg
+    def __init__(self, paths: list[Path], channels: int, resize: int | None, jpeg: bool, raw: bool = False):
+        self.paths, self.channels, self.resize, self.jpeg, self.raw = paths, channels, resize, jpeg, raw
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[bytes, str, str]:
+    def __getitem__(self, i: int) -> tuple[bytes | np.ndarray, str, str]:
+        from imgcls.data.cache import CacheSpec
         from imgcls.errors import ImgclsError as Err
 
         path = self.paths[i]
         ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
         try:
+            if self.raw:
+                row = CacheSpec(side=self.resize, channels=self.channels).decode(path)
+                return row.permute(1, 2, 0).contiguous().numpy(), RAW_KEY, ""
             if self.resize is None and ext in IMAGE_KEYS:
                 data = path.read_bytes()
                 load_image_bytes(data, str(path), self.channels)  # refuse what training could not decode
@@ -95,8 +107,9 @@ def _first(batch):
 
 
 def _samples(split: Split, order: list[int], data: ImageData, resize: int | None,
-             workers: int | None) -> Iterator[tuple[int, bytes, str, str, str]]:
-    """(index in the split, image bytes, extension, source, problem) in ``order``."""
+             workers: int | None, raw: bool = False) -> Iterator[tuple[int, bytes | np.ndarray, str, str, str]]:
+    """(index in the split, image bytes, extension, source, problem) in ``order``; ``raw``:
+    (H, W, C) uint8 pixels instead of bytes."""
     if split.in_memory:
         for i in order:
             x = split.images[i]
@@ -104,10 +117,14 @@ def _samples(split: Split, order: list[int], data: ImageData, resize: int | None
             img = Image.fromarray(np.ascontiguousarray(arr))
             if resize is not None and img.size != (resize, resize):
                 img = img.resize((resize, resize), Image.Resampling.BICUBIC)
-            yield i, _encode(img, "PNG"), "png", f"{data.name}[{i}]", ""
+            if raw:
+                a = np.asarray(img)
+                yield i, a[:, :, None] if a.ndim == 2 else a, RAW_KEY, f"{data.name}[{i}]", ""
+            else:
+                yield i, _encode(img, "PNG"), "png", f"{data.name}[{i}]", ""
         return
     paths = [split.paths[i] for i in order]
-    ds = _EncodeFiles(paths, data.channels, resize, jpeg=data.channels == 3)
+    ds = _EncodeFiles(paths, data.channels, resize, jpeg=data.channels == 3, raw=raw)
     n = default_workers() if workers is None else workers
     loader = DataLoader(ds, batch_size=1, num_workers=min(n, len(ds)), collate_fn=_first, prefetch_factor=8 if n else None)
     for i, p, (blob, ext, problem) in zip(order, paths, loader):
@@ -121,14 +138,19 @@ class _Shards:
         self.out, self.split, self.fmt, self.size, self.index = out, split, fmt, size, index
         self.n, self.count, self.bytes, self.tar, self.rows = 0, 0, 0, None, []
         self.with_json = True
+        self.raw_shape: tuple[int, ...] | None = None
 
     def path(self) -> Path:
         return self.out / f"{self.split}-{self.n:06d}{SUFFIX[self.fmt]}"
 
     def add(self, key: str, blob: bytes, ext: str, label: int, source: str, class_name: str) -> None:
+        raw = isinstance(blob, np.ndarray)
+        if raw:
+            self.raw_shape = tuple(int(v) for v in blob.shape)
         if self.fmt == "parquet":
-            self.rows.append((key, blob, label, source))
+            self.rows.append((key, blob.tobytes() if raw else blob, label, source))
         else:
+            blob = _npy(blob) if raw else blob
             if self.tar is None:
                 from webdataset import TarWriter
 
@@ -138,7 +160,7 @@ class _Shards:
                 sample["json"] = {"path": source, "label": class_name, "index": int(key)}
             self.tar.write(sample)
         self.count += 1
-        self.bytes += len(blob) + 1536  # tar headers of the three members
+        self.bytes += (len(blob) if isinstance(blob, bytes) else blob.nbytes) + 1536  # (tar headers)
         if self.bytes >= self.size:
             self.close()
 
@@ -150,8 +172,9 @@ class _Shards:
             import pyarrow.parquet as pq
 
             k, b, y, s = zip(*self.rows)
-            table = pa.table({"key": list(k), "image": pa.array(b, pa.binary()), "label": pa.array(y, pa.int64()),
-                              "path": list(s)})
+            col = (RAW_COLUMN, pa.array(b, pa.binary(int(np.prod(self.raw_shape))))) if self.raw_shape \
+                else ("image", pa.array(b, pa.binary()))
+            table = pa.table({"key": list(k), col[0]: col[1], "label": pa.array(y, pa.int64()), "path": list(s)})
             pq.write_table(table, self.path(), row_group_size=1024)
             self.rows = []
         else:
@@ -188,15 +211,26 @@ def _meta(data: ImageData, resize: int | None, source: str) -> dict:
 
 def write_shards(data: ImageData, out: str | Path, *, fmt: str = "webdataset", shard_size: int = 512 * 10**6,
                  resize: int | None = None, workers: int | None = None, seed: int = 0, overwrite: bool = False,
-                 source: str = "") -> dict:
-    """Write every split of ``data`` to ``out`` as shards + ``index.json``; returns the index."""
+                 source: str = "", encoding: str | None = None) -> dict:
+    """Write every split of ``data`` to ``out`` as shards + ``index.json``; returns the index.
+    ``encoding``: "encoded" (image bytes) or "raw" (decoded uint8 pixels, as the decode
+    cache stores them: no decoding when training reads them); default raw with ``resize``."""
     if fmt not in FORMATS:
         raise ImgclsError(f"--format {fmt} is not a shard format", f"use one of {', '.join(FORMATS)}")
     if resize is not None and resize < 8:
         raise ImgclsError(f"--resize {resize} is too small", "give the shorter side in pixels, e.g. --resize 256")
+    encoding = encoding or ("raw" if resize is not None else "encoded")
+    if encoding not in ENCODINGS:
+        raise ImgclsError(f"--encoding {encoding} is not a shard encoding", f"use one of {', '.join(ENCODINGS)}")
+    raw = encoding == "raw"
+    files = any(s is not None and not s.in_memory for s in (data.train, data.val, data.test))
+    if raw and files and resize is None:
+        raise ImgclsError("--encoding raw needs --resize for image files (raw rows are all one size)",
+                          "add --resize S (the decode cache's side: img_size / 0.875, e.g. 256 for 224)")
     out = Path(out)
     _prepare_out(out, overwrite)
     index = ShardIndexWriter(fmt, _meta(data, resize, source))
+    index.meta["encoding"] = encoding
     skipped = []
     for name in ("train", "val", "test"):
         split = getattr(data, name)
@@ -206,7 +240,7 @@ def write_shards(data: ImageData, out: str | Path, *, fmt: str = "webdataset", s
         shards = _Shards(out, name, fmt, shard_size, index)
         shards.with_json = not split.in_memory
         counts = [0] * data.num_classes
-        for i, blob, ext, src, problem in _samples(split, order, data, resize, workers):
+        for i, blob, ext, src, problem in _samples(split, order, data, resize, workers, raw):
             if problem:
                 skipped.append({"split": name, "path": src, "reason": problem})
                 continue
@@ -214,6 +248,8 @@ def write_shards(data: ImageData, out: str | Path, *, fmt: str = "webdataset", s
             shards.add(f"{i:08d}", blob, ext, label, src, data.classes[label])
             counts[label] += 1
         shards.close()
+        if shards.raw_shape is not None:
+            index.meta["raw_shape"] = list(shards.raw_shape)
         if name in index.splits:
             index.splits[name]["class_counts"] = counts
     if skipped:

@@ -3,7 +3,9 @@
 ``checkpoint.pt`` in the run folder holds everything needed to continue a run exactly:
 model, optimizer, scheduler and grad-scaler states, every random generator (torch, CUDA,
 numpy, Python and the augmentation generator, per process), the position in the epoch
-(batches done, so the sampler skips them) and the state of the other callbacks (best
+(batches done, so the sampler skips them; for data streamed from shards, each rank's and
+loader worker's shard positions, so the stream continues there: data/streaming.py
+``StreamBatches.position``) and the state of the other callbacks (best
 weights, early-stopping counters). It is written atomically (temporary file + fsync +
 rename): a crash at any moment leaves the previous checkpoint intact. It is read back
 with ``torch.load(weights_only=True)``: only tensors and plain containers, never
@@ -202,6 +204,10 @@ class Checkpoint(Callback):
         rng = D.gather_object(rng_state(t.gen), ctx)  # every process's generators, by rank
         mid_epoch = not epoch_done and state.loss_sum is not None
         sums = [float(state.loss_sum), int(state.correct)] if mid_epoch else [0.0, 0]
+        # a streamed split's place in the epoch (per rank and loader worker: data/streaming.py),
+        # so that resuming reads only what was not trained on yet
+        where = getattr(t.train_batches, "position", None) if mid_epoch else None
+        positions = D.gather_object(where() if callable(where) else None, ctx)
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # where to continue: the next epoch, or the batches already done in this one
@@ -215,6 +221,7 @@ class Checkpoint(Callback):
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
             "rng": rng, "world_size": ctx.world_size, "callbacks": self._callback_states(),
+            "data_position": positions,
             **self.extra,
         }
 
@@ -254,6 +261,10 @@ class Checkpoint(Callback):
             if key in states and hasattr(cb, "load_state_dict_from_checkpoint"):
                 cb.load_state_dict_from_checkpoint(states[key])
         state.epoch, state.batch_in_epoch, state.seen = ck["epoch"], ck["batch_in_epoch"], ck["seen"]
+        load = getattr(t.train_batches, "load_position", None)
+        positions = ck.get("data_position") or []
+        if callable(load) and ck["batch_in_epoch"] and t.dist.rank < len(positions):
+            load(positions[t.dist.rank])  # (else: the epoch's stream is replayed and trained batches dropped)
         state.step, state.history, state.best = ck["step"], list(ck["history"]), dict(ck["best"])
         state.stop, state.stop_reason, state.running = ck["stop"], ck["stop_reason"], dict(ck["running"])
         dev = t.device
