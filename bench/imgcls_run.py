@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_arguments(ap)
     ap.add_argument("--per-epoch-test", action="store_true", help="test accuracy after every epoch")
+    ap.add_argument("--keep-run", metavar="DIR", help="write the run folder here instead of a temporary one")
     args = ap.parse_args()
     cfg = config_from_args(args)
     data = load_data(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
@@ -65,7 +66,9 @@ def main() -> None:
     if args.per_epoch_test:
         cbs.append(TestEachEpoch(clf, data.test, cfg.device, cfg.precision))
     with tempfile.TemporaryDirectory() as tmp:
-        summary = clf.fit(data, cfg, run_dir=Path(tmp), progress=False, callbacks=cbs)
+        run_dir = Path(args.keep_run) if args.keep_run else Path(tmp)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        summary = clf.fit(data, cfg, run_dir=run_dir, progress=False, callbacks=cbs)
     metrics = clf.evaluate(data, device=cfg.device, precision=cfg.precision)
     eval_time = cbs[0].eval_time if cbs else 0.0
     out = {"tool": "imgcls", "recipe": cfg.recipe, "model": cfg.model, "epochs": summary["epochs_run"],

@@ -14,7 +14,9 @@ spread). OOD: in-distribution = the whole test set; the kNN bank is 10,000 train
 the threshold-free AUROC and FPR at 95% TPR (OpenOOD's definitions) per method.
 OOD sets: MNIST test digits (1-channel 28x28, resized to 32x32 RGB by the model's own
 preprocessing), hymenoptera photos (shorter side resized to 64, then the centre and four
-corner 32x32 crops of each), inverted MNIST digits (255 - x) and MNIST digits with their pixels
+corner 32x32 crops of each); for the CIFAR-10 model also 5,000 of its own test images darkened
+to 70% and with Gaussian noise (sigma 8/255), the same classes under other conditions, where a
+score should not reject; inverted MNIST digits (255 - x) and MNIST digits with their pixels
 shuffled (one fixed permutation).
 """
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +74,34 @@ def hymenoptera_crops(root: Path, side: int = 32) -> np.ndarray:
     return np.stack(out)
 
 
-def _net_recording(model, first: list):
-    """The network as TTA calls it, keeping the first (un-augmented) view's output."""
-    from imgcls.engine.backends import features_and_logits
+SHIFTED = ("test_dimmed", "test_noisy")  # the same classes, other conditions: what a score should accept
+
+
+def shifted(x: np.ndarray) -> dict[str, Split]:
+    """Test images darkened to 70% and with Gaussian noise (sigma 8 of 255, seeded)."""
+    noise = np.random.default_rng(0).normal(0, 8, x.shape)
+    return {"test_dimmed": _split((x * 0.7).astype(np.uint8)),
+            "test_noisy": _split(np.clip(x + noise, 0, 255).astype(np.uint8))}
+
+
+def shift_table(table: dict, accuracy: dict) -> dict:
+    """For images of the known classes under a shift: the model's top-1 accuracy on them and
+    the share each score rejects at the threshold accepting 95% of the test images (1 - FPR95),
+    beside its AUROC (0.5: unmoved)."""
+    return {name: {"top1_accuracy": accuracy[name], **{
+        m: {"rejected_at_95": round(1 - v["fpr95"], 4), "auroc": v["auroc"]} for m, v in row.items()}}
+        for name, row in table.items()}
+
+
+def _net_recording(model, first: list, hooks=None):
+    """The network as TTA calls it, keeping the first (un-augmented) view's output; with
+    ``hooks`` (a LayerStats), the block statistics follow: ``[features | logits | stats]``,
+    as the library's torch backend computes them for the layers score."""
+    from imgcls.engine.backends import _with_stats, features_and_logits
 
     def net(t):
-        out = features_and_logits(model, t)
+        out = features_and_logits(model, t) if hooks is None else _with_stats(partial(features_and_logits, model),
+                                                                              hooks, t)
         if not first:
             first.append(out)
         return out
@@ -92,19 +117,22 @@ def tta_and_plain(pred, split: Split) -> dict[str, np.ndarray]:
     from imgcls.engine.device import autocast
     from imgcls.engine.tta import tta_forward
 
+    from imgcls.engine.layer_stats import LayerStats
+
     b = pred.backend
-    nf = b.num_features
-    got: dict[str, list] = {"z": [], "f": [], "z0": [], "f0": []}
+    nf, k = b.num_features, pred.bundle.num_classes
+    got: dict[str, list] = {"z": [], "f": [], "s": [], "z0": [], "f0": [], "s0": []}
+    hooks = LayerStats(b.model)
     for x, _ in eval_batches(split, pred.bundle.preprocessing, pred.batch_size, device=b.device):
         x = b.pre.normalize(x.to(b.device), b.channels_last)
         first: list = []
-        with autocast(b.device, b.amp):
-            avg = tta_forward(_net_recording(b.model, first), x, b.tta).float().cpu().numpy()
+        with hooks, autocast(b.device, b.amp):
+            avg = tta_forward(_net_recording(b.model, first, hooks), x, b.tta).float().cpu().numpy()
         one = first[0].float().cpu().numpy()
-        got["f"].append(avg[:, :nf])
-        got["z"].append(avg[:, nf:])
-        got["f0"].append(one[:, :nf])
-        got["z0"].append(one[:, nf:])
+        for view, out in (("", avg), ("0", one)):
+            got["f" + view].append(out[:, :nf])
+            got["z" + view].append(out[:, nf:nf + k])
+            got["s" + view].append(out[:, nf + k:])
     return {k: np.concatenate(v) for k, v in got.items()}
 
 
@@ -113,7 +141,11 @@ def cached_outputs(clf, parts: dict, cache: Path) -> dict[str, np.ndarray]:
     when not cached), computed once per model weights and kept one file per part under
     ``cache`` (bench/cache/, git-ignored), in the order given: trying another score costs
     seconds, not another pass over 70,000 images, and an interrupted run keeps its parts."""
+    from imgcls.engine.layer_stats import stat_layers
+
     sha = clf.card.get("weights_sha256", "")
+    names = {id(m): n for n, m in clf.model.named_modules()}
+    layers = ",".join(names[id(m)] for m in stat_layers(clf.model))  # the block statistics' layers
     out: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
@@ -122,14 +154,14 @@ def cached_outputs(clf, parts: dict, cache: Path) -> dict[str, np.ndarray]:
             path = cache / f"{name}.npz"
             if path.is_file():
                 with np.load(path, allow_pickle=False) as a:
-                    if str(a["weights_sha256"]) == sha:
-                        out.update({f"{name}_{k}": a[k] for k in a.files if k != "weights_sha256"})
+                    if str(a["weights_sha256"]) == sha and "layers" in a.files and str(a["layers"]) == layers:
+                        out.update({f"{name}_{k}": a[k] for k in a.files if k not in ("weights_sha256", "layers")})
                         continue
             t1 = time.perf_counter()
             split = split() if callable(split) else split
-            got = {k: (v.astype(np.float16) if k.startswith("f") else v) for k, v in tta_and_plain(p, split).items()}
+            got = {k: (v.astype(np.float16) if k[0] in "fs" else v) for k, v in tta_and_plain(p, split).items()}
             got["y"] = split.labels.numpy()
-            np.savez(path, weights_sha256=np.array(sha), **got)
+            np.savez(path, weights_sha256=np.array(sha), layers=np.array(layers), **got)
             out.update({f"{name}_{k}": v for k, v in got.items()})
             print(f"{name}: {len(split)} images, {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
     out["inference_s"] = np.array(time.perf_counter() - t0)
@@ -142,8 +174,15 @@ def library_stats(clf, o: dict, method: str, view: str = "", max_images: int | N
     if method not in FEATURE_METHODS:
         return None
     part = "train_sub" if max_images == MAX_BANK else "train"  # train_sub: the library's own subsample
-    f, y, z = o[f"{part}_f" + view].astype(np.float32), o[f"{part}_y"].astype(np.int64), o[f"{part}_z" + view]
+    f, y, z = _features(o, part, method, view), o[f"{part}_y"].astype(np.int64), o[f"{part}_z" + view]
     return fit_stats(method, f, y, 0, clf.model, z)
+
+
+def _features(o: dict, part: str, method: str, view: str = "") -> np.ndarray:
+    """What the library's torch backend hands the score: the penultimate features, for the
+    layers score followed by the block statistics (Predictor.run_outputs(features="layers"))."""
+    f = o[f"{part}_f" + view].astype(np.float32)
+    return np.concatenate([f, o[f"{part}_s" + view].astype(np.float32)], 1) if method == "layers" else f
 
 
 def ood_table(clf, o: dict, ood_parts: list[str], methods=OOD_METHODS, view: str = "",
@@ -152,10 +191,9 @@ def ood_table(clf, o: dict, ood_parts: list[str], methods=OOD_METHODS, view: str
     res: dict = {}
     for method in methods:
         stats = library_stats(clf, o, method, view, max_images)
-        s_id = ood_scores(method, o["test_z" + view], o["test_f" + view].astype(np.float32), stats, DEFAULT_K, 1.0)
+        s_id = ood_scores(method, o["test_z" + view], _features(o, "test", method, view), stats, DEFAULT_K, 1.0)
         for name in ood_parts:
-            s_ood = ood_scores(method, o[f"{name}_z" + view], o[f"{name}_f" + view].astype(np.float32), stats,
-                               DEFAULT_K, 1.0)
+            s_ood = ood_scores(method, o[f"{name}_z" + view], _features(o, name, method, view), stats, DEFAULT_K, 1.0)
             m = ood_metrics(s_id, s_ood)
             res.setdefault(name, {})[method] = {"auroc": m["auroc"], "fpr95": m["fpr95"], "num_ood": m["num_ood"]}
     return res
@@ -279,7 +317,7 @@ def model_parts(clf, data) -> dict:
 
 def merge_train(o: dict) -> dict:
     """``train_*``: all training images when ``train_rest`` is cached, else the subsample."""
-    for k in ("z", "f", "z0", "f0", "y"):
+    for k in ("z", "f", "s", "z0", "f0", "s0", "y"):
         parts = [o[f"train_sub_{k}"]] + ([o[f"train_rest_{k}"]] if f"train_rest_{k}" in o else [])
         o[f"train_{k}"] = np.concatenate(parts)
     return o
@@ -290,8 +328,9 @@ def bench_cifar10(args) -> dict:
     mnist = np.load(default_data("mnist.npz"), allow_pickle=False)
     parts = model_parts(clf, str(default_data("cifar10.npz")))
     parts.update(mnist=_split(mnist["x_test"][: args.max_ood]),
-                 hymenoptera_crops=_split(hymenoptera_crops(default_data("hymenoptera"))))
-    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train_sub", "train_rest")
+                 hymenoptera_crops=_split(hymenoptera_crops(default_data("hymenoptera"))),
+                 **shifted(np.load(default_data("cifar10.npz"), allow_pickle=False)["x_test"][:5000]))
+    parts = {k: parts[k] for k in ("test", "mnist", "hymenoptera_crops", "train_sub", "train_rest", *SHIFTED)
              if k != "train_rest" or not args.no_full_train}
     o = merge_train(cached_outputs(clf, parts, CACHE / f"ood_cifar10_{Path(args.run).name}"))
     y = o["test_y"].astype(np.int64)
@@ -299,6 +338,8 @@ def bench_cifar10(args) -> dict:
            "tta": clf.tta, "test_images": int(len(y)), "train_images": int(len(o["train_y"])), "k": DEFAULT_K,
            "top1_accuracy_full_test": round(float((o["test_z"].argmax(1) == y).mean()), 5),
            "ood": ood_table(clf, o, ["mnist", "hymenoptera_crops"]),
+           "covariate_shift": shift_table(ood_table(clf, o, list(SHIFTED)), {
+               n: round(float((o[f"{n}_z"].argmax(1) == y[:5000]).mean()), 4) for n in SHIFTED}),
            "conformal": conformal_table(o["test_z"], y, clf.classes), "inference_s": round(float(o["inference_s"]), 1)}
     if args.explore:
         res["explore"] = explore(clf, o, ["mnist", "hymenoptera_crops"])

@@ -162,7 +162,7 @@ class Classifier(ModelBundle):
         the training split's features). ``save()`` stores all of it (model.json and, for
         knn, ood_features.safetensors). Returns what was fitted (ECE/NLL before and after, ...)."""
         from imgcls.engine.trust_fit import fit_sets, fit_unknown
-        from imgcls.engine.trust_names import FEATURE_METHODS, resolve_ood_method
+        from imgcls.engine.trust_names import FEATURE_METHODS, feature_kind, resolve_ood_method
         from imgcls.evaluation.calibration import temperature_scaling
 
         ood_method = resolve_ood_method(ood_method, self.multi_label)
@@ -175,7 +175,7 @@ class Classifier(ModelBundle):
         _, name, part, _ = self.eval_data(data, split)
         info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:
-            logits, labels, feats = p.run_outputs(part, features=ood_method in FEATURE_METHODS)
+            logits, labels, feats = p.run_outputs(part, features=feature_kind(ood_method))
             if temperature:
                 self.temperature, info = temperature_scaling(torch.from_numpy(logits), torch.from_numpy(labels))
                 self.card["calibration"] = info

@@ -109,7 +109,7 @@ class TrainConfig(BaseModel):
     conformal: float | None = None  # coverage of conformal sets, fitted on a calibration split held out of train
     conformal_method: Literal["aps", "lac", "raps"] = "aps"
     calib_split: float = 0.1  # with conformal: the fraction of train held out for calibration (never trained on)
-    ood_method: Literal["msp", "energy", "knn", "mahalanobis", "react", "vim", "auto"] | None = None  # fit the "unknown" threshold on the validation split
+    ood_method: Literal["msp", "energy", "knn", "layers", "mahalanobis", "react", "vim", "auto"] | None = None  # fit the "unknown" threshold on the validation split
 
     @field_validator("classes", mode="before")
     @classmethod

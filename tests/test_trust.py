@@ -159,6 +159,58 @@ def test_decide_carries_trust_fields():
     assert (p2.label, p2.guess, p2.unknown, p2.set) == ("unknown", "a", True, ["a", "b", "c"])
 
 
+def test_layer_stats_hook_the_early_plain_convolutions():
+    import torch
+
+    from imgcls.engine.layer_stats import LayerStats, stat_layers
+    from imgcls.models import create_model
+
+    air = create_model("airbench", num_classes=10, in_chans=3, img_size=32)
+    convs = [m for m in air.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert stat_layers(air) == convs[3:5]  # 7 convolutions (whitening included): those at 1/2 and 2/3 of the depth
+    ref = create_model("reference_cnn", num_classes=3, in_chans=1, img_size=16)
+    assert stat_layers(ref) == [ref.features[3]]  # two: none in the middle, the one nearest it
+    x = torch.rand(5, 1, 16, 16)
+    with LayerStats(ref) as hooks:
+        ref(x)
+        s = hooks.take()
+    a = ref.features[3](ref.features[:3](x))
+    assert s.shape == (5, 128) and torch.allclose(s[:, :64], a.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(s[:, 64:], a.std((2, 3), correction=0), atol=1e-5)
+    assert not ref.features[3]._forward_hooks  # removed on leaving
+
+
+def test_layers_score_flags_images_whose_early_statistics_are_unlike_training():
+    """Penultimate kNN cannot tell these apart (same features); the block statistics can."""
+    import torch
+
+    from imgcls.engine.ood import fit_stats, layer_scores
+
+    rng = np.random.default_rng(0)
+    pen = rng.normal(size=(400, 6)).astype(np.float32)
+    st = rng.normal(size=(400, 4)).astype(np.float32) @ np.diag([1.0, 2.0, 0.5, 1.0]).astype(np.float32)
+
+    class Net(torch.nn.Module):  # stat_layers: one conv of 2 channels -> 4 statistics
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    stats = fit_stats("layers", np.c_[pen, st], model=Net())
+    assert stats["dims"].tolist() == [6, 4] and stats["precision0"].shape == (4, 4)
+    assert len(stats["features"]) == 200  # one half fits, the other standardises
+    id_rows = np.c_[pen[:50], st[:50]]
+    odd = np.c_[pen[:50], st[:50] + 6.0]  # same penultimate features, shifted statistics
+    s_id = ood_scores("layers", np.zeros((50, 3)), id_rows, stats)
+    s_odd = ood_scores("layers", np.zeros((50, 3)), odd, stats)
+    assert s_odd.min() > np.quantile(s_id, 0.95)
+    assert np.allclose(ood_scores("knn", np.zeros((50, 3)), pen[:50], stats["features"]),
+                       ood_scores("knn", np.zeros((50, 3)), odd[:, :6], stats["features"]))
+    z = layer_scores(id_rows, stats)  # standardised: about mean 0, spread 1 on training-like rows
+    assert z.shape == (50, 2) and float(z.mean().abs()) < 1.0
+    with pytest.raises(ImgclsError, match="expects 10 features per image"):
+        ood_scores("layers", np.zeros((2, 3)), pen[:2], stats)
+
+
 # ---------------------------------------------------------------------- every road
 @pytest.fixture(scope="module")
 def trust_run(tmp_path_factory):
@@ -281,6 +333,35 @@ def test_calibrate_on_a_set_of_its_own_and_knn_needs_training_images(trust_run, 
                  "--ood-method", "knn"]) == 1  # every image calibrates: none is left to stand for training
     err = capsys.readouterr().err.strip()
     assert "knn stores features of training images" in err and err.count("\n") == 0
+
+
+def test_layers_score_on_every_road(trust_run, tmp_path, capsys):
+    import shutil
+
+    from imgcls.api import Classifier
+    from imgcls.serve.app import create_app
+    from tests.serving import local_client, png_bytes
+
+    _, plain, root = trust_run
+    run = tmp_path / "layers"
+    shutil.copytree(plain, run)
+    assert main(["calibrate", str(run), "--data", str(root / "d.npz"), "--ood-method", "layers"]) == 0
+    assert "unknown threshold (layers)" in capsys.readouterr().out
+    clf = Classifier.load(run)
+    assert clf.card["ood"]["method"] == "layers" and clf.card["ood"]["layers"] == ["features.3"]
+    x = pattern_images(2, size=16)[0]
+    noise = np.random.default_rng(5).integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    got = clf.predict(np.concatenate([x, noise]))
+    assert all(p.unknown is not None for p in got)
+    assert min(p.ood_score for p in got[-4:]) > max(p.ood_score for p in got[:6])  # noise is unlike the patterns
+    assert main(["evaluate", str(run), "--data", str(root / "d.npz"), "--ood", str(root / "noise.npz")]) == 0
+    capsys.readouterr()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["ood"]["method"] == "layers" and m["ood"]["auroc"] > 0.9
+    assert set(m["ood"]["by_method"]) == {"msp", "energy", "layers"}
+    with local_client(create_app(run)) as client:
+        body = client.post("/predict", files={"file": ("x.png", png_bytes(noise[0]), "image/png")}).json()
+    assert body["ood_score"] == pytest.approx(got[-4].ood_score, rel=1e-3, abs=1e-3) and "unknown" in body
 
 
 def test_knn_refuses_the_onnx_backend_clearly(trust_run, tmp_path):

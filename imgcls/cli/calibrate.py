@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="conformal score: aps (adaptive sets, even coverage across classes), lac (smallest sets) "
                         "or raps (APS with a penalty on unlikely classes, tuned on 30%% of the calibration images)")
     p.add_argument("--ood-method", default=None, choices=(*OOD_METHODS, "auto"), nargs="?", const="auto",
-                   help="fit the 'unknown' threshold for this OOD score (knn also stores training features; "
+                   help="fit the 'unknown' threshold for this OOD score (knn and layers also store training statistics; "
                         f"alone or auto: {BEST_OOD_METHOD}, the best on docs/benchmarks.md; for a multi-label model "
                         f"{BEST_MULTI_LABEL_OOD_METHOD}, per-label)")
     p.add_argument("--accept", type=float, default=DEFAULT_ACCEPT,

@@ -53,12 +53,25 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
-    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, x: torch.Tensor, layers: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Logits and penultimate features (timm's ``forward_head(pre_logits=True)``) of one
-        batch, from the same forward pass; with TTA both are averaged over the same views."""
+        batch, from the same forward pass; with TTA both are averaged over the same views.
+        ``layers``: the features are followed by the block statistics of the same pass
+        (engine/layer_stats.py), ``[penultimate | statistics]``."""
         x = self.pre.normalize(x.to(self.device, non_blocking=self.device.type == "cuda"), self.channels_last)
+        net = partial(features_and_logits, self.model)
+        if layers:
+            from imgcls.engine.layer_stats import LayerStats
+
+            hooks = LayerStats(self.model)
+            net = partial(_with_stats, net, hooks)
+            with hooks, autocast(self.device, self.amp):
+                out = tta_forward(net, x, self.tta).float().cpu().numpy()
+            nf = self.num_features
+            k = out.shape[1] - nf - sum(2 * m.out_channels for m in hooks.layers)
+            return out[:, nf:nf + k], np.concatenate([out[:, :nf], out[:, nf + k:]], 1)
         with autocast(self.device, self.amp):
-            out = tta_forward(partial(features_and_logits, self.model), x, self.tta).float().cpu().numpy()
+            out = tta_forward(net, x, self.tta).float().cpu().numpy()
         nf = self.num_features
         return out[:, nf:], out[:, :nf]
 
@@ -71,6 +84,12 @@ class TorchBackend:
     def close(self) -> None:
         # hand the module back as the bundle expects it: on the CPU, contiguous
         self.model.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def _with_stats(net, hooks, x: torch.Tensor) -> torch.Tensor:
+    """``[penultimate | logits | block statistics]`` of one view, so TTA averages all three."""
+    out = net(x)
+    return torch.cat([out, hooks.take()], 1)
 
 
 def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +154,10 @@ class OnnxBackend:
     def logits(self, x: torch.Tensor) -> np.ndarray:
         return self.session.run(None, {self.input_name: normalize_numpy(x, self.pre)})[0]
 
-    def outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise ImgclsError(f"{self.path.name} gives logits only, and this model's unknown score (knn, mahalanobis "
-                          "or react) needs the network's penultimate features", "use --backend torch, or recalibrate with "
+    def outputs(self, x: torch.Tensor, layers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        raise ImgclsError(f"{self.path.name} gives logits only, and this model's unknown score (knn, layers, "
+                          "mahalanobis, react or vim) needs the network's penultimate features",
+                          "use --backend torch, or recalibrate with "
                           "`imgcls calibrate RUN --data DATA --ood-method energy`")
 
     def close(self) -> None:

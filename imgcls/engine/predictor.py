@@ -33,18 +33,22 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None, features: bool = False):
+def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None, features: bool | str = False):
     """``(logits, labels)`` of each batch - with ``features``, ``(logits, labels, penultimate
-    features)`` - in order, one batch at a time (memory stays flat)."""
+    features)``; ``features="layers"``: the block statistics follow the penultimate features
+    (engine/layer_stats.py) - in order, one batch at a time (memory stays flat)."""
     for x, y in batches:
-        got = backend.outputs(x) if features else (backend.logits(x),)
+        if features == "layers":
+            got = backend.outputs(x, layers=True)
+        else:
+            got = backend.outputs(x) if features else (backend.logits(x),)
         if on_batch is not None:
             on_batch(len(y))
         yield (got[0], y.numpy(), *got[1:])
 
 
 def run_backend(backend, batches, on_batch: Callable[[int], None] | None = None,
-                features: bool = False) -> tuple[np.ndarray, ...]:
+                features: bool | str = False) -> tuple[np.ndarray, ...]:
     """Logits and labels for every batch, in order (``features``: and the penultimate features)."""
     outs, feats, labels = [], [], []
     for got in iter_backend(backend, batches, on_batch, features):
@@ -124,7 +128,7 @@ class Predictor:
         one array per image, as the web service's batcher hands rows out (:meth:`unpack`)."""
         if not self.trust.needs_features:
             return self.backend.logits(x)
-        z, f = self.backend.outputs(x)
+        z, f = self.backend.outputs(x, layers=True) if self.trust.features == "layers" else self.backend.outputs(x)
         return np.concatenate([z, f], 1)
 
     def unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -144,14 +148,15 @@ class Predictor:
         return self._run(split, progress, skipped, False)
 
     def run_outputs(self, split: Split, progress: bool = False, skipped: dict[int, str] | None = None,
-                    features: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Logits, labels and - with ``features`` (None: when the model's OOD score needs
-        them) - the penultimate features (else None) of every image of ``split``."""
-        features = self.trust.needs_features if features is None else features
+                    features: bool | str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Logits, labels and - with ``features`` (None: what the model's OOD score needs;
+        ``"layers"``: block statistics after the penultimate features) - the features (else
+        None) of every image of ``split``."""
+        features = self.trust.features if features is None else features
         out = self._run(split, progress, skipped, features)
         return out if features else (*out, None)
 
-    def _run(self, split: Split, progress: bool, skipped: dict[int, str] | None, features: bool) -> tuple:
+    def _run(self, split: Split, progress: bool, skipped: dict[int, str] | None, features: bool | str) -> tuple:
         batches = eval_batches(split, self.bundle.preprocessing, self.batch_size, workers=self.workers,
                                device=self.device, skipped=skipped)
         if not progress or len(split) <= 4 * self.batch_size:
@@ -176,7 +181,7 @@ class Predictor:
             batches.shard(*shard, even=False)
         if on_sources is not None:
             batches.on_sources = on_sources
-        return iter_backend(self.backend, batches, on_batch, features=self.trust.needs_features)
+        return iter_backend(self.backend, batches, on_batch, features=self.trust.features)
 
     def close(self) -> None:
         self.backend.close()

@@ -18,7 +18,7 @@ import torch
 
 from imgcls.engine.conformal import prediction_sets
 from imgcls.engine.ood import DEFAULT_K, DEFAULT_OOD_METHOD, check_method, load_stats, ood_scores
-from imgcls.engine.trust_names import FEATURE_METHODS
+from imgcls.engine.trust_names import FEATURE_METHODS, feature_kind
 from imgcls.errors import ImgclsError
 
 CALIBRATE_HINT = "add them: imgcls calibrate {run} --data DATA"
@@ -73,6 +73,12 @@ class Trust:
     @property
     def needs_features(self) -> bool:
         return self.method in FEATURE_METHODS
+
+    @property
+    def features(self) -> bool | str:
+        """What the score reads besides the logits: False, True (the penultimate features) or
+        ``"layers"`` (those and the block statistics)."""
+        return feature_kind(self.method)
 
     @property
     def stats(self) -> dict[str, torch.Tensor]:

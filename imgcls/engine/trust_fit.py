@@ -12,7 +12,7 @@ import torch
 from imgcls.data.records import Split
 from imgcls.engine.conformal import fit_conformal
 from imgcls.engine.ood import DEFAULT_K, MAX_BANK, check_method, check_multi_label, fit_stats, fit_threshold, ood_scores
-from imgcls.engine.trust_names import FEATURE_METHODS
+from imgcls.engine.trust_names import FEATURE_METHODS, feature_kind
 from imgcls.engine.predictor import Predictor
 from imgcls.engine.trust import softmax
 
@@ -26,13 +26,13 @@ def fit_sets(logits: np.ndarray, labels: np.ndarray, coverage: float, method: st
 
 
 def training_features(predictor: Predictor, train: Split, max_images: int | None = MAX_BANK,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Penultimate features, labels and logits of (a seeded subsample of at most
-    ``max_images``) training images."""
+                      seed: int = 0, features: bool | str = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Penultimate features (``features="layers"``: followed by the block statistics), labels
+    and logits of (a seeded subsample of at most ``max_images``) training images."""
     if max_images is not None and len(train) > max_images:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:max_images]
         train = train.subset(idx.sort().values)
-    logits, labels, feats = predictor.run_outputs(train, features=True)
+    logits, labels, feats = predictor.run_outputs(train, features=features)
     return feats, labels, logits
 
 
@@ -49,7 +49,7 @@ def fit_unknown(predictor: Predictor, logits: np.ndarray, features: np.ndarray |
         check_multi_label(method)
     stats = None
     if method in FEATURE_METHODS:
-        feats, labels, z = training_features(predictor, train, MAX_BANK, seed)
+        feats, labels, z = training_features(predictor, train, MAX_BANK, seed, feature_kind(method))
         stats = fit_stats(method, feats, labels, seed, predictor.bundle.model, z)
     t = predictor.bundle.temperature
     scores = ood_scores(method, logits, features, stats, DEFAULT_K, t, multi)
@@ -58,6 +58,11 @@ def fit_unknown(predictor: Predictor, logits: np.ndarray, features: np.ndarray |
                                "num_images": int(len(scores))}
     if multi and method == "energy":
         section["score"] = "joint energy: -sum over labels of log(1 + exp(logit))"
-    if method == "knn":
+    if method in ("knn", "layers"):
         section.update(k=DEFAULT_K, bank_images=int(len(stats["features"])))
+    if method == "layers":
+        from imgcls.engine.layer_stats import stat_layers
+
+        names = {id(m): n for n, m in predictor.bundle.model.named_modules()}
+        section["layers"] = [names[id(m)] for m in stat_layers(predictor.bundle.model)]
     return section, stats

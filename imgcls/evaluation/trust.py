@@ -120,6 +120,6 @@ def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, 
     r.sections["ood"] = {"method": trust.method, "data": name,
                          **ood_metrics(r.id_scores, r.ood_scores, trust.ood.get("threshold")),
                          "by_method": _by_method(logits, z, t, multi)}
-    if trust.method == "knn":
-        r.sections["ood"]["by_method"]["knn"] = {k: r.sections["ood"][k] for k in ("auroc", "fpr95")}
+    if trust.method not in r.sections["ood"]["by_method"]:  # a feature score: the model's own
+        r.sections["ood"]["by_method"][trust.method] = {k: r.sections["ood"][k] for k in ("auroc", "fpr95")}
     return r
