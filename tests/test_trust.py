@@ -421,6 +421,8 @@ def test_features_come_from_the_same_pass_as_the_logits(tta):
     x = torch.from_numpy(pattern_images(2, size=16)[0][:, None])
     z, f = b.outputs(x)
     assert np.allclose(z, b.logits(x), atol=1e-5) and f.shape == (6, 64)
+    zl, fl = b.outputs(x, layers=True)  # the layers score: block statistics after the same features
+    assert np.allclose(zl, z, atol=1e-5) and fl.shape == (6, 64 + 128) and np.allclose(fl[:, :64], f, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ class TorchBackend:
 def _with_stats(net, hooks, x: torch.Tensor) -> torch.Tensor:
     """``[penultimate | logits | block statistics]`` of one view, so TTA averages all three."""
     out = net(x)
-    return torch.cat([out, hooks.take()], 1)
+    return torch.cat([out, hooks.take()], 1) if hooks.layers else out  # no convolution: kNN alone
 
 
 def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
