@@ -368,6 +368,23 @@ def test_per_label_unknown_on_every_road(ood_run, tmp_path, capsys):
         clf.predict(files[:1], sets=True, workers=0)
 
 
+def test_layers_score_for_a_multi_label_model(ood_run, tmp_path, capsys):
+    """The class-agnostic layers score fits a multi-label model too: noise images unknown."""
+    import shutil
+
+    trained, quad_npz = ood_run
+    run = tmp_path / "layers"
+    shutil.copytree(trained, run)
+    assert main(["calibrate", str(run), "--data", str(quad_npz), "--ood-method", "layers"]) == 0
+    assert "unknown threshold (layers)" in capsys.readouterr().out
+    clf = Classifier.load(run)
+    x, _ = quadrants(6, 11)
+    noise = np.random.default_rng(5).integers(0, 256, (6, 16, 16), dtype=np.uint8)
+    preds = clf.predict(np.concatenate([x, noise]))
+    assert all(p.labels is not None and p.unknown is not None for p in preds)
+    assert sum(p.unknown for p in preds[6:]) >= 5 and sum(p.unknown for p in preds[:6]) <= 1
+
+
 def test_serve_gives_multilabel_unknowns_and_train_refuses_sets(ood_run, quad_npz, tmp_path, capsys):
     pytest.importorskip("fastapi")
     from imgcls.serve.app import create_app
