@@ -9,7 +9,8 @@ written with --resize) and batch prediction (1 vs 2 processes).
         --rss-sizes 1000 200000
 
 Writes bench/results/shards_train_<data>.json (img/s of each epoch, wall time of the whole fit)
-and bench/results/shards_predict.json (img/s of 1 vs 2 processes; peak RSS per job size).
+and bench/results/shards_predict.json (img/s of 1 vs 2 processes writing part files, and of the
+single-process `imgcls predict RUN SOURCE -o preds.jsonl`, each also per core; peak RSS per job size).
 
     flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py mnist-http --epochs 2
 
@@ -105,16 +106,19 @@ def bench_train(args) -> dict:
     return out
 
 
-def _predict_job(run: Path, src: Path, out: Path, devices: int, batch: int, workers: int) -> dict:
+def _predict_job(run: Path, src: Path, out: Path, devices: int, batch: int, workers: int,
+                 parts: bool = True) -> dict:
     """One ``imgcls predict --output DIR/`` job in a subprocess under GNU time: wall time and
-    the peak RSS of its largest process (%M: the waited-for process tree's largest)."""
+    the peak RSS of its largest process (%M: the waited-for process tree's largest).
+    ``parts=False``: the single-process ``imgcls predict RUN SOURCE -o preds.jsonl`` of before
+    part files existed (one process, one output file)."""
     import shutil
     import subprocess
 
     shutil.rmtree(out, ignore_errors=True)
+    target = ["--output", str(out) + "/", "--devices", str(devices)] if parts else ["-o", str(out) + ".jsonl"]
     cmd = ["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "imgcls", "predict", str(run), str(src),
-           "--output", str(out) + "/", "--devices", str(devices), "--batch-size", str(batch), "--workers",
-           str(workers), "--device", "cpu"]
+           *target, "--batch-size", str(batch), "--workers", str(workers), "--device", "cpu"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=True, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
@@ -135,6 +139,21 @@ def _generated_shards(n: int, tmp: Path, size: int = 32) -> Path:
     return tmp / f"gen{n}"
 
 
+def _generated_folder(n: int, tmp: Path, size: int = 32) -> Path:
+    """The same images as :func:`_generated_shards`, as PNG files in class folders."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (n, 3, size, size), dtype=torch.uint8, generator=g).permute(0, 2, 3, 1).numpy()
+    root = tmp / f"folder{n}"
+    for i, img in enumerate(x):
+        d = root / str(i % 10)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:06d}.png")
+    return root
+
+
 def bench_predict(args) -> dict:
     from imgcls import Classifier
 
@@ -142,16 +161,24 @@ def bench_predict(args) -> dict:
     clf = Classifier.create("reference_cnn", classes=[str(c) for c in range(10)], in_chans=3, img_size=32, seed=0)
     clf.save(tmp / "model")
     out = {"machine": machine(), "model": "reference_cnn 32x32", "batch_size": args.batch_size, "jobs": {}}
-    src, small = _generated_shards(args.images, tmp), _generated_shards(300, tmp)
-    for devices in (1, 2):
-        job = _predict_job(tmp / "model", src, tmp / "out", devices, args.batch_size, args.workers)
-        base = _predict_job(tmp / "model", small, tmp / "out", devices, args.batch_size, args.workers)
+    shards = _generated_shards(args.images, tmp), _generated_shards(300, tmp)
+    folder = _generated_folder(args.images, tmp), _generated_folder(300, tmp)
+    cores = os.cpu_count() or 1
+    # today's single-process predict (one output file) takes a folder, not a shard set: the three
+    # folder jobs compare it with part files written by 1 and 2 processes on the same PNG files
+    for name, (src, small), devices, parts in (
+            ("shards_1_process", shards, 1, True), ("shards_2_process", shards, 2, True),
+            ("folder_single_file", folder, 1, False), ("folder_1_process", folder, 1, True),
+            ("folder_2_process", folder, 2, True)):
+        job = _predict_job(tmp / "model", src, tmp / "out", devices, args.batch_size, args.workers, parts)
+        base = _predict_job(tmp / "model", small, tmp / "out", devices, args.batch_size, args.workers, parts)
         job["img_per_s"] = round(args.images / job["wall_s"], 1)
         # start-up (imports, torchrun, model load) cancels out against a 300-image job
         job["marginal_img_per_s"] = round((args.images - 300) / max(job["wall_s"] - base["wall_s"], 1e-9), 1)
+        job["marginal_img_per_s_per_core"] = round(job["marginal_img_per_s"] / cores, 1)  # every job uses all cores
         job["startup_job_300_wall_s"] = base["wall_s"]
-        out["jobs"][f"{args.images}_images_{devices}_process"] = job
-        print(json.dumps(job), file=sys.stderr)
+        out["jobs"][f"{args.images}_images_{name}"] = job
+        print(name, json.dumps(job), file=sys.stderr)
     for n in args.rss_sizes:
         job = _predict_job(tmp / "model", _generated_shards(n, tmp), tmp / "out", 1, args.batch_size, args.workers)
         out["jobs"][f"rss_{n}_images"] = job
