@@ -441,3 +441,9 @@ def test_mnist_subset_sets_cover_and_inverted_digits_are_unknown(shared_data, tm
     m = json.loads((r.run_dir / "metrics.json").read_text())
     assert abs(m["conformal"]["coverage"] - 0.9) < 0.04 and m["conformal"]["mean_set_size"] < 2
     assert m["ood"]["auroc"] > 0.7 and 0.9 <= m["ood"]["id_accepted"] <= 1
+    knn = m["ood"]["auroc"]
+    # a bare --ood-method fits the layers score (the best on docs/benchmarks.md): better than kNN here too
+    assert main(["calibrate", str(r.run_dir), "--data", str(tmp_path / "m.npz"), "--ood-method"]) == 0
+    assert main(["evaluate", str(r.run_dir), "--data", str(tmp_path / "m.npz"), "--ood", str(tmp_path / "inv.npz")]) == 0
+    m = json.loads((r.run_dir / "metrics.json").read_text())
+    assert m["ood"]["method"] == "layers" and m["ood"]["auroc"] > max(0.95, knn)
