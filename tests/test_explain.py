@@ -128,7 +128,8 @@ def test_target_and_options(clf, digits_test):
 def test_layer_choice_and_override(clf, digits_test):
     img = digits_test[0][0][0]
     [auto] = explain(clf, img, faithfulness=False)
-    assert auto.layer == "features.4"  # the last conv block's activations, before the final max-pool
+    # the last conv's map, before the final max-pool and the ReLU after it (pool -> ReLU)
+    assert auto.layer == "features.3" and auto.attribution.shape == (28, 28)
     [e] = explain(clf, img, layer="features.1", faithfulness=False)
     assert e.layer == "features.1" and e.attribution.shape == (28, 28)
     with pytest.raises(ImgclsError, match="no layer 'features.9'"):

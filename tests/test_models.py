@@ -12,8 +12,31 @@ def test_reference_cnn_matches_keras_parameter_count():
     out = model(torch.zeros(2, 1, 28, 28))
     assert out.shape == (2, 10)
     layers = [type(m).__name__ for m in model.modules() if not isinstance(m, torch.nn.Sequential)][1:]
-    assert layers == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
+    assert layers == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU",
                       "Flatten", "Linear", "ReLU", "Linear"]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reference_cnn_pool_then_relu_is_keras_conv_relu_pool(bf16):
+    """Pooling before the ReLU (the built-in's order) gives Keras' conv -> ReLU -> pool
+    outputs and gradients exactly, in fp32 and under bf16 autocast."""
+    import copy
+
+    torch.manual_seed(0)
+    ours = create_model("reference_cnn", num_classes=10, in_chans=1, img_size=28)
+    keras = copy.deepcopy(ours)
+    f = keras.features
+    keras.features = torch.nn.Sequential(f[0], f[2], f[1], f[3], f[5], f[4])
+    assert [type(m).__name__ for m in keras.features] == ["Conv2d", "ReLU", "MaxPool2d"] * 2
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    grads = []
+    for m in (ours, keras):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in m.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_reference_cnn_has_timm_interface():

@@ -29,6 +29,7 @@ class TargetLayer:
 
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Identity)
 
 
 def _vit_reshape(grid: tuple[int, int], prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -96,8 +97,11 @@ def find_target_layer(model: nn.Module, example: torch.Tensor, name: str | None 
     pooled: set[str] = set()  # pooling layers and the containers that end with one
     for i, (lname, _) in enumerate(seen):
         mod = modules[lname]
-        if isinstance(mod, _POOLS) or (i and seen[i - 1][0] in pooled and seen[i - 1][0].startswith(lname + ".")):
+        prev = seen[i - 1] if i else None
+        if isinstance(mod, _POOLS) or (prev and prev[0] in pooled and prev[0].startswith(lname + ".")):
             pooled.add(lname)
+        elif prev and prev[0] in pooled and isinstance(mod, _POINTWISE) and seen[i][1] == prev[1]:
+            pooled.add(lname)  # an activation after the pool (pool -> ReLU): as coarse as the pool
     for lname, shape in reversed(seen):
         spatial = shape[1:3] if nhwc else shape[2:]
         # a trailing max/avg-pool only coarsens the map: explain the activations before it,
