@@ -1,0 +1,32 @@
+"""The numpy confusion matrix and precision / recall / F1 against scikit-learn's."""
+
+import numpy as np
+import pytest
+import torch
+
+from imgcls.evaluation.metrics import classification_metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_scikit_learn(seed):
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    k, n = 6, 300
+    y = rng.integers(0, k - 1, n)  # class 5 never occurs: zero support
+    logits = torch.tensor(rng.normal(size=(n, k)), dtype=torch.float32)
+    logits[np.arange(n) % 3 == 0, y[np.arange(n) % 3 == 0]] += 3.0  # a third right by a margin
+    logits[:, 2] -= 10.0  # class 2 is never predicted: zero precision by zero_division=0
+    m = classification_metrics(logits, torch.tensor(y), [f"c{i}" for i in range(k)])
+    pred = logits.argmax(1).numpy()
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=list(range(k))).tolist()
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    for i in range(k):
+        got = m["per_class"][f"c{i}"]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+    for avg in ("macro", "weighted"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=list(range(k)), average=avg, zero_division=0)
+        got = m[f"{avg}_avg"]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((pa, ra, fa))
+    assert m["per_class"]["c2"]["precision"] == 0.0 and m["per_class"]["c5"]["support"] == 0
