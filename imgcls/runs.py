@@ -177,12 +177,13 @@ def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
     ctx = RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
                         in_memory=in_memory, device_type=resolve_device(cfg.device).type,
                         pretrained=bool(cfg.pretrained or cfg.weights))
+    ctx.raw_stream = bool(data.train is not None and data.train.streamed and data.train.shards.encoding == "raw")
     if ctx.pretrained and data.train is not None:
         from imgcls.models.pretrained import pretrained_input
 
         arch, _ = model_from_config(cfg.model)
         ctx.pretrained_side, ctx.fixed_side = pretrained_input(arch)
-        ctx.image_side = data.native_size if in_memory else typical_side(data.train.paths)
+        ctx.image_side = typical_side(data.train.paths) if data.train.paths is not None else data.native_size
     return ctx
 
 

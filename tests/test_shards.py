@@ -648,3 +648,25 @@ def test_streamed_small_images_get_alternating_flips_like_in_memory_data(tmp_pat
         flipped.append(seen)
     assert all(flipped[0][i] != flipped[1][i] for i in range(60))  # every image both ways over two epochs
     assert 15 <= sum(flipped[0].values()) <= 45
+
+
+def test_auto_picks_the_fast_recipe_for_decoded_small_image_shards(tmp_path):
+    """Shards of decoded pixels stream without decoding: `auto` trains them as it trains the
+    same images in memory (the fast recipe, digits: the reference CNN); PNG shards get the
+    default recipe, as files do."""
+    from imgcls.config import TrainConfig
+    from imgcls.engine.recipes import resolve_recipe
+    from imgcls.runs import recipe_context
+
+    data = load_data(_indexed_npz(tmp_path / "ix.npz", 5200), val_split=0.0)
+    write_shards(data, tmp_path / "raw", resize=8)
+    write_shards(data, tmp_path / "png")
+    chosen = {}
+    for where in ("raw", "png"):
+        cfg = TrainConfig(data=str(tmp_path / where))
+        ctx = recipe_context(cfg, load_data(cfg.data))
+        assert ctx.in_memory is False and ctx.raw_stream is (where == "raw") and ctx.num_train == 5200
+        chosen[where] = resolve_recipe(cfg, ctx)
+    assert chosen["raw"].recipe == "fast" and chosen["raw"].epochs == 2
+    assert "5,200 training images streamed as decoded pixels (digits)" in chosen["raw"].recipe_choice
+    assert chosen["png"].recipe == "default"

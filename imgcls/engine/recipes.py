@@ -20,7 +20,8 @@ from imgcls.registry import Registry
 
 RECIPES: Registry = Registry("recipe")
 
-# auto picks "fast" for in-memory small images with at least this many training images;
+# auto picks "fast" for small images in memory (or streamed from shards of decoded pixels)
+# with at least this many training images;
 # below it the plain defaults (a handful of images trains in seconds either way).
 AUTO_FAST_MIN_IMAGES = 5000
 
@@ -41,6 +42,9 @@ class RecipeContext:
     device_type: str  # "cpu", "cuda", "mps"
     pretrained: bool = False  # --pretrained / --weights
     image_side: int | None = None  # typical (median) shorter side of the training images
+    # streamed from shards of decoded pixels (`imgcls shard --resize`): no decoding per epoch,
+    # so the stream keeps up with the fast recipe's step like memory does (docs/benchmarks.md)
+    raw_stream: bool = False
     pretrained_side: int = 224  # the input side the pretrained weights were trained at
     fixed_side: bool = False  # the architecture takes only that side (ViT, Swin)
 
@@ -142,7 +146,8 @@ def explain_choice(name: str, ctx: RecipeContext, cfg) -> str:
         return f"{what}: {images}, pretrained backbone, {cfg.img_size} px input{seen}"
     epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
     if name == "fast":
-        return f"fast: {images} held in memory ({ctx.kind}), {epochs} of {cfg.model}"
+        where = "streamed as decoded pixels" if ctx.raw_stream and not ctx.in_memory else "held in memory"
+        return f"fast: {images} {where} ({ctx.kind}), {epochs} of {cfg.model}"
     return f"{name}: {images} ({ctx.kind}), {epochs}"
 
 
@@ -157,7 +162,8 @@ def _airbench_sgd(batch_size: int) -> dict[str, Any]:
 def choose_recipe(ctx: RecipeContext) -> str:
     if ctx.pretrained:
         return "transfer"
-    if ctx.in_memory and ctx.kind in ("digits", "small-colour") and ctx.num_train >= AUTO_FAST_MIN_IMAGES:
+    if (ctx.in_memory or ctx.raw_stream) and ctx.kind in ("digits", "small-colour") \
+            and ctx.num_train >= AUTO_FAST_MIN_IMAGES:
         return "fast"
     return "default"
 
