@@ -70,6 +70,9 @@ def _npy(row: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+ROW_GROUP_BYTES = 4 << 20
+
+
 class _EncodeFiles(Dataset):
     """One image file -> (bytes, extension, "") or (b"", "", reason): decoded once to check it
     (and to re-encode it with ``resize``). ``raw``: the decode cache's row instead (shorter
@@ -175,7 +178,10 @@ class _Shards:
             col = (RAW_COLUMN, pa.array(b, pa.binary(int(np.prod(self.raw_shape))))) if self.raw_shape \
                 else ("image", pa.array(b, pa.binary()))
             table = pa.table({"key": list(k), col[0]: col[1], "label": pa.array(y, pa.int64()), "path": list(s)})
-            pq.write_table(table, self.path(), row_group_size=1024)
+            # row groups of ~4 MB (64-1024 rows): a reader's first batch waits for one group and
+            # holds one in memory; 1,024 rows of 256 px photos would be 200 MB
+            row_bytes = max(1, sum(len(v) if isinstance(v, bytes) else v.nbytes for v in b) // len(b))
+            pq.write_table(table, self.path(), row_group_size=max(64, min(1024, ROW_GROUP_BYTES // row_bytes)))
             self.rows = []
         else:
             self.tar.close()
