@@ -74,7 +74,8 @@ def main() -> None:
     out = {"tool": "imgcls", "recipe": cfg.recipe, "model": cfg.model, "epochs": summary["epochs_run"],
            "batch_size": cfg.batch_size, "train_time_s": round(summary["train_time_s"] - eval_time, 2),
            "test_accuracy": round(metrics["accuracy"], 5), "precision": summary["precision"],
-           "threads": summary.get("threads"), "tta": summary.get("tta"),
+           "threads": summary.get("threads"), "tta": summary.get("tta"), "recipe_choice": cfg.recipe_choice,
+           "img_per_s": [round(h["img_per_s"], 1) for h in clf.history],
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "config": {k: v for k, v in cfg.model_dump().items() if k not in ("out", "name")}}
     if cbs:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_PY, ROOT, default_data, machine, median, run_json  # noqa: E402
+from _common import BENCH_PY, ROOT, default_data, machine, median, run_json, user_env  # noqa: E402
 
 
 def main() -> None:
@@ -85,7 +84,7 @@ def user_command(data: str) -> dict:
         cmd = [sys.executable, "-m", "imgcls", "train", "--data", data, "--model", "reference_cnn", "--out", out,
                "--name", "run"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        subprocess.run(cmd, check=True, cwd=ROOT, env=user_env({"PYTHONPATH": str(ROOT)}),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         m = json.loads((Path(out) / "run" / "metrics.json").read_text())

@@ -16,6 +16,20 @@ single-process `imgcls predict RUN SOURCE -o preds.jsonl`, each also per core; p
 
 2-process torchrun on MNIST from shards over http://127.0.0.1 vs from the .npz
 (bench/results/shards_mnist-http.json).
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py recipe --subset 12000 --epochs 3 --rounds 2
+
+The comparison a user meets: `imgcls train --data SUBSET.npz` against `imgcls train --data
+SHARDS/` (the same images written by `imgcls shard --resize 32`, tar and Parquet), no other
+flag, so `auto` picks the recipe for each (both: the fast recipe, airbench at batch 512 on a
+CPU), each a fresh process (bench/imgcls_run.py), interleaved A B C A B C; per epoch img/s,
+the median of the later epochs and its ratio to the .npz
+(bench/results/shards_recipe_cifar10.json).
+
+    flock /tmp/imgcls-heavy.lock env PYTHONPATH=$PWD python bench/shards.py loader --subset 12000 --rounds 3
+
+The loader alone (no model): what each source costs the training loop per image
+(bench/results/shards_loader_cifar10.json).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import default_data, machine  # noqa: E402
@@ -228,6 +243,101 @@ def _history_img_s(run: Path) -> list[float]:
         return [float(r["img_per_s"]) for r in csv.DictReader(f) if r.get("img_per_s")]
 
 
+def bench_recipe(args) -> dict:
+    """``imgcls train --data X`` as typed (recipe auto): the .npz in memory (CIFAR-10) or the
+    folder through the warm decode cache (hymenoptera) vs shards of decoded pixels."""
+    import subprocess
+
+    from imgcls.data.shard_writer import parse_size, write_shards
+    from imgcls.data.sources import load_data
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-shards-recipe-"))
+    if args.data == "cifar10":
+        src, side, base, extra = _cifar_subset(args.subset, tmp), 32, "npz_in_memory", []
+    else:  # the folder through the decode cache (warmed by a first, untimed run); shards of its rows
+        # (`auto` on photos without weights: the default recipe's reference CNN, here at 128 px,
+        # squashed: the cache's rows and the shards are 128 x 128)
+        src, side, base, extra = default_data("hymenoptera"), 128, "folder_decode_cache", ["--img-size", "128"]
+    data = load_data(src)
+    variants = {base: str(src)}
+    for name, fmt in (("shards_resize_webdataset", "webdataset"), ("shards_resize_parquet", "parquet")):
+        write_shards(data, tmp / name, shard_size=parse_size("4MB" if side == 32 else "32MB"), resize=side, fmt=fmt)
+        variants[name] = str(tmp / name)
+    out = {"machine": machine(), "data": args.data, "subset": args.subset if args.data == "cifar10" else None,
+           "resize": side, "epochs": args.epochs,
+           "command": " ".join(["imgcls train --data SOURCE --epochs", str(args.epochs), *extra, "(recipe auto)"]), "runs": {k: [] for k in variants}}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "IMGCLS_DECODE_CACHE_DIR": str(tmp / "decoded")}
+    if args.data != "cifar10":  # warm the decode cache: "today's" source is the cache, not the first decode
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "imgcls_run.py"), "--data", str(src),
+                        "--epochs", "1", *extra], capture_output=True, env=env, check=True)
+    for rnd in range(args.rounds):
+        for name, spec in variants.items():
+            cmd = [sys.executable, str(Path(__file__).resolve().parent / "imgcls_run.py"), "--data", spec,
+                   "--epochs", str(args.epochs), "--seed", "0", *extra]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(f"{name}: {res.stderr[-2000:]}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            run = {"round": rnd, "img_per_s": row["img_per_s"], "recipe": row["recipe"], "model": row["model"],
+                   "batch_size": row["batch_size"], "recipe_choice": row["recipe_choice"],
+                   "train_time_s": row["train_time_s"], "test_accuracy": row["test_accuracy"],
+                   "process_wall_s": round(time.perf_counter() - t0, 2)}
+            out["runs"][name].append(run)
+            print(json.dumps({"variant": name, **run}), file=sys.stderr, flush=True)
+    later = {k: float(np.median([r for run in v for r in run["img_per_s"][1:]])) for k, v in out["runs"].items()}
+    first = {k: float(np.median([run["img_per_s"][0] for run in v])) for k, v in out["runs"].items()}
+    out["later_epochs_img_per_s_median"] = {k: round(v, 1) for k, v in later.items()}
+    out["first_epoch_img_per_s_median"] = {k: round(v, 1) for k, v in first.items()}
+    out["ratio_later_to_base"] = {k: round(v / later[base], 3) for k, v in later.items()}
+    out["ratio_first_to_base"] = {k: round(v / first[base], 3) for k, v in first.items()}
+    return out
+
+
+def bench_loader(args) -> dict:
+    """What a source costs the training loop per image, without the model: one epoch of the
+    fast recipe's training batches (airbench's preprocessing, batch 512, the same shift/flip
+    augmentation and normalisation the trainer applies) from the .npz in memory and from raw
+    shards (tar, Parquet), in one process, interleaved A B C A B C. On 2 cores the loader's
+    time adds to the step's, so (us/img of shards - us/img of .npz) / (us/img of a training
+    step) bounds the slowdown of training from shards; figures that a noisy shared machine
+    cannot show end to end at 10% (see ``recipe``)."""
+    from imgcls import Classifier
+    from imgcls.data.pipeline import TrainSettings, training_inputs
+    from imgcls.data.shard_writer import parse_size, write_shards
+    from imgcls.data.sources import load_data
+    from imgcls.engine.trainer import _prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-shards-loader-"))
+    src = _cifar_subset(args.subset, tmp)
+    data = load_data(src)
+    variants = {"npz_in_memory": data}
+    for name, fmt in (("shards_resize_webdataset", "webdataset"), ("shards_resize_parquet", "parquet")):
+        write_shards(data, tmp / name, shard_size=parse_size("4MB"), resize=32, fmt=fmt)
+        variants[name] = load_data(str(tmp / name))
+    clf = Classifier.create("airbench", classes=data.classes, in_chans=3, img_size=32)
+    dev = torch.device("cpu")
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, d in variants.items():
+            s = TrainSettings(augment="light", hflip=True, workers=args.workers)
+            t0 = time.perf_counter()
+            inputs = training_inputs(d, clf.preprocessing, s, 512, device=dev, announce=False)
+            n = 0
+            for x, y in inputs.train:
+                if inputs.batch_augment is not None:
+                    x = inputs.batch_augment(x, None)
+                _prepare(x, inputs.pre, dev, True)
+                n += len(y)
+            rates[name].append(n / (time.perf_counter() - t0))
+    us = {k: 1e6 / float(np.median(v)) for k, v in rates.items()}
+    return {"machine": machine(), "subset": args.subset, "workers": args.workers, "batch_size": 512,
+            "img_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
+            "us_per_img_median": {k: round(v, 1) for k, v in us.items()},
+            "extra_us_per_img_vs_npz": {k: round(v - us["npz_in_memory"], 1) for k, v in us.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
@@ -246,14 +356,27 @@ def main() -> None:
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--workers", type=int, default=1)
     q.add_argument("--rss-sizes", type=int, nargs="*", default=[])
+    r = sub.add_parser("recipe")
+    r.add_argument("--data", choices=["cifar10", "hymenoptera"], default="cifar10")
+    r.add_argument("--subset", type=int, default=12000)
+    r.add_argument("--epochs", type=int, default=3)
+    r.add_argument("--rounds", type=int, default=2)
+    lo = sub.add_parser("loader")
+    lo.add_argument("--subset", type=int, default=12000)
+    lo.add_argument("--rounds", type=int, default=3)
+    lo.add_argument("--workers", type=int, default=None, help="loader workers (default: automatic)")
     m = sub.add_parser("mnist-http")
     m.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
-    result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http}[args.what](args)
+    result = {"train": bench_train, "predict": bench_predict, "mnist-http": bench_mnist_http,
+              "recipe": bench_recipe, "loader": bench_loader}[args.what](args)
     RESULTS.mkdir(exist_ok=True)
     model = "" if args.what != "train" or args.model == "reference_cnn" else f"_{args.model}"
     model += f"_{args.tag}" if getattr(args, "tag", "") else ""
-    path = RESULTS / (f"shards_train_{args.data}{model}.json" if args.what == "train" else f"shards_{args.what}.json")
+    path = RESULTS / (f"shards_train_{args.data}{model}.json" if args.what == "train"
+                      else f"shards_recipe_{args.data}.json" if args.what == "recipe"
+                      else "shards_loader_cifar10.json" if args.what == "loader"
+                      else f"shards_{args.what}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

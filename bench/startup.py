@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import user_env, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("timm", "sklearn", "rich", "matplotlib", "torchvision", "scipy", "pandas", "onnx", "onnxruntime",
@@ -81,7 +81,7 @@ def main() -> None:
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, rest[1:] if rest[:1] == ["--"] else rest)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = user_env({"PYTHONPATH": str(ROOT)})  # bytecode cached, as a user's Python does
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         timed([sys.executable, "-m", "imgcls", "train", "--help"], env)  # warm the OS file cache once
