@@ -243,12 +243,22 @@ def _history_img_s(run: Path) -> list[float]:
         return [float(r["img_per_s"]) for r in csv.DictReader(f) if r.get("img_per_s")]
 
 
+def _raw_shard_sets(data, tmp: Path, side: int, shard_size: str) -> dict[str, Path]:
+    """The data as `imgcls shard --resize SIDE` writes it, in both formats."""
+    from imgcls.data.shard_writer import parse_size, write_shards
+
+    out = {}
+    for name, fmt in (("shards_resize_webdataset", "webdataset"), ("shards_resize_parquet", "parquet")):
+        write_shards(data, tmp / name, shard_size=parse_size(shard_size), resize=side, fmt=fmt)
+        out[name] = tmp / name
+    return out
+
+
 def bench_recipe(args) -> dict:
     """``imgcls train --data X`` as typed (recipe auto): the .npz in memory (CIFAR-10) or the
     folder through the warm decode cache (hymenoptera) vs shards of decoded pixels."""
     import subprocess
 
-    from imgcls.data.shard_writer import parse_size, write_shards
     from imgcls.data.sources import load_data
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-shards-recipe-"))
@@ -259,10 +269,8 @@ def bench_recipe(args) -> dict:
         # squashed: the cache's rows and the shards are 128 x 128)
         src, side, base, extra = default_data("hymenoptera"), 128, "folder_decode_cache", ["--img-size", "128"]
     data = load_data(src)
-    variants = {base: str(src)}
-    for name, fmt in (("shards_resize_webdataset", "webdataset"), ("shards_resize_parquet", "parquet")):
-        write_shards(data, tmp / name, shard_size=parse_size("4MB" if side == 32 else "32MB"), resize=side, fmt=fmt)
-        variants[name] = str(tmp / name)
+    variants = {base: str(src)} | {k: str(v) for k, v in
+                                   _raw_shard_sets(data, tmp, side, "4MB" if side == 32 else "32MB").items()}
     out = {"machine": machine(), "data": args.data, "subset": args.subset if args.data == "cifar10" else None,
            "resize": side, "epochs": args.epochs,
            "command": " ".join(["imgcls train --data SOURCE --epochs", str(args.epochs), *extra, "(recipe auto)"]), "runs": {k: [] for k in variants}}
@@ -305,7 +313,6 @@ def bench_loader(args) -> dict:
     cannot show end to end at 10% (see ``recipe``)."""
     from imgcls import Classifier
     from imgcls.data.pipeline import TrainSettings, training_inputs
-    from imgcls.data.shard_writer import parse_size, write_shards
     from imgcls.data.sources import load_data
     from imgcls.engine.trainer import _prepare
 
@@ -319,10 +326,7 @@ def bench_loader(args) -> dict:
         data = load_data(default_data("hymenoptera"))
         base, side, size, batch, model, epochs = "folder_decode_cache", 128, "32MB", 128, "reference_cnn", 4
         settings = {}
-    variants = {base: data}
-    for name, fmt in (("shards_resize_webdataset", "webdataset"), ("shards_resize_parquet", "parquet")):
-        write_shards(data, tmp / name, shard_size=parse_size(size), resize=side, fmt=fmt)
-        variants[name] = load_data(str(tmp / name))
+    variants = {base: data} | {k: load_data(str(v)) for k, v in _raw_shard_sets(data, tmp, side, size).items()}
     clf = Classifier.create(model, classes=data.classes, in_chans=3, img_size=side)
     dev = torch.device("cpu")
     if args.data != "cifar10":  # the decode cache warm, as "today's" source is

@@ -176,8 +176,9 @@ def recipe_context(cfg: TrainConfig, data: ImageData) -> RecipeContext:
     in_memory = bool(data.train is not None and data.train.in_memory)
     ctx = RecipeContext(kind=data.kind, num_train=len(data.train) if data.train is not None else 0,
                         in_memory=in_memory, device_type=resolve_device(cfg.device).type,
-                        pretrained=bool(cfg.pretrained or cfg.weights))
-    ctx.raw_stream = bool(data.train is not None and data.train.streamed and data.train.shards.encoding == "raw")
+                        pretrained=bool(cfg.pretrained or cfg.weights),
+                        raw_stream=bool(data.train is not None and data.train.streamed
+                                        and data.train.shards.encoding == "raw"))
     if ctx.pretrained and data.train is not None:
         from imgcls.models.pretrained import pretrained_input
 

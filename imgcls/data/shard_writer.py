@@ -180,7 +180,7 @@ class _Shards:
             table = pa.table({"key": list(k), col[0]: col[1], "label": pa.array(y, pa.int64()), "path": list(s)})
             # row groups of ~4 MB (64-1024 rows): a reader's first batch waits for one group and
             # holds one in memory; 1,024 rows of 256 px photos would be 200 MB
-            row_bytes = max(1, sum(len(v) if isinstance(v, bytes) else v.nbytes for v in b) // len(b))
+            row_bytes = max(1, sum(map(len, b)) // len(b))  # every row's image is bytes here
             pq.write_table(table, self.path(), row_group_size=max(64, min(1024, ROW_GROUP_BYTES // row_bytes)))
             self.rows = []
         else:

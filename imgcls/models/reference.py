@@ -24,8 +24,8 @@ class ReferenceCNN(FeaturesHeadNet):
         # conv -> pool -> ReLU is the same function as Keras' conv -> ReLU -> pool, with the same
         # gradients (pool-then-ReLU sends each window's gradient to its largest input and gates
         # it by that input's sign; ReLU-then-pool gates first, then routes to the same input),
-        # and the ReLU and its backward run on a quarter of the values: 25-35% less time per
-        # training step on 2 CPU cores (bf16, channels-last; docs/benchmarks.md).
+        # and the ReLU and its backward run on a quarter of the values: 1.17x the training steps
+        # per second on 2 CPU cores (bf16, channels-last; bench/reference_pool_order.py).
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, 32, 3), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # (B,32,13,13) at 28
             nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # (B,64,5,5) at 28
