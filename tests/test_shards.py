@@ -670,3 +670,59 @@ def test_auto_picks_the_fast_recipe_for_decoded_small_image_shards(tmp_path):
     assert chosen["raw"].recipe == "fast" and chosen["raw"].epochs == 2
     assert "5,200 training images streamed as decoded pixels (digits)" in chosen["raw"].recipe_choice
     assert chosen["png"].recipe == "default"
+
+
+def test_a_prefetched_epoch_is_the_epoch_it_would_have_been(tmp_path):
+    """prefetch(e) (the trainer calls it while validating) starts the persistent workers on
+    epoch e early: the batches are the ones a plain iteration of e gives; a prefetch of an
+    epoch that does not come next is dropped, and the right epoch is read."""
+    split = from_shards(_shards(tmp_path, 90, "2KB")).train
+
+    def stream():
+        return StreamBatches(split, 8, RAW, shuffle=True, seed=2, shuffle_buffer=20, workers=2)
+
+    plain = stream()
+    want = {}
+    for e in (1, 2, 3):
+        plain.set_epoch(e)
+        want[e] = [_ids(x) for x, _ in plain]
+    ahead = stream()
+    ahead.set_epoch(1)
+    assert [_ids(x) for x, _ in ahead] == want[1]
+    ahead.prefetch(2)
+    assert ahead._next is not None  # persistent workers (fork): the epoch was started early
+    ahead.set_epoch(2)
+    assert [_ids(x) for x, _ in ahead] == want[2]
+    ahead.prefetch(5)  # not the epoch that comes next (e.g. a resumed run): dropped
+    ahead.set_epoch(3)
+    assert [_ids(x) for x, _ in ahead] == want[3]
+    assert sorted(i for b in want[2] for i in b) == list(range(90))
+
+
+def test_parquet_rows_without_a_label_are_named_and_pandas_is_never_imported(tmp_path):
+    """A Parquet row with a null label is reported (shard and key) and skipped; the reader
+    takes labels and validity from pyarrow's buffers, so a loader worker never imports
+    pandas (pyarrow's fill_null / to_numpy would: ~300 modules per worker)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sh = _shards(tmp_path, 40, "2KB", fmt="parquet")
+    victim = sorted(sh.glob("train-*.parquet"))[0]
+    t = pq.read_table(victim)
+    labels = t.column("label").to_pylist()
+    labels[0] = None
+    pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())), victim)
+    _reindex(sh)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from torchvision.transforms import v2\n"
+            "from imgcls.data.shardset import from_shards\n"
+            "from imgcls.data.streaming import BytesDecoder, StreamBatches\n"
+            "raw = BytesDecoder(v2.Compose([v2.PILToTensor()]), 1)\n"
+            f"b = StreamBatches(from_shards({str(sh)!r}).train, 8, raw, workers=0)\n"
+            "n = sum(len(y) for _, y in b)\n"
+            "print(n, b.problems, 'pandas' in sys.modules)")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n, rest = out.stdout.strip().split(" ", 1)
+    assert n == "39" and f"{victim.name}:" in rest and "no image or label" in rest
+    assert rest.endswith("False")

@@ -386,6 +386,7 @@ class StreamBatches:
         self.on_sources: Callable[[list[str]], None] | None = None
         self._position: StreamPosition | None = None
         self._resume: dict | None = None
+        self._next: tuple[int, Iterator] | None = None  # an epoch started ahead (prefetch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.stream.epoch = epoch
@@ -440,6 +441,21 @@ class StreamBatches:
             elif len(self.problems) == MAX_REPORTED + 1:
                 print("imgcls: more shard problems; the count is in the summary", file=sys.stderr)
 
+    def prefetch(self, epoch: int) -> None:
+        """Start the persistent loader workers on ``epoch`` now, so that its first batches
+        are read while the trainer validates the epoch before it. Each worker reads its part
+        of the shards up to the shuffle buffer before its first batch, a fixed cost per epoch
+        that an epoch of a few batches feels (0.12-0.17 s of a 0.9 s epoch of 245 photos on
+        2 cores). Nothing is started where workers do not persist, where a recorded position
+        or a skip applies, or where the loader is to be rebuilt: the next iteration then
+        starts its epoch as before."""
+        persistent = self.workers > 0 and self.stream._epoch is not None
+        if not persistent or self._dl is None or self._resume is not None or self.skip \
+                or self.stream.sources != (self.on_sources is not None):
+            return
+        self.stream.epoch = epoch  # the workers read it when they start the epoch
+        self._next = (epoch, iter(self._dl))
+
     def _loader(self) -> DataLoader:
         """One loader for all epochs; its workers persist (the epoch reaches them through
         shared memory) where processes fork, so an epoch does not start new ones."""
@@ -462,8 +478,13 @@ class StreamBatches:
         if self.stream.sources != (self.on_sources is not None):
             self.stream.sources = self.on_sources is not None
             self._dl = None  # persistent workers hold their copy of the stream
+        nxt, self._next = self._next, None
         self.stream.resume = resume
-        it = iter(self._loader())  # workers start (and copy the stream) here
+        ahead = nxt is not None and nxt[0] == self.epoch and nxt[1] is getattr(self._dl, "_iterator", None)
+        if ahead and resume is None:
+            it = nxt[1]  # started by prefetch(): the workers are already reading this epoch
+        else:
+            it = iter(self._loader())  # workers start (and copy the stream) here
         self.stream.resume = None
         self._position = pos = StreamPosition(self.epoch, self._totals(), resume)
         first = None

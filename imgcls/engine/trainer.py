@@ -164,6 +164,9 @@ class Trainer:
                 hook(epoch)
             self._train_epoch(train, state)
             train_time = time.perf_counter() - state.epoch_start
+            prefetch = getattr(train, "prefetch", None)  # streamed shards: read ahead while validating
+            if callable(prefetch) and epoch < self.s.epochs and not state.stop:
+                prefetch(epoch + 1)
             self.callbacks.on_train_epoch_end(state, self.model)
             state.end_epoch(self._epoch_metrics(state, val), train_time)
             self.callbacks.on_epoch_end(state, self.model)
