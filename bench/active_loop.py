@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="the JSON file (default bench/results/active_loop_DATA.json)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke test)")
     args = ap.parse_args()
     data = from_npz(default_data(f"{args.data}.npz"))
@@ -69,10 +70,16 @@ def main() -> None:
     n = len(data.train)
     start = np.sort(np.random.default_rng(args.seed).permutation(n)[:args.start])
     result = {"bench": f"active_loop_{args.data}", "machine": machine(), "args": vars(args), "strategies": {}}
+    first = None  # round 0 trains on the same seeded start set for every strategy: train it once
     for strategy in args.strategies:
         labelled, curve, t0 = start.copy(), [], time.perf_counter()
         for r in range(args.rounds + 1):
-            clf, acc = one_round(data, labelled, args)
+            if r == 0 and first is not None:
+                clf, acc = first
+            else:
+                clf, acc = one_round(data, labelled, args)
+                if r == 0:
+                    first = (clf, acc)
             curve.append({"round": r, "labels": int(len(labelled)), "test_accuracy": round(acc, 4)})
             print(json.dumps({"strategy": strategy, **curve[-1]}), file=sys.stderr, flush=True)
             if r == args.rounds:
@@ -88,8 +95,9 @@ def main() -> None:
                                                        images=data.train.images[sample]), features=True)[2]
             picked = select(strategy, softmax(logits, clf.temperature), feats, args.add, args.seed + r, lab_feats)
             labelled = np.sort(np.concatenate([labelled, pool[np.asarray(picked)]]))
-        result["strategies"][strategy] = {"curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}
-        out = ROOT / "bench" / "results" / f"active_loop_{args.data}.json"
+        result["strategies"][strategy] = {"curve": curve, "wall_s": round(time.perf_counter() - t0, 1),
+                                          "wall_includes_round0": strategy == args.strategies[0]}
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"active_loop_{args.data}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))  # after every strategy: a cut-short run keeps what it has
     print(json.dumps(result))
