@@ -699,6 +699,34 @@ def test_a_prefetched_epoch_is_the_epoch_it_would_have_been(tmp_path):
     assert sorted(i for b in want[2] for i in b) == list(range(90))
 
 
+def test_streamed_validation_workers_fork_before_the_first_step_and_never_again(tmp_path, tiny_npz, monkeypatch):
+    """Training from shards with a validation split forks every loader worker (training's and
+    validation's) before the first epoch ends: a fork at the first validation would make the
+    next epoch's writes copy-on-write faults (measured: ~120k, 0.5 s, on 245 photos)."""
+    import imgcls.engine.trainer as T
+    from imgcls import Classifier
+
+    write_shards(load_data(tiny_npz), tmp_path / "sh", shard_size=4000)
+    events: list = []
+    real_fork, real_epoch = os.fork, T.Trainer._train_epoch
+
+    def fork():
+        events.append("fork")
+        return real_fork()
+
+    def train_epoch(self, train, state):
+        real_epoch(self, train, state)
+        events.append(f"epoch {state.epoch}")
+
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(T.Trainer, "_train_epoch", train_epoch)
+    clf = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16, seed=0)
+    summary = clf.fit(str(tmp_path / "sh"), epochs=3, batch_size=16, lr=3e-3, workers=2, progress=False)
+    assert summary["val_images"] == 12 and len(clf.history) == 3
+    assert events == ["fork"] * 4 + ["epoch 1", "epoch 2", "epoch 3"]  # 2 workers each for train and val
+    assert all(h["val_acc"] == h["val_acc"] for h in clf.history)  # every epoch validated
+
+
 def test_parquet_rows_without_a_label_are_named_and_pandas_is_never_imported(tmp_path):
     """A Parquet row with a null label is reported (shard and key) and skipped; the reader
     takes labels and validity from pyarrow's buffers, so a loader worker never imports
