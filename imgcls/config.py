@@ -34,6 +34,7 @@ class TrainConfig(BaseModel):
     group_by: str | None = None  # manifest column or path regex: held-out split keeps each group on one side
     unlabeled: str | None = None  # folder / .npz of unlabelled images: pseudo-labels from a teacher (curation/semi.py)
     pseudo_threshold: float = 0.95  # confidence a pseudo-label needs (the teacher's, or FixMatch's weak view)
+    pseudo_rounds: int = 1  # pseudo: teachers in turn; each round's student, trained afresh, labels the pool again
     # what --unlabeled does (curation/semi.py, engine/consistency.py): pseudo = a teacher's confident
     # pseudo-labels join the training split; fixmatch = weak/strong consistency on the pool in the one
     # training loop; both = the two; auto = what measured best (docs/benchmarks.md)
@@ -179,6 +180,13 @@ class TrainConfig(BaseModel):
         :data:`SEMI_AUTO`, the measured best (docs/benchmarks.md, "Unlabelled images")."""
         semi = SEMI_AUTO if self.semi == "auto" else self.semi
         return semi in ("pseudo", "both"), semi in ("fixmatch", "both")
+
+    @field_validator("pseudo_rounds")
+    @classmethod
+    def _rounds(cls, v: int) -> int:
+        if not 1 <= v <= 10:
+            raise ValueError("must be 1 to 10 (1: one teacher, then the student)")
+        return v
 
     @field_validator("mu")
     @classmethod

@@ -42,6 +42,27 @@ def test_unlabeled_pool_adds_confident_pseudo_labels(tmp_path, capsys):
     assert "fixmatch" not in m["training"]  # pseudo only: no consistency term
 
 
+def test_pseudo_rounds_relabel_the_pool_with_each_rounds_student(tmp_path, capsys):
+    lab, pool = _npz(tmp_path)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "pseudo", "--pseudo-rounds", "2",
+                 "--epochs", "4", "--batch-size", "8", "--pseudo-threshold", "0.6", "--out", str(tmp_path / "runs"),
+                 "--name", "r2"]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((tmp_path / "runs" / "r2" / "metrics.json").read_text())
+    notes = [n for n in m["training"]["data_notes"] if n.startswith("semi-supervised")]
+    assert [" of round 1 " in notes[0], " of round 2 " in notes[1], len(notes)] == [True, True, 2]
+    n1, n2 = (int(n.split()[1]) for n in notes)
+    labelled = int(notes[0].split()[-3])
+    # round 2's teacher is round 1's student: the labelled images and round 1's pseudo-labels
+    assert f"teacher of round 2/2 on {labelled + n1} images" in err
+    assert f"teacher of round 1/2 on {labelled} images" in err
+    assert m["training"]["train_images"] == labelled + n2  # the student learns from the last teacher only
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--pseudo-rounds", "0",
+                 "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pseudo-rounds" in err[0] and "1 to 10" in err[0]
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_fixmatch_trains_on_the_pool_in_the_training_loop(tmp_path, capsys, channels):
     lab, pool = _npz(tmp_path, channels=channels)

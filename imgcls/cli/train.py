@@ -24,6 +24,8 @@ _HELP = {
     "unlabeled": "folder or .npz of unlabelled images for semi-supervised training (--semi)",
     "pseudo_threshold": "confidence a pseudo-label needs (with --unlabeled): the teacher's, or FixMatch's on the "
                         "weak view",
+    "pseudo_rounds": "with --unlabeled pseudo: rounds of self-training; each round's student, trained from "
+                     "scratch, is the next round's teacher and labels the pool again",
     "semi": "with --unlabeled: pseudo (a teacher's confident pseudo-labels join the training split), fixmatch "
             "(weak/strong-augmentation consistency on the pool in the training loop), both; auto: "
             "the measured best",

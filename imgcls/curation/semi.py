@@ -5,14 +5,16 @@ Two ingredients (``--semi``):
 * ``pseudo`` - self-training: a teacher - the same model and recipe, trained on the labelled
   images only - predicts the unlabelled pool through the one Predictor; the images it labels
   with a confidence of at least ``--pseudo-threshold`` (0.95: FixMatch's threshold) join the
-  training split with the teacher's label (this module, called by ``runs.train``);
+  training split with the teacher's label (this module, called by ``runs.train``); with
+  ``--pseudo-rounds R`` the student of each round, trained afresh, is the next round's teacher;
 * ``fixmatch`` - weak/strong-augmentation consistency on the pool inside the one training loop
   (engine/consistency.py, wired by the TrainingSession);
 * ``both`` - the student of ``pseudo`` also trains with the consistency term.
 
 The validation split stays labelled-only, so the reported accuracy is honest. With
-``--time-budget`` the teacher gets :data:`TEACHER_SHARE` of it, and the student what is left
-after the teacher and the pool prediction: the whole command trains for the budget.
+``--time-budget`` each teacher gets :data:`TEACHER_SHARE` of what is left of it when it starts,
+and the student what is left after the teachers and the pool predictions: the whole command
+trains for the budget.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from imgcls.engine.predictor import Predictor
 __all__ = ["add_pseudo_labels", "check_pool", "TEACHER_SHARE"]
 
 TEACHER_SHARE = 0.35  # of --time-budget: the teacher; the rest (less the pool prediction) the student
-MIN_STUDENT_SHARE = 0.2  # the student trains at least this share of the budget even if the teacher overran
+MIN_SHARE = 0.2  # every model (teachers, student) trains at least this share of the budget, even after an overrun
 
 
 def _merge(train: Split, pool: Split, keep: np.ndarray, labels: np.ndarray) -> Split:
@@ -47,31 +49,45 @@ def _merge(train: Split, pool: Split, keep: np.ndarray, labels: np.ndarray) -> S
 
 def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) -> tuple[ImageData, TrainConfig]:
     """``data`` with the teacher's confident pseudo-labelled images added to its training
-    split, and the config the student trains with (its share of ``--time-budget``)."""
+    split, and the config the student trains with (its share of ``--time-budget``).
+
+    With ``--pseudo-rounds R`` above 1 this is self-training in rounds: the student of a round,
+    trained from scratch on the labelled images and the previous teacher's pseudo-labels (a
+    fresh start keeps a teacher's mistakes from being locked in, as in curriculum labelling,
+    Cascante-Bonilla et al. 2021), is the next round's teacher and labels the whole pool again.
+    Each teacher trains for :data:`TEACHER_SHARE` of the budget left when it starts."""
     t0 = time.perf_counter()
     pool, _ = pool_split(cfg.unlabeled)
     check_pool(data.train, pool, str(cfg.unlabeled))
     say = (lambda m: print(f"imgcls: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     budget = cfg.time_budget
-    teacher_cfg = cfg.model_copy(update={"unlabeled": None,
-                                         **({"time_budget": budget * TEACHER_SHARE} if budget else {})})
-    say(f"semi-supervised: training the teacher on the {len(data.train)} labelled images"
-        + (f" ({budget * TEACHER_SHARE:.2g} of the {budget:g} min budget)" if budget else ""))
-    teacher = Classifier.from_config(teacher_cfg, data)
-    teacher.fit(data, teacher_cfg, progress=progress)
-    skipped: dict[int, str] = {}
-    with Predictor(teacher, device=cfg.device, precision=cfg.precision, workers=cfg.workers) as pred:
-        logits, _ = pred.run(pool, progress=progress, skipped=skipped)
-        probs = pred.probabilities(logits)
     tau = confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing, data.num_classes)
-    keep = probs.max(1) >= tau
-    keep[list(skipped)] = False
-    merged = _merge(data.train, pool, keep, probs.argmax(1))
-    note = (f"semi-supervised: {int(keep.sum())} of {len(pool)} unlabelled images pseudo-labelled by the teacher "
-            f"(confidence >= {tau:.3g}) joined the {len(data.train)} labelled ones")
-    say(note)
+    rounds = cfg.pseudo_rounds
+    train, notes = data.train, []
+    for r in range(rounds):
+        left = budget - (time.perf_counter() - t0) / 60 if budget else None
+        share = max(left * TEACHER_SHARE, budget * MIN_SHARE) if budget else None
+        teacher_cfg = cfg.model_copy(update={"unlabeled": None, **({"time_budget": round(share, 4)} if budget else {})})
+        what = "the labelled images" if r == 0 else "the labelled and the last round's pseudo-labelled images"
+        say(f"semi-supervised: training the teacher{f' of round {r + 1}/{rounds}' if rounds > 1 else ''} on "
+            f"{len(train)} images ({what})" + (f" ({share:.2g} of the {budget:g} min budget)" if budget else ""))
+        teacher_data = dataclasses.replace(data, train=train)
+        teacher = Classifier.from_config(teacher_cfg, teacher_data)
+        teacher.fit(teacher_data, teacher_cfg, progress=progress)
+        skipped: dict[int, str] = {}
+        with Predictor(teacher, device=cfg.device, precision=cfg.precision, workers=cfg.workers) as pred:
+            logits, _ = pred.run(pool, progress=progress, skipped=skipped)
+            probs = pred.probabilities(logits)
+        keep = probs.max(1) >= tau
+        keep[list(skipped)] = False
+        train = _merge(data.train, pool, keep, probs.argmax(1))
+        note = (f"semi-supervised: {int(keep.sum())} of {len(pool)} unlabelled images pseudo-labelled by the teacher"
+                f"{f' of round {r + 1}' if rounds > 1 else ''} (confidence >= {tau:.3g}) joined the "
+                f"{len(data.train)} labelled ones")
+        say(note)
+        notes.append(note)
     if budget:
-        left = max(budget - (time.perf_counter() - t0) / 60, budget * MIN_STUDENT_SHARE)
+        left = max(budget - (time.perf_counter() - t0) / 60, budget * MIN_SHARE)
         cfg = cfg.model_copy(update={"time_budget": round(left, 4)})
         say(f"semi-supervised: the student trains for the {left:.2g} min left of the budget")
-    return dataclasses.replace(data, train=merged, notes=[*data.notes, note]), cfg
+    return dataclasses.replace(data, train=train, notes=[*data.notes, *notes]), cfg
