@@ -35,7 +35,7 @@ from imgcls.engine.predictor import Predictor
 
 __all__ = ["add_pseudo_labels", "check_pool", "TEACHER_SHARE"]
 
-TEACHER_SHARE = 0.35  # of --time-budget: the teacher; the rest (less the pool prediction) the student
+TEACHER_SHARE = 0.35  # of the --time-budget left when a teacher starts; the student gets what the teachers leave
 MIN_SHARE = 0.2  # every model (teachers, student) trains at least this share of the budget, even after an overrun
 
 
@@ -61,12 +61,12 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
     check_pool(data.train, pool, str(cfg.unlabeled))
     say = (lambda m: print(f"imgcls: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     budget = cfg.time_budget
+    minutes_left = lambda: budget - (time.perf_counter() - t0) / 60  # noqa: E731 (with a budget only)
     tau = confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing, data.num_classes)
     rounds = cfg.pseudo_rounds
     train, notes = data.train, []
     for r in range(rounds):
-        left = budget - (time.perf_counter() - t0) / 60 if budget else None
-        share = max(left * TEACHER_SHARE, budget * MIN_SHARE) if budget else None
+        share = max(minutes_left() * TEACHER_SHARE, budget * MIN_SHARE) if budget else None
         teacher_cfg = cfg.model_copy(update={"unlabeled": None, **({"time_budget": round(share, 4)} if budget else {})})
         what = "the labelled images" if r == 0 else "the labelled and the last round's pseudo-labelled images"
         say(f"semi-supervised: training the teacher{f' of round {r + 1}/{rounds}' if rounds > 1 else ''} on "
@@ -87,7 +87,7 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
         say(note)
         notes.append(note)
     if budget:
-        left = max(budget - (time.perf_counter() - t0) / 60, budget * MIN_SHARE)
+        left = max(minutes_left(), budget * MIN_SHARE)
         cfg = cfg.model_copy(update={"time_budget": round(left, 4)})
         say(f"semi-supervised: the student trains for the {left:.2g} min left of the budget")
     return dataclasses.replace(data, train=train, notes=[*data.notes, *notes]), cfg
