@@ -375,3 +375,29 @@ def test_recipe_lr_follows_explicit_batch_size():
     assert small.lr == pytest.approx(base.lr / 4)  # SGD: linear
     kept = resolve_recipe(TrainConfig(data="x", recipe="fast", batch_size=64, lr=0.1), ctx)
     assert kept.lr == 0.1  # an explicit rate is never changed
+
+
+def test_cpu_inference_runs_large_images_in_chunks_and_keeps_their_order(monkeypatch):
+    """Photos at 224 px go through the network 16 at a time on a CPU (every layer's output of a
+    big batch is faulted in afresh there); small images and GPU batches stay whole; the
+    chunked logits, features and cached activations are the whole batch's, in order."""
+    from imgcls.engine import device as D
+    from imgcls.engine.backends import TorchBackend
+    from imgcls.engine.finetune import extract_features
+
+    cpu = torch.device("cpu")
+    assert [len(c) for c in D.inference_chunks(torch.zeros(40, 3, 224, 224), cpu)] == [16, 16, 8]
+    assert len(D.inference_chunks(torch.zeros(40, 3, 224, 224), torch.device("cuda"))) == 1
+    assert len(D.inference_chunks(torch.zeros(512, 3, 32, 32), cpu)) == 1  # CIFAR-size: one piece
+    clf = Classifier.create("reference_cnn", num_classes=3, in_chans=1, img_size=16, seed=0)
+    x = torch.from_numpy(pattern_images(4, size=16)[0][:, None])  # 12 images
+    b = TorchBackend(clf.model, clf.preprocessing, "cpu", "fp32", "flip")
+    whole, (wz, wf) = b.logits(x), b.outputs(x)
+    fw, yw = extract_features(clf.model, [(x, torch.arange(12))], clf.preprocessing, cpu, None, flip=True)
+    monkeypatch.setattr(D, "CPU_CHUNK_PIXELS", 5 * 16 * 16)  # chunks of 5 images: 5, 5, 2
+    assert [len(c) for c in D.inference_chunks(x, cpu)] == [5, 5, 2]
+    assert np.allclose(b.logits(x), whole, atol=1e-5)
+    z, f = b.outputs(x)
+    assert np.allclose(z, wz, atol=1e-5) and np.allclose(f, wf, atol=1e-5)
+    fc, yc = extract_features(clf.model, [(x, torch.arange(12))], clf.preprocessing, cpu, None, flip=True)
+    assert torch.equal(yc, yw) and torch.allclose(fc, fw, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from imgcls.artifact import read_sidecar
 from imgcls.bundle import ModelBundle
 from imgcls.data.transforms import Preprocessing
-from imgcls.engine.device import autocast, resolve_device, resolve_precision
+from imgcls.engine.device import autocast, inference_chunks, resolve_device, resolve_precision
 from imgcls.engine.tta import tta_forward
 from imgcls.errors import ImgclsError
 
@@ -49,8 +49,12 @@ class TorchBackend:
     def logits(self, x: torch.Tensor) -> np.ndarray:
         x = self.pre.normalize(x.to(self.device, non_blocking=self.device.type == "cuda"), self.channels_last)
         with autocast(self.device, self.amp):
-            out = tta_forward(self.model, x, self.tta)
+            out = self._forward(self.model, x)
         return out.float().cpu().numpy()
+
+    def _forward(self, net, x: torch.Tensor) -> torch.Tensor:
+        # chunked on a CPU: large batches of large images are slower there (engine/device.py)
+        return torch.cat([tta_forward(net, c, self.tta) for c in inference_chunks(x, self.device)])
 
     @torch.inference_mode()
     def outputs(self, x: torch.Tensor, layers: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -66,12 +70,12 @@ class TorchBackend:
             hooks = LayerStats(self.model)
             net = partial(_with_stats, net, hooks)
             with hooks, autocast(self.device, self.amp):
-                out = tta_forward(net, x, self.tta).float().cpu().numpy()
+                out = self._forward(net, x).float().cpu().numpy()
             nf = self.num_features
             k = out.shape[1] - nf - sum(2 * m.out_channels for m in hooks.layers)
             return out[:, nf:nf + k], np.concatenate([out[:, :nf], out[:, nf + k:]], 1)
         with autocast(self.device, self.amp):
-            out = tta_forward(net, x, self.tta).float().cpu().numpy()
+            out = self._forward(net, x).float().cpu().numpy()
         nf = self.num_features
         return out[:, nf:], out[:, :nf]
 

@@ -67,3 +67,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# Inference on a CPU runs in chunks of at most this many input pixels (16 images at 224 px).
+# Measured (2-core AMD EPYC, AVX2, fp32, tf_efficientnet_lite0 at 224 px, allocator tuned):
+# 86-97 img/s in batches of 16 against 65 at 64 and 44 at 128, where every layer's output
+# (205 MB at 128) is freshly faulted in and zeroed by the kernel (2.3 M page faults for 640
+# images) instead of reused from the heap. Training steps are not chunked: their batch is
+# the recipe's.
+CPU_CHUNK_PIXELS = 16 * 224 * 224
+
+
+def inference_chunks(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``x`` split along the batch for an inference forward on ``device``: in chunks of
+    :data:`CPU_CHUNK_PIXELS` on a CPU (small images stay in one piece), whole elsewhere."""
+    if device.type != "cpu" or x.dim() < 3:
+        return (x,)
+    n = max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
+    return (x,) if len(x) <= n else x.split(n)
