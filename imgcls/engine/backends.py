@@ -23,7 +23,7 @@ import torch
 from imgcls.artifact import read_sidecar
 from imgcls.bundle import ModelBundle
 from imgcls.data.transforms import Preprocessing
-from imgcls.engine.device import autocast, inference_chunks, resolve_device, resolve_precision
+from imgcls.engine.device import autocast, chunked, resolve_device, resolve_precision
 from imgcls.engine.tta import tta_forward
 from imgcls.errors import ImgclsError
 
@@ -54,7 +54,7 @@ class TorchBackend:
 
     def _forward(self, net, x: torch.Tensor) -> torch.Tensor:
         # chunked on a CPU: large batches of large images are slower there (engine/device.py)
-        return torch.cat([tta_forward(net, c, self.tta) for c in inference_chunks(x, self.device)])
+        return chunked(partial(tta_forward, net, tta=self.tta), x, self.device)
 
     @torch.inference_mode()
     def outputs(self, x: torch.Tensor, layers: bool = False) -> tuple[np.ndarray, np.ndarray]:

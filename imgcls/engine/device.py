@@ -81,7 +81,13 @@ CPU_CHUNK_PIXELS = 16 * 224 * 224
 def inference_chunks(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
     """``x`` split along the batch for an inference forward on ``device``: in chunks of
     :data:`CPU_CHUNK_PIXELS` on a CPU (small images stay in one piece), whole elsewhere."""
-    if device.type != "cpu" or x.dim() < 3:
+    if device.type != "cpu":
         return (x,)
     n = max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2]))
     return (x,) if len(x) <= n else x.split(n)
+
+
+def chunked(fn, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``fn(x)`` computed over :func:`inference_chunks` and concatenated (no copy when whole)."""
+    parts = inference_chunks(x, device)
+    return fn(parts[0]) if len(parts) == 1 else torch.cat([fn(c) for c in parts])

@@ -23,7 +23,7 @@ from imgcls.data.loaders import Batches
 from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.engine.callbacks import Callback, TrainState
-from imgcls.engine.device import autocast, inference_chunks
+from imgcls.engine.device import autocast, chunked
 from imgcls.engine.trainer import Trainer
 from imgcls.errors import ImgclsError
 
@@ -188,10 +188,9 @@ def extract_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         x = pre.normalize(x.to(device, non_blocking=device.type == "cuda"), channels_last)
         views = (x, x.flip(-1)) if flip else (x,)
         for v in views:
-            for c in inference_chunks(v, device):
-                with autocast(device, amp_dtype):
-                    f = model.forward_head(model.forward_features(c), pre_logits=True)
-                feats.append(f.float().flatten(1))
+            with autocast(device, amp_dtype):
+                f = chunked(lambda c: model.forward_head(model.forward_features(c), pre_logits=True), v, device)
+            feats.append(f.float().flatten(1))
             labels.append(y.to(device))
         if on_batch is not None:
             on_batch(len(y))

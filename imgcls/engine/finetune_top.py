@@ -31,7 +31,7 @@ from imgcls.data.loaders import Batches
 from imgcls.data.records import Split
 from imgcls.data.transforms import Preprocessing
 from imgcls.engine.callbacks import BestModel, Callback, TrainState
-from imgcls.engine.device import autocast, inference_chunks
+from imgcls.engine.device import autocast, chunked
 from imgcls.engine.finetune import _bn_eval_hook, _is_bn
 from imgcls.engine.trainer import Trainer
 
@@ -135,10 +135,8 @@ def cache_activations(split: TopSplit, batches: Iterable[tuple[torch.Tensor, tor
     for x, y in batches:
         x = pre.normalize(x.to(device, non_blocking=device.type == "cuda"), channels_last)
         for v in ((x, x.flip(-1)) if flip else (x,)):
-            for c in inference_chunks(v, device):
-                with autocast(device, amp_dtype):
-                    h = split.bottom(c)
-                acts.append(h.to("cpu", torch.float16))
+            with autocast(device, amp_dtype):  # each chunk to half precision on the CPU as it comes
+                acts.append(chunked(lambda c: split.bottom(c).to("cpu", torch.float16), v, device))
             labels.append(y.cpu())
     return torch.cat(acts), torch.cat(labels)
 
