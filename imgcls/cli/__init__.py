@@ -76,4 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # A finished command leaves at once: after its last line, Python's own teardown (torch's
+    # modules, the ~340,000 objects a training run leaves) took 0.9 s of a 16.8 s MNIST
+    # `imgcls train` on 2 cores. The exit handlers still run (multiprocessing's, logging's)
+    # and the streams are flushed; every file a command writes is closed before it returns.
+    # Under a profiler, tracer or debugger (cProfile, coverage, pdb) the exit stays Python's.
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`imgcls ... | head`) or stream
+            pass
+    os._exit(code)

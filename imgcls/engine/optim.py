@@ -27,25 +27,57 @@ def _fast_kwargs(model: nn.Module) -> dict:
     return {"foreach": True}
 
 
+_EAGER: dict[type, type] = {}
+
+
+def eager_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` without torch.optim's first-call ``import torch._dynamo``: 1.2 s of a 16 s
+    MNIST ``imgcls train`` on 2 cores (docs/benchmarks.md). Its step (``_use_grad_for_
+    differentiable``), zero_grad, add_param_group and state-dict methods are wrapped in
+    torch.compile guards whose first call imports the compiler, and which in eager mode do
+    nothing else; this subclass calls the wrapped methods directly, the step under the grad
+    mode the guard would set. For eager training only (``--compile`` keeps torch's class);
+    a torch whose methods no longer expose ``__wrapped__`` gets its own class back."""
+    if cls in _EAGER:
+        return _EAGER[cls]
+    opt = torch.optim.Optimizer
+    guarded = (cls.step, opt.zero_grad, opt.add_param_group, opt.state_dict, opt.load_state_dict)
+    if not all(hasattr(m, "__wrapped__") for m in guarded):
+        return _EAGER.setdefault(cls, cls)
+    step = cls.step.__wrapped__
+
+    def _step(self, closure=None):
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            return step(self, closure)
+
+    methods = {"step": _step,
+               "zero_grad": lambda self, set_to_none=True: opt.zero_grad.__wrapped__(self, set_to_none),
+               "add_param_group": lambda self, group: opt.add_param_group.__wrapped__(self, group),
+               "state_dict": lambda self: opt.state_dict.__wrapped__(self),
+               "load_state_dict": lambda self, state_dict: opt.load_state_dict.__wrapped__(self, state_dict)}
+    return _EAGER.setdefault(cls, type(cls.__name__, (cls,), {"__module__": __name__, **methods}))
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+                    momentum: float = 0.9, groups: list[dict] | None = None,
+                    eager: bool = True) -> torch.optim.Optimizer:
     """``groups`` (optional) are ready-made parameter groups with their own lr / weight
     decay (discriminative learning rates, engine/finetune.py). Otherwise a model may ask for
     its own groups (e.g. airbench: faster BatchNorm biases) via ``param_groups(weight_decay)``
-    returning groups with an ``lr_scale``."""
+    returning groups with an ``lr_scale``. ``eager``: the model is not compiled, so the
+    optimiser skips torch.compile's guards (:func:`eager_optimizer`)."""
     if groups is None:
         hook = getattr(model, "param_groups", None)
         groups = hook(weight_decay) if callable(hook) else _param_groups(model, weight_decay)
         groups = [{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": lr * g.get("lr_scale", 1.0)}
                   for g in groups if g["params"]]
     fast = _fast_kwargs(model)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, **fast)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **fast)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    if eager:
+        cls = eager_optimizer(cls)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **fast)
-    raise ValueError(name)
+        return cls(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **fast)
+    return cls(groups, lr=lr, **fast)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int,

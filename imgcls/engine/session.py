@@ -38,7 +38,7 @@ from imgcls.engine.device import precision_name, resolve_device, resolve_precisi
 from imgcls.engine.finetune import FineTunePlan, fit_head_cached, plan_finetune
 from imgcls.engine.lr_find import LRFindResult, lr_find
 from imgcls.engine.reproducibility import data_fingerprint, environment, seed_everything, set_deterministic
-from imgcls.engine.threads import AdaptiveThreads, configure_threads, tune_cpu_allocator
+from imgcls.engine.threads import PROCESS_SAMPLE, AdaptiveThreads, configure_threads, tune_cpu_allocator
 from imgcls.engine.multilabel import default_thresholds, tune_thresholds
 from imgcls.engine.trainer import FitSettings, Trainer, predict_logits
 from imgcls.errors import ImgclsError
@@ -89,7 +89,7 @@ class TrainingSession:
         self.device = self.ctx.device if self.ctx.enabled else resolve_device(cfg.device)
         self.amp = resolve_precision(cfg.precision, self.device)
         self.local_batch = D.local_batch_size(cfg.batch_size, self.ctx)
-        configure_threads(cfg.threads, probe=not cfg.deterministic)
+        configure_threads(cfg.threads, probe=not cfg.deterministic, since=PROCESS_SAMPLE)
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.writer = self.run_dir if self.ctx.is_main else None  # only rank 0 writes files and prints

@@ -18,26 +18,44 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_cores(interval: float = 0.25) -> float | None:
-    """How many cores sat idle over the next ``interval`` seconds (Linux /proc/stat), or
-    None where that cannot be read."""
-    def sample() -> tuple[int, int]:
+def _cpu_sample() -> tuple[int, int, float, float] | None:
+    """(idle + iowait jiffies, total jiffies) of all cores from /proc/stat (without guest
+    time), this process's CPU seconds and the monotonic clock; None where unreadable."""
+    try:
         with open("/proc/stat") as f:
             vals = [int(v) for v in f.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals[:8])  # idle + iowait, total (without guest time)
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(interval)
-        idle1, total1 = sample()
+        t = os.times()
+        return vals[3] + vals[4], sum(vals[:8]), t.user + t.system, time.monotonic()
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
+
+
+# taken when the training modules load: the start-up probe measures from here to the session's
+# start (0.5-2 s of imports and data loading) instead of sleeping 0.25 s of its own
+PROCESS_SAMPLE = _cpu_sample()
+
+
+def idle_cores(interval: float = 0.25, since: tuple[int, int, float, float] | None = None,
+               max_age: float = 30.0) -> float | None:
+    """How many cores other processes leave idle (Linux /proc/stat), or None where that
+    cannot be read: measured from ``since`` (a :func:`_cpu_sample`) when that lies between
+    ``interval`` and ``max_age`` seconds back, else over the next ``interval`` seconds. This
+    process's own CPU time counts as idle: those are the cores its threads are about to use."""
+    age = time.monotonic() - since[3] if since is not None else -1.0
+    first = since if interval <= age <= max_age else None
+    if first is None:
+        first = _cpu_sample()
+        time.sleep(interval)
+    last = _cpu_sample()
+    if first is None or last is None or last[1] <= first[1]:
         return None
-    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+    own = (last[2] - first[2]) * os.sysconf("SC_CLK_TCK")  # seconds -> jiffies
+    idle = min(last[0] - first[0] + own, last[1] - first[1])
+    return idle / (last[1] - first[1]) * (os.cpu_count() or 1)
 
 
-def configure_threads(threads: int | None, decode_workers: int = 0, probe: bool = True) -> int:
+def configure_threads(threads: int | None, decode_workers: int = 0, probe: bool = True,
+                      since: tuple[int, int, float, float] | None = None) -> int:
     """Set torch's intra-op threads; returns the count.
 
     Default: the cores this process may use (at most OMP_NUM_THREADS when set; minus
@@ -46,14 +64,15 @@ def configure_threads(threads: int | None, decode_workers: int = 0, probe: bool 
     core spin against each other: measured on the shared 2-core machine with other jobs
     running, the reference CNN trained at 342 img/s with 2 threads and 1,257 with 1.
     ``probe=False`` (deterministic runs) skips the idle-core probe: the count then depends
-    only on the process's cores and OMP_NUM_THREADS, never on what else runs.
+    only on the process's cores and OMP_NUM_THREADS, never on what else runs. ``since``: an
+    earlier :func:`_cpu_sample` to probe from (:func:`idle_cores`).
     """
     if threads is None:
         # an explicit OMP_NUM_THREADS (set by users, or by the DDP launcher per process) caps it
         omp = os.environ.get("OMP_NUM_THREADS", "")
         cap = int(omp) if omp.isdigit() and int(omp) > 0 else usable_cores()
         threads = max(1, min(cap, usable_cores()) - decode_workers)
-        free = idle_cores() if probe else None
+        free = idle_cores(since=since) if probe else None
         if free is not None:
             threads = max(1, min(threads, int(free + 0.5)))
     if torch.get_num_threads() != threads:

@@ -132,7 +132,8 @@ class Trainer:
                                     s.pos_weight).to(dev) if s.multi_label else None
         steps = len(self.train_batches)
         self.budget = TimeBudget(s.time_budget_s) if s.time_budget_s else None
-        self.opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups)
+        self.opt = build_optimizer(model, s.optimizer, s.lr, s.weight_decay, s.momentum, groups=self.param_groups,
+                                   eager=not s.compile)
         self.sched = build_scheduler(self.opt, s.schedule, s.epochs * steps, int(round(s.warmup_epochs * steps)),
                                      progress=self.budget.fraction if self.budget else None)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
