@@ -59,6 +59,24 @@ def test_auto_recipe_choice():
     assert fast_gpu["lr"] / fast_gpu["batch_size"] == pytest.approx(fast_cpu["lr"] / fast_cpu["batch_size"])
 
 
+def test_fast_digits_recipe_trains_a_sample_budget_and_keeps_the_warmup_share():
+    """One epoch of MNIST's 54,000 images (99.10-99.21% test, docs/benchmarks.md), as many
+    epochs of a smaller set as see about as many samples; an explicit --epochs keeps the
+    recipe's warm-up share instead of warming up past the end of the run."""
+    mnist = resolve_recipe(TrainConfig(data="x"), RecipeContext("digits", 54001, True, "cpu"))
+    assert (mnist.epochs, mnist.batch_size, mnist.lr, mnist.label_smoothing) == (1, 128, 1e-2, 0.1)
+    assert mnist.warmup_epochs == pytest.approx(0.3) and "1 epoch of reference_cnn" in mnist.recipe_choice
+    small_ctx = RecipeContext("digits", 5000, True, "cpu")
+    small = resolve_recipe(TrainConfig(data="x"), small_ctx)
+    assert (small.epochs, small.warmup_epochs) == (10, 3.0)
+    short = resolve_recipe(TrainConfig(data="x", epochs=2), small_ctx)
+    assert (short.epochs, short.warmup_epochs) == (2, pytest.approx(0.6))
+    kept = resolve_recipe(TrainConfig(data="x", epochs=2, warmup_epochs=1.5), small_ctx)
+    assert kept.warmup_epochs == 1.5  # given explicitly: left alone
+    cifar = resolve_recipe(TrainConfig(data="x", epochs=6), RecipeContext("small-colour", 50000, True, "cpu"))
+    assert cifar.warmup_epochs == pytest.approx(round(0.23 * 12, 2) * 6 / 12, abs=1e-3)
+
+
 @pytest.mark.parametrize("recipe", ["fast", "accurate"])
 def test_recipes_train_correctly(tmp_path, colour_npz, recipe):
     """Each recipe (its model, optimiser and schedule) learns: loss falls, accuracy rises."""
@@ -111,6 +129,51 @@ def test_linear_schedule():
     assert lrs[0] == pytest.approx(0.2 + 0.8 / 21)
     assert max(lrs) == pytest.approx(1.0) and lrs[20] == pytest.approx(1.0)
     assert lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_eager_optimizer_steps_as_torch_does(name):
+    """build_optimizer's class (torch.optim's, without its torch.compile guards) takes the
+    very steps torch's own class takes, and its state dict loads into either."""
+    def run(eager):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        opt = build_optimizer(net, name, 0.05, weight_decay=0.01, eager=eager)
+        sched = build_scheduler(opt, "onecycle", 20, 4)
+        for i in range(20):
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+            sched.step()
+        return net, opt
+
+    (net_e, opt_e), (net_t, opt_t) = run(True), run(False)
+    assert type(opt_e) is not type(opt_t) and isinstance(opt_e, type(opt_t))
+    for a, b in zip(net_e.parameters(), net_t.parameters()):
+        assert torch.equal(a, b)
+    opt_t.load_state_dict(opt_e.state_dict())
+    opt_e.load_state_dict(opt_t.state_dict())
+    assert opt_e.state_dict()["param_groups"] == opt_t.state_dict()["param_groups"]
+
+
+def test_training_process_never_imports_the_compiler():
+    """A training run without --compile does not pay torch.compile's 1.2 s import
+    (torch._dynamo, first called from torch.optim's guards), checkpoint included."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from imgcls.engine.optim import build_optimizer, build_scheduler\n"
+            "net = torch.nn.Linear(4, 2)\n"
+            "for name in ('adam', 'adamw', 'sgd'):\n"
+            "    opt = build_optimizer(net, name, 1e-3)\n"
+            "    sched = build_scheduler(opt, 'onecycle', 10, 2)\n"
+            "    net(torch.randn(3, 4)).sum().backward(); opt.step(); sched.step(); opt.zero_grad()\n"
+            "    opt.load_state_dict(opt.state_dict())\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 # ---------------------------------------------------------------- augmentation
@@ -242,6 +305,30 @@ def test_configure_threads_explicit_and_bounded(monkeypatch):
         assert 1 <= configure_threads(None) <= max(1, torch.get_num_threads())
     finally:
         torch.set_num_threads(old)
+
+
+def test_idle_core_probe_measures_from_an_earlier_sample(monkeypatch):
+    """The start-up probe reads /proc/stat since the training modules loaded instead of
+    sleeping: this process's own CPU time counts as idle, other processes' as busy; a sample
+    too recent or too old is not used."""
+    import os
+
+    import imgcls.engine.threads as speed
+
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    now = speed.time.monotonic()
+    # 2 s on 2 cores = 4 s of core time: 1 s idle, 1 s ours (single-threaded start-up), 2 s another job's
+    since = (0, 0, 10.0, now - 2.0)
+    monkeypatch.setattr(speed, "_cpu_sample", lambda: (1 * tick, 4 * tick, 11.0, now))
+    assert speed.idle_cores(since=since) == pytest.approx(1.0)  # 1 idle + 1 ours of 4 -> 2 x 0.5
+    slept = []
+    monkeypatch.setattr(speed.time, "sleep", slept.append)
+    samples = iter([(0, 0, 0.0, now), (4 * tick, 4 * tick, 0.0, now)])
+    monkeypatch.setattr(speed, "_cpu_sample", lambda: next(samples))
+    assert speed.idle_cores(since=(0, 0, 0.0, now - 0.01)) == pytest.approx(2.0) and slept == [0.25]
+    samples = iter([(0, 0, 0.0, now), (0, 4 * tick, 0.0, now)])
+    assert speed.idle_cores(since=(0, 0, 0.0, now - 60)) == 0.0 and slept == [0.25, 0.25]
 
 
 def test_adaptive_threads_only_after_long_epochs(monkeypatch):

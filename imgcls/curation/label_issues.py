@@ -3,8 +3,9 @@
 1. Out-of-fold predicted probabilities by K-fold cross-validation (engine/crossval.py): with
    a frozen pretrained backbone (``--freeze backbone`` + ``--weights``/``--pretrained``) the
    features are extracted once and a linear head trains per fold (seconds); otherwise a model
-   per fold trains through the TrainingSession (the recipe of the data: the reference CNN's
-   2-epoch fast recipe for digits). ``--group-by`` keeps each group inside one fold.
+   per fold trains through the TrainingSession (the recipe of the data; resolved on the whole
+   set: for MNIST the fast recipe's one epoch of the reference CNN, on each 48,000-image fold).
+   ``--group-by`` keeps each group inside one fold.
 2. Confident learning: cleanlab's ``find_label_issues`` (the field's standard package)
    flags the samples, ranked by self-confidence (the out-of-fold probability of the given
    label), most suspicious first.
