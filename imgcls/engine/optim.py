@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -44,17 +45,19 @@ def eager_optimizer(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimi
     guarded = (cls.step, opt.zero_grad, opt.add_param_group, opt.state_dict, opt.load_state_dict)
     if not all(hasattr(m, "__wrapped__") for m in guarded):
         return _EAGER.setdefault(cls, cls)
-    step = cls.step.__wrapped__
+    # unwrap all the way: once torch's own class has an instance, its step is also wrapped in
+    # the profiler hook (Optimizer._patch_step_function), which this subclass gets anew
+    step, zero_grad, add_group, state_dict, load_state = (inspect.unwrap(m) for m in guarded)
 
     def _step(self, closure=None):
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             return step(self, closure)
 
     methods = {"step": _step,
-               "zero_grad": lambda self, set_to_none=True: opt.zero_grad.__wrapped__(self, set_to_none),
-               "add_param_group": lambda self, group: opt.add_param_group.__wrapped__(self, group),
-               "state_dict": lambda self: opt.state_dict.__wrapped__(self),
-               "load_state_dict": lambda self, state_dict: opt.load_state_dict.__wrapped__(self, state_dict)}
+               "zero_grad": lambda self, set_to_none=True: zero_grad(self, set_to_none),
+               "add_param_group": lambda self, group: add_group(self, group),
+               "state_dict": lambda self: state_dict(self),
+               "load_state_dict": lambda self, state: load_state(self, state)}
     return _EAGER.setdefault(cls, type(cls.__name__, (cls,), {"__module__": __name__, **methods}))
 
 
