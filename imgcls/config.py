@@ -287,5 +287,7 @@ class TrainConfig(BaseModel):
         values.update(overrides or {})
         return cls.from_dict(values, source=str(path))
 
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+    def to_yaml(self, path: str | Path, exclude_unset: bool = False) -> None:
+        """Every field (a run's config.yaml), or with ``exclude_unset`` only those given
+        explicitly, so that whoever reads it back still fills the rest from the recipe."""
+        Path(path).write_text(yaml.safe_dump(self.model_dump(exclude_unset=exclude_unset), sort_keys=False))

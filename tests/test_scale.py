@@ -111,6 +111,17 @@ def test_devices_flag_launches_torchrun(monkeypatch, tmp_path):
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=3" in cmd
     assert cmd[cmd.index("-m", 3):][:3] == ["-m", "imgcls", "train"]
     assert "devices: 3" in seen["yaml"] and "epochs: 2" in seen["yaml"]
+    # the processes get only what was given, so each fills the rest from the recipe as one process does
+    from imgcls.config import TrainConfig
+    from imgcls.engine.recipes import RecipeContext, resolve_recipe
+
+    given = TrainConfig.from_dict({"data": "digits", "devices": 3, "epochs": 2, "out": str(tmp_path)})
+    (tmp_path / "w.yaml").write_text(seen["yaml"])
+    worker = TrainConfig.from_yaml(tmp_path / "w.yaml")
+    assert worker.model_fields_set == given.model_fields_set
+    ctx = RecipeContext("digits", 54000, True, "cpu")
+    assert resolve_recipe(worker, ctx) == resolve_recipe(given, ctx)
+    assert resolve_recipe(worker, ctx).lr != TrainConfig().lr  # the fast recipe's, not the default
 
 
 # ---------------------------------------------------------------------- 2 processes (Gloo)

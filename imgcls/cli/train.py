@@ -26,6 +26,8 @@ _HELP = {
                         "weak view",
     "pseudo_rounds": "with --unlabeled pseudo: rounds of self-training; each round's student, trained from "
                      "scratch, is the next round's teacher and labels the pool again",
+    "pseudo_balance": "with --unlabeled pseudo: keep as many pseudo-labels for every class (each class's most "
+                      "confident; the threshold sets the total) instead of all above the threshold",
     "semi": "with --unlabeled: pseudo (a teacher's confident pseudo-labels join the training split), fixmatch "
             "(weak/strong-augmentation consistency on the pool in the training loop), both; auto: "
             "the measured best",
@@ -190,7 +192,10 @@ def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     fd, path = tempfile.mkstemp(prefix="imgcls-train-", suffix=".yaml")
     os.close(fd)
     try:
-        cfg.to_yaml(path)  # every process reads the full resolved config
+        # only what the user set: every process resolves the recipe from the data, as one process
+        # does (the full dump made every field look explicit, and the recipe's lr, label smoothing
+        # and augmentation gave way to the TrainConfig defaults under --devices N)
+        cfg.to_yaml(path, exclude_unset=True)
         return D.launch(cfg.devices, ["--config", path])
     finally:
         os.unlink(path)
