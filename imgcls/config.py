@@ -35,6 +35,7 @@ class TrainConfig(BaseModel):
     unlabeled: str | None = None  # folder / .npz of unlabelled images: pseudo-labels from a teacher (curation/semi.py)
     pseudo_threshold: float = 0.95  # confidence a pseudo-label needs (the teacher's, or FixMatch's weak view)
     pseudo_rounds: int = 1  # pseudo: teachers in turn; each round's student, trained afresh, labels the pool again
+    pseudo_balance: bool = False  # pseudo: as many pseudo-labels per class, each class's most confident (CBST)
     # what --unlabeled does (curation/semi.py, engine/consistency.py): pseudo = a teacher's confident
     # pseudo-labels join the training split; fixmatch = weak/strong consistency on the pool in the one
     # training loop; both = the two; auto = what measured best (docs/benchmarks.md)

@@ -185,3 +185,28 @@ def test_fixmatch_refuses_multi_label_data_in_one_line(tmp_path, capsys):
                  "--semi", "fixmatch", "--epochs", "1", "--out", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not train on multi-label data" in err[0] and "--semi pseudo" in err[0]
+
+
+def test_class_balanced_pseudo_selection_keeps_each_classes_most_confident():
+    from imgcls.curation.semi import select_pseudo
+    # the teacher predicts class 0 for 5 images (4 above 0.8), class 1 for 3 (none above), class 2 for 2
+    probs = np.array([[.95, .03, .02], [.9, .05, .05], [.85, .1, .05], [.82, .1, .08], [.5, .3, .2],
+                      [.2, .7, .1], [.1, .6, .3], [.3, .4, .3], [.1, .05, .85], [.2, .1, .7]])
+    plain = select_pseudo(probs, 0.8)
+    assert np.nonzero(plain)[0].tolist() == [0, 1, 2, 3, 8]
+    bal = select_pseudo(probs, 0.8, balance=True)  # 5 in total -> ceil(5 / 3) = 2 per class, most confident
+    assert np.nonzero(bal)[0].tolist() == [0, 1, 5, 6, 8, 9]
+    assert np.nonzero(select_pseudo(probs, 0.8, balance=True, exclude=[0, 5]))[0].tolist() == [1, 2, 6, 7, 8, 9]
+    assert not select_pseudo(probs, 0.99, balance=True).any()  # nothing confident: nothing to balance
+
+
+def test_pseudo_balance_flag_balances_the_pseudo_labelled_set(tmp_path, capsys):
+    lab, pool = _npz(tmp_path)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "pseudo", "--pseudo-balance",
+                 "--epochs", "6", "--batch-size", "8", "--pseudo-threshold", "0.6", "--out", str(tmp_path / "runs"),
+                 "--name", "bal"]) == 0
+    m = json.loads((tmp_path / "runs" / "bal" / "metrics.json").read_text())
+    note = next(n for n in m["training"]["data_notes"] if n.startswith("semi-supervised"))
+    assert "class-balanced:" in note and "per class at most" in note
+    n_pseudo, labelled = int(note.split()[1]), int(note.split()[-3])
+    assert m["training"]["train_images"] == labelled + n_pseudo > labelled

@@ -7,6 +7,7 @@ Two ingredients (``--semi``):
   with a confidence of at least ``--pseudo-threshold`` (0.95: FixMatch's threshold) join the
   training split with the teacher's label (this module, called by ``runs.train``); with
   ``--pseudo-rounds R`` the student of each round, trained afresh, is the next round's teacher;
+  with ``--pseudo-balance`` every class keeps as many (its most confident; :func:`select_pseudo`);
 * ``fixmatch`` - weak/strong-augmentation consistency on the pool inside the one training loop
   (engine/consistency.py, wired by the TrainingSession);
 * ``both`` - the student of ``pseudo`` also trains with the consistency term.
@@ -33,10 +34,18 @@ from imgcls.data.records import ImageData, Split
 from imgcls.engine.consistency import confidence_threshold
 from imgcls.engine.predictor import Predictor
 
-__all__ = ["add_pseudo_labels", "check_pool", "TEACHER_SHARE"]
+__all__ = ["add_pseudo_labels", "check_pool", "select_pseudo", "TEACHER_SHARE"]
 
 TEACHER_SHARE = 0.35  # of the --time-budget left when a teacher starts; the student gets what the teachers leave
 MIN_SHARE = 0.2  # every model (teachers, student) trains at least this share of the budget, even after an overrun
+
+
+def _how(keep: np.ndarray, probs: np.ndarray, tau: float) -> str:
+    if not keep.any():
+        return f"none at confidence >= {tau:.3g}"
+    counts = np.bincount(probs.argmax(1)[keep], minlength=probs.shape[1])
+    return (f"class-balanced: {counts.max()} per class at most, {counts.min()} at least; threshold {tau:.3g} set "
+            f"the total; lowest confidence kept {probs.max(1)[keep].min():.3g}")
 
 
 def _merge(train: Split, pool: Split, keep: np.ndarray, labels: np.ndarray) -> Split:
@@ -45,6 +54,30 @@ def _merge(train: Split, pool: Split, keep: np.ndarray, labels: np.ndarray) -> S
     if train.in_memory:
         return Split(labels=torch.cat([train.labels, pseudo]), images=torch.cat([train.images, pool.images[idx]]))
     return Split(labels=torch.cat([train.labels, pseudo]), paths=train.paths + [pool.paths[i] for i in idx.tolist()])
+
+
+def select_pseudo(probs: np.ndarray, tau: float, balance: bool = False,
+                  exclude: list[int] | tuple[int, ...] = ()) -> np.ndarray:
+    """Which pool images get the teacher's label: a boolean mask over ``probs`` (N x C).
+
+    Without ``balance``, every image whose top probability is at least ``tau``. With it,
+    class-balanced selection (CBST, Zou et al. 2018): the threshold only sets the total T, and
+    every class keeps its ceil(T / C) most confident predictions (all of them when the teacher
+    predicts it fewer times), so the classes the teacher finds easy do not crowd out the hard
+    ones (on CIFAR-10 the thresholded set came out 3.5:1 imbalanced). ``exclude``: pool rows
+    that could not be read."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    ok = np.ones(len(probs), bool)
+    ok[list(exclude)] = False
+    keep = (conf >= tau) & ok
+    if not balance or not keep.any():
+        return keep
+    per_class = -(-int(keep.sum()) // probs.shape[1])
+    keep = np.zeros(len(probs), bool)
+    for c in range(probs.shape[1]):
+        idx = np.nonzero((pred == c) & ok)[0]
+        keep[idx[np.argsort(-conf[idx], kind="stable")[:per_class]]] = True
+    return keep
 
 
 def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) -> tuple[ImageData, TrainConfig]:
@@ -78,11 +111,11 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
         with Predictor(teacher, device=cfg.device, precision=cfg.precision, workers=cfg.workers) as pred:
             logits, _ = pred.run(pool, progress=progress, skipped=skipped)
             probs = pred.probabilities(logits)
-        keep = probs.max(1) >= tau
-        keep[list(skipped)] = False
+        keep = select_pseudo(probs, tau, cfg.pseudo_balance, exclude=list(skipped))
         train = _merge(data.train, pool, keep, probs.argmax(1))
         note = (f"semi-supervised: {int(keep.sum())} of {len(pool)} unlabelled images pseudo-labelled by the teacher"
-                f"{f' of round {r + 1}' if rounds > 1 else ''} (confidence >= {tau:.3g}) joined the "
+                f"{f' of round {r + 1}' if rounds > 1 else ''} "
+                f"({_how(keep, probs, tau) if cfg.pseudo_balance else f'confidence >= {tau:.3g}'}) joined the "
                 f"{len(data.train)} labelled ones")
         say(note)
         notes.append(note)
