@@ -11,7 +11,9 @@ With ``--time-budget M`` every arm trains for the same M minutes of wall-clock (
 * ``both`` - ``--semi both``;
 * ``fixmatch_mu7`` - ``--semi fixmatch --mu 7`` (FixMatch's own ratio; the CIFAR-10 flags use ``--mu 2``);
 * ``pseudo_r2`` - ``--semi pseudo --pseudo-rounds 2``: round 1's student, trained afresh, labels the pool again;
-* ``pseudo_balanced`` - ``--semi pseudo --pseudo-balance``: as many pseudo-labels per class (CBST).
+* ``pseudo_balanced`` - ``--semi pseudo --pseudo-balance``: as many pseudo-labels per class (CBST);
+* ``pseudo_warm`` - ``--semi pseudo --pseudo-student teacher``: the student starts from the teacher's weights;
+* ``pseudo_warm_balanced`` - the two.
 
     # CIFAR-10, 250 labels per class, 4 min per arm (docs/benchmarks.md)
     flock /tmp/imgcls-heavy.lock python bench/semi_supervised.py --data cifar10 --per-class 250 --time-budget 4
@@ -42,7 +44,9 @@ from _common import default_data, machine  # noqa: E402
 ARMS = {"labelled_only": [], "pseudo": ["--semi", "pseudo"], "fixmatch": ["--semi", "fixmatch"],
         "both": ["--semi", "both"], "fixmatch_mu7": ["--semi", "fixmatch", "--mu", "7"],
         "pseudo_r2": ["--semi", "pseudo", "--pseudo-rounds", "2"],
-        "pseudo_balanced": ["--semi", "pseudo", "--pseudo-balance"]}
+        "pseudo_balanced": ["--semi", "pseudo", "--pseudo-balance"],
+        "pseudo_warm": ["--semi", "pseudo", "--pseudo-student", "teacher"],
+        "pseudo_warm_balanced": ["--semi", "pseudo", "--pseudo-student", "teacher", "--pseudo-balance"]}
 # CIFAR-10 under a time budget: airbench's fast recipe at batch 64 (its lr scaled with the batch),
 # a generous epoch cap (the clock ends the run), 20% of it warm-up, flip TTA (6-view flip-shift TTA
 # would cost the pseudo arm ~1.5 min of its budget on the 47,500-image pool)

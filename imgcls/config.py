@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     pseudo_threshold: float = 0.95  # confidence a pseudo-label needs (the teacher's, or FixMatch's weak view)
     pseudo_rounds: int = 1  # pseudo: teachers in turn; each round's student, trained afresh, labels the pool again
     pseudo_balance: bool = False  # pseudo: as many pseudo-labels per class, each class's most confident (CBST)
+    # pseudo: the student (and each later round's teacher) starts from scratch, or from the last teacher's weights
+    pseudo_student: Literal["fresh", "teacher"] = "fresh"
     # what --unlabeled does (curation/semi.py, engine/consistency.py): pseudo = a teacher's confident
     # pseudo-labels join the training split; fixmatch = weak/strong consistency on the pool in the one
     # training loop; both = the two; auto = what measured best (docs/benchmarks.md)

@@ -118,11 +118,17 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     data, calib = hold_out_calibration(data, cfg)
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    init = None  # weights the model starts from: the teacher's with --pseudo-student teacher
     if cfg.unlabeled and cfg.semi_parts()[0]:  # semi-supervised: a teacher's confident pseudo-labels join train
         from imgcls.curation.semi import add_pseudo_labels
 
-        data, cfg = add_pseudo_labels(cfg, data, progress and ctx.is_main)
+        data, cfg, init = add_pseudo_labels(cfg, data, progress and ctx.is_main)
     clf = Classifier.from_config(cfg, data)
+    if init is not None:
+        from imgcls.engine.model_hooks import INITIALISED
+
+        clf.model.load_state_dict(init)
+        setattr(clf.model, INITIALISED, True)  # keep the teacher's whitening (airbench), not one from the new data
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
     summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)

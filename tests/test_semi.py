@@ -210,3 +210,52 @@ def test_pseudo_balance_flag_balances_the_pseudo_labelled_set(tmp_path, capsys):
     assert "class-balanced:" in note and "per class at most" in note
     n_pseudo, labelled = int(note.split()[1]), int(note.split()[-3])
     assert m["training"]["train_images"] == labelled + n_pseudo > labelled
+
+
+@pytest.mark.parametrize("student", ["fresh", "teacher"])
+def test_pseudo_student_starts_from_the_teachers_weights_when_asked(tmp_path, capsys, monkeypatch, student):
+    from imgcls.api import Classifier
+    from imgcls.engine import distributed as D
+
+    seen = []  # (weights at the start of fit, at its end) for the teacher, then the student
+    fit = Classifier.fit
+
+    def recording_fit(self, *a, **k):
+        start = D.weights_digest(self.model)
+        out = fit(self, *a, **k)
+        seen.append((start, D.weights_digest(self.model)))
+        return out
+
+    monkeypatch.setattr(Classifier, "fit", recording_fit)
+    lab, pool = _npz(tmp_path)
+    assert main(["train", "--data", str(lab), "--unlabeled", str(pool), "--semi", "pseudo", "--pseudo-student", student,
+                 "--epochs", "3", "--batch-size", "8", "--pseudo-threshold", "0.6", "--out", str(tmp_path / "runs"),
+                 "--name", student]) == 0
+    (_, teacher_end), (student_start, _) = seen
+    assert (student_start == teacher_end) == (student == "teacher")
+    assert ("the student starts from the teacher's weights" in capsys.readouterr().err) == (student == "teacher")
+
+
+def test_data_dependent_init_runs_once_per_model():
+    from imgcls.engine.model_hooks import INITIALISED, init_from_data
+
+    class Hooked(nn.Module):
+        calls = 0
+
+        def init_from_data(self, x):
+            Hooked.calls += 1
+
+    class Pre:
+        def normalize(self, x):
+            return x
+
+    class Batches:
+        split = Split(labels=torch.zeros(4).long(), images=torch.zeros(4, 1, 8, 8))
+
+    m = Hooked()
+    init_from_data(m, Batches(), Pre(), torch.device("cpu"))
+    init_from_data(m, Batches(), Pre(), torch.device("cpu"))  # a second fit keeps what the first set
+    warm = Hooked()
+    setattr(warm, INITIALISED, True)  # started from trained weights
+    init_from_data(warm, Batches(), Pre(), torch.device("cpu"))
+    assert Hooked.calls == 1 and getattr(m, INITIALISED)

@@ -28,6 +28,8 @@ _HELP = {
                      "scratch, is the next round's teacher and labels the pool again",
     "pseudo_balance": "with --unlabeled pseudo: keep as many pseudo-labels for every class (each class's most "
                       "confident; the threshold sets the total) instead of all above the threshold",
+    "pseudo_student": "with --unlabeled pseudo: the student starts from scratch (fresh) or from the teacher's "
+                      "weights (teacher: no time spent relearning what the teacher knew, under --time-budget)",
     "semi": "with --unlabeled: pseudo (a teacher's confident pseudo-labels join the training split), fixmatch "
             "(weak/strong-augmentation consistency on the pool in the training loop), both; auto: "
             "the measured best",

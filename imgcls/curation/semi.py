@@ -8,6 +8,7 @@ Two ingredients (``--semi``):
   training split with the teacher's label (this module, called by ``runs.train``); with
   ``--pseudo-rounds R`` the student of each round, trained afresh, is the next round's teacher;
   with ``--pseudo-balance`` every class keeps as many (its most confident; :func:`select_pseudo`);
+  with ``--pseudo-student teacher`` the student starts from the last teacher's weights;
 * ``fixmatch`` - weak/strong-augmentation consistency on the pool inside the one training loop
   (engine/consistency.py, wired by the TrainingSession);
 * ``both`` - the student of ``pseudo`` also trains with the consistency term.
@@ -32,6 +33,7 @@ from imgcls.config import TrainConfig
 from imgcls.data.pool import check_pool, pool_split
 from imgcls.data.records import ImageData, Split
 from imgcls.engine.consistency import confidence_threshold
+from imgcls.engine.model_hooks import INITIALISED
 from imgcls.engine.predictor import Predictor
 
 __all__ = ["add_pseudo_labels", "check_pool", "select_pseudo", "TEACHER_SHARE"]
@@ -80,9 +82,11 @@ def select_pseudo(probs: np.ndarray, tau: float, balance: bool = False,
     return keep
 
 
-def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) -> tuple[ImageData, TrainConfig]:
+def add_pseudo_labels(cfg: TrainConfig, data: ImageData,
+                      progress: bool = True) -> tuple[ImageData, TrainConfig, dict[str, torch.Tensor] | None]:
     """``data`` with the teacher's confident pseudo-labelled images added to its training
-    split, and the config the student trains with (its share of ``--time-budget``).
+    split, the config the student trains with (its share of ``--time-budget``), and the weights
+    the student starts from: the last teacher's with ``--pseudo-student teacher``, else None.
 
     With ``--pseudo-rounds R`` above 1 this is self-training in rounds: the student of a round,
     trained from scratch on the labelled images and the previous teacher's pseudo-labels (a
@@ -97,7 +101,8 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
     minutes_left = lambda: budget - (time.perf_counter() - t0) / 60  # noqa: E731 (with a budget only)
     tau = confidence_threshold(cfg.pseudo_threshold, cfg.label_smoothing, data.num_classes)
     rounds = cfg.pseudo_rounds
-    train, notes = data.train, []
+    train, notes, init = data.train, [], None
+    warm = cfg.pseudo_student == "teacher"
     for r in range(rounds):
         share = max(minutes_left() * TEACHER_SHARE, budget * MIN_SHARE) if budget else None
         teacher_cfg = cfg.model_copy(update={"unlabeled": None, **({"time_budget": round(share, 4)} if budget else {})})
@@ -106,12 +111,17 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
             f"{len(train)} images ({what})" + (f" ({share:.2g} of the {budget:g} min budget)" if budget else ""))
         teacher_data = dataclasses.replace(data, train=train)
         teacher = Classifier.from_config(teacher_cfg, teacher_data)
+        if init is not None:  # --pseudo-student teacher: round r's teacher goes on from round r-1's
+            teacher.model.load_state_dict(init)
+            setattr(teacher.model, INITIALISED, True)
         teacher.fit(teacher_data, teacher_cfg, progress=progress)
         skipped: dict[int, str] = {}
         with Predictor(teacher, device=cfg.device, precision=cfg.precision, workers=cfg.workers) as pred:
             logits, _ = pred.run(pool, progress=progress, skipped=skipped)
             probs = pred.probabilities(logits)
         keep = select_pseudo(probs, tau, cfg.pseudo_balance, exclude=list(skipped))
+        if warm:
+            init = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()}
         train = _merge(data.train, pool, keep, probs.argmax(1))
         note = (f"semi-supervised: {int(keep.sum())} of {len(pool)} unlabelled images pseudo-labelled by the teacher"
                 f"{f' of round {r + 1}' if rounds > 1 else ''} "
@@ -122,5 +132,8 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData, progress: bool = True) 
     if budget:
         left = max(minutes_left(), budget * MIN_SHARE)
         cfg = cfg.model_copy(update={"time_budget": round(left, 4)})
-        say(f"semi-supervised: the student trains for the {left:.2g} min left of the budget")
-    return dataclasses.replace(data, train=train, notes=[*data.notes, *notes]), cfg
+        say(f"semi-supervised: the student trains for the {left:.2g} min left of the budget"
+            + (", from the teacher's weights" if warm else ""))
+    elif warm:
+        say("semi-supervised: the student starts from the teacher's weights")
+    return dataclasses.replace(data, train=train, notes=[*data.notes, *notes]), cfg, init

@@ -8,13 +8,19 @@ from torch import nn
 
 from imgcls.data.transforms import Preprocessing
 
+# set on a model once its data-dependent init ran, or when it starts from trained weights (a
+# --pseudo-student teacher): a later fit keeps the weights the rest of the network learned on
+INITIALISED = "initialised_from_data"
+
+
 @torch.no_grad()
 def init_from_data(model: nn.Module, batches, pre: Preprocessing, device: torch.device,
                    max_images: int = 5000) -> None:
     """Call the model's ``init_from_data(x)`` hook (e.g. airbench's whitening layer) with up
-    to ``max_images`` normalised training images, if the model has one."""
+    to ``max_images`` normalised training images, if the model has one and has not had it
+    (:data:`INITIALISED`)."""
     hook = getattr(model, "init_from_data", None)
-    if not callable(hook):
+    if not callable(hook) or getattr(model, INITIALISED, False):
         return
     split = batches.split
     if split.in_memory:
@@ -28,6 +34,7 @@ def init_from_data(model: nn.Module, batches, pre: Preprocessing, device: torch.
                 break
         x = torch.cat(xs)[:max_images]
     hook(pre.normalize(x.to(device)))
+    setattr(model, INITIALISED, True)
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
