@@ -125,10 +125,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         data, cfg, init = add_pseudo_labels(cfg, data, progress and ctx.is_main)
     clf = Classifier.from_config(cfg, data)
     if init is not None:
-        from imgcls.engine.model_hooks import INITIALISED
+        from imgcls.engine.model_hooks import start_from
 
-        clf.model.load_state_dict(init)
-        setattr(clf.model, INITIALISED, True)  # keep the teacher's whitening (airbench), not one from the new data
+        start_from(clf.model, init)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
     summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)

@@ -33,7 +33,7 @@ from imgcls.config import TrainConfig
 from imgcls.data.pool import check_pool, pool_split
 from imgcls.data.records import ImageData, Split
 from imgcls.engine.consistency import confidence_threshold
-from imgcls.engine.model_hooks import INITIALISED
+from imgcls.engine.model_hooks import start_from
 from imgcls.engine.predictor import Predictor
 
 __all__ = ["add_pseudo_labels", "check_pool", "select_pseudo", "TEACHER_SHARE"]
@@ -112,8 +112,7 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData,
         teacher_data = dataclasses.replace(data, train=train)
         teacher = Classifier.from_config(teacher_cfg, teacher_data)
         if init is not None:  # --pseudo-student teacher: round r's teacher goes on from round r-1's
-            teacher.model.load_state_dict(init)
-            setattr(teacher.model, INITIALISED, True)
+            start_from(teacher.model, init)
         teacher.fit(teacher_data, teacher_cfg, progress=progress)
         skipped: dict[int, str] = {}
         with Predictor(teacher, device=cfg.device, precision=cfg.precision, workers=cfg.workers) as pred:

@@ -37,6 +37,14 @@ def init_from_data(model: nn.Module, batches, pre: Preprocessing, device: torch.
     setattr(model, INITIALISED, True)
 
 
+def start_from(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load trained weights into a fresh model that is about to be fit (a --pseudo-student
+    teacher), and mark it :data:`INITIALISED` so the fit keeps them - airbench's whitening
+    included - instead of re-initialising from its own data."""
+    model.load_state_dict(state)
+    setattr(model, INITIALISED, True)
+
+
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """The module to call in the loop: ``torch.compile(model)`` when asked (weights stay
     shared with ``model``, so state_dict / saving are unaffected), else ``model``."""
