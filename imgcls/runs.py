@@ -22,6 +22,7 @@ from imgcls.engine import distributed as D
 from imgcls.engine.checkpoint import CHECKPOINT, load_checkpoint, preflight_run_dir
 from imgcls.engine.device import resolve_device
 from imgcls.engine.lr_find import LRFindResult
+from imgcls.engine.model_hooks import start_from
 from imgcls.engine.recipes import RecipeContext, resolve_recipe
 from imgcls.engine.reproducibility import set_deterministic
 from imgcls.errors import ImgclsError
@@ -125,8 +126,6 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
         data, cfg, init = add_pseudo_labels(cfg, data, progress and ctx.is_main)
     clf = Classifier.from_config(cfg, data)
     if init is not None:
-        from imgcls.engine.model_hooks import start_from
-
         start_from(clf.model, init)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
     run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
