@@ -321,3 +321,20 @@ def test_the_cache_marks_its_folder_and_prune_touches_only_cache_folders(tmp_pat
     decoded_split(from_folder(root).train, PRE, cache_root=mixed, workers=0)
     assert not (mixed / MARKER).exists()
     assert main(["cache", "--dir", str(mixed), "--clear"]) == 1 and (mixed / "photos").is_dir()
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_decoded_again(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "x.bmp"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(p)
+    pre = Preprocessing(img_size=32, in_chans=3, mean=(0,) * 3, std=(1,) * 3, resize="shorter_side", crop_pct=0.875)
+    split = Split(labels=torch.zeros(1, dtype=torch.long), paths=[p])
+    before = decoded_split(split, pre, cache_root=tmp_path / "cache")
+    assert before.split.images[0, :, 0, 0].tolist() == [255, 0, 0]
+    st = os.stat(p)
+    time.sleep(0.01)
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(p)  # same size (BMP)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p, rsync -t, exiftool -P, touch -r do
+    after = decoded_split(split, pre, cache_root=tmp_path / "cache")
+    assert after.split.images[0, :, 0, 0].tolist() == [0, 0, 255]

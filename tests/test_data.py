@@ -209,3 +209,115 @@ def test_shared_hymenoptera_folder(shared_data):
     d = load_data(shared_data / "hymenoptera")
     assert d.classes == ["ants", "bees"] and len(d.val) == 153
     assert any(p.name == "ant photos.jpg" for p in d.train.paths)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def _png_tree(root, layout: dict[str, int], size: int = 8, seed: int = 0):
+    """``{"train/cat": 3, ...}``: that many small random PNGs in each folder."""
+    rng = np.random.default_rng(seed)
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    return root
+
+
+def test_training_and_testing_folders_are_split_folders(tmp_path):
+    root = _png_tree(tmp_path / "tt", {"Training/cat": 3, "Training/dog": 3, "Testing/cat": 2, "Testing/dog": 2})
+    d = from_folder(root)
+    assert d.classes == ["cat", "dog"]
+    assert len(d.train) == 6 and len(d.test) == 4
+
+
+def test_split_like_folders_under_other_names_are_refused(tmp_path):
+    root = _png_tree(tmp_path / "kg", {"set_a/cat": 2, "set_a/dog": 2, "set_b/cat": 2, "set_b/dog": 2})
+    with pytest.raises(ImgclsError, match=r"set_a.*set_b.*look like split folders: name them train/, val/, test/"):
+        from_folder(root)
+
+
+def test_a_class_folder_named_train_is_a_class(tmp_path):
+    root = _png_tree(tmp_path / "veh", {"bus": 2, "car": 2, "train": 2})
+    d = load_data(root, val_split=0)
+    assert d.classes == ["bus", "car", "train"] and d.train.class_counts(3) == [2, 2, 2]
+
+
+def test_npz_uint16_is_scaled_and_standardised_or_signed_pixels_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    y = np.arange(6) % 2
+    p = tmp_path / "u16.npz"
+    np.savez(p, x_train=x8.astype(np.uint16) * 257, y_train=y)
+    assert torch.equal(from_npz(p).train.images[:, 0], torch.from_numpy(x8))  # as a 16-bit PNG maps: v / 257
+    np.savez(p, x_train=x8.astype(np.float32) / 255, y_train=y)
+    assert torch.equal(from_npz(p).train.images[:, 0], torch.from_numpy(x8))  # floats in 0..1: as before
+    bad = {"std": (x8 - x8.mean()) / x8.std(), "big": x8.astype(np.float32) * 4,
+           "i16": x8.astype(np.int16) * 128 - 16384}
+    for name, x in bad.items():
+        np.savez(tmp_path / f"{name}.npz", x_train=x, y_train=y)
+        with pytest.raises(ImgclsError, match=rf"{name}.npz.*x_train.*{x.dtype}.*store raw pixels: uint8, uint16"):
+            from_npz(tmp_path / f"{name}.npz")
+
+
+def test_held_out_val_at_evaluation_is_the_one_training_held_out_with_reordered_classes(tmp_path):
+    from imgcls.data.pipeline import evaluation_data
+
+    root = _png_tree(tmp_path / "ds", {"cat": 12, "dog": 12})
+    trained = load_data(root, val_split=0.25, seed=0, classes=["dog", "cat"])
+    data, name, attr = evaluation_data(root, "val", 0.25, 0, classes=["dog", "cat"])
+    assert name == "val" and {str(p) for p in data.val.paths} == {str(p) for p in trained.val.paths}
+    assert not {str(p) for p in data.val.paths} & {str(p) for p in trained.train.paths}
+    default = load_data(root, val_split=0.25, seed=0)  # runs without --classes keep today's split
+    again, _, _ = evaluation_data(root, "val", 0.25, 0, classes=["cat", "dog"])
+    assert [str(p) for p in again.val.paths] == [str(p) for p in default.val.paths]
+
+
+def test_numbered_labels_map_by_name_to_a_model_with_numbered_classes():
+    from imgcls.data.sources import from_arrays, with_classes
+
+    y = np.arange(12)
+    data = from_arrays(np.zeros((12, 8, 8), np.uint8), y)
+    model = sorted(str(i) for i in range(12))  # folders 0..11, sorted as strings: 0, 1, 10, 11, 2, ...
+    mapped = with_classes(data, model)
+    assert [model[i] for i in mapped.train.labels.tolist()] == [str(i) for i in range(12)]
+    named = with_classes(data, [f"c{i}" for i in range(12)])  # no shared names: by position, as before
+    assert named.train.labels.tolist() == list(range(12))
+
+
+def test_manifest_written_on_windows_finds_its_files(tmp_path):
+    from imgcls.data.manifest import from_manifest
+
+    root = _png_tree(tmp_path / "ds1", {"cat": 2, "dog": 2})
+    (tmp_path / "man").mkdir()
+    m = tmp_path / "man" / "win.csv"
+    m.write_text("path,label\n" + "".join(f"..\\ds1\\{c}\\{i}.png,{c}\n" for c in ("cat", "dog") for i in range(2)))
+    d = from_manifest(m)
+    assert all(p.is_file() for p in d.train.paths) and d.train.paths[0] == m.parent / "../ds1/cat/0.png"
+    m.write_text("path,label\nC:\\data\\cat\\0.png,cat\nC:\\data\\dog\\0.png,dog\n")
+    with pytest.raises(ImgclsError, match=r"win.csv line 2: 'C:\\data\\cat\\0.png' is a Windows drive path"):
+        from_manifest(m)
+    assert root.is_dir()
+
+
+@pytest.mark.parametrize("header", ["file_name,label", "image_id,label", "img,class"])
+def test_manifest_header_with_an_unknown_path_column_name_is_a_header(tmp_path, header):
+    from imgcls.data.manifest import from_manifest
+
+    _png_tree(tmp_path, {"cat": 2, "dog": 2})
+    m = tmp_path / "m.csv"
+    m.write_text(header + "\n" + "".join(f"{c}/{i}.png,{c}\n" for c in ("cat", "dog") for i in range(2)))
+    d = from_manifest(m)
+    assert d.classes == ["cat", "dog"] and len(d.train) == 4
+
+
+def test_evaluate_split_val_of_a_run_with_reordered_classes_scores_its_held_out_images(tmp_path):
+    """End to end: a run trained with ``--classes dog,cat`` and evaluated with ``--split val``
+    is scored on the images its training held out, not on images it trained on."""
+    from imgcls import Classifier, train
+
+    root = _png_tree(tmp_path / "ds", {"cat": 12, "dog": 12}, size=16)
+    result = train({"data": str(root), "classes": ["dog", "cat"], "val_split": 0.25, "epochs": 1,
+                    "img_size": 16, "out": str(tmp_path / "runs"), "name": "r"})
+    held_out = {str(p) for p in load_data(root, val_split=0.25, seed=0, classes=["dog", "cat"]).val.paths}
+    data, name, part, _ = Classifier.load(result.run_dir).eval_data(str(root), "val", announce=False)
+    assert name == "val" and len(part) == len(held_out) == 6
+    assert {str(p) for p in data.val.paths} == held_out

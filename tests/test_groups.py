@@ -169,3 +169,12 @@ def test_train_group_by_is_recorded_and_evaluate_rebuilds_the_same_split(tmp_pat
     assert main(["evaluate", str(run), "--data", str(m), "--split", "val", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["num_images"] == tr["val_images"]
+
+
+def test_group_by_matches_a_manifest_column_case_insensitively(tmp_path):
+    path = _manifest(tmp_path / "m")
+    text = path.read_text().splitlines()
+    path.write_text("\n".join(["path,label,Run", *text[1:]]) + "\n")
+    data = load_data(path, val_split=0.25, seed=0, group_by="Run")
+    by_split = _groups_by_split(data, "Run")
+    assert by_split["train"] and by_split["val"] and not by_split["train"] & by_split["val"]

@@ -141,3 +141,41 @@ def test_rank_tasks_through_a_real_label_studio_and_back(label_studio, trained_r
     assert main(["train", "--data", str(path), "--epochs", "1", "--batch-size", "4", "--val-split", "0",
                  "--out", str(tmp_path / "runs"), "--name", "from_ls"]) == 0
     assert (tmp_path / "runs" / "from_ls" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- no server needed
+def test_local_files_urls_round_trip_odd_file_names(tmp_path, monkeypatch):
+    from imgcls.data.labelstudio import _file_of, image_url
+
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
+    for name in ["a b.png", "a+b.png", "50%.png", "x&y.png", "no#1.png", "ü.png", "%41.png"]:
+        p = (tmp_path / "img" / name).resolve()
+        url = image_url(p)
+        assert "#" not in url and " " not in url and "&" not in url.split("?d=", 1)[1]
+        assert _file_of({"data": {"image": url}}, tmp_path / "elsewhere") == p
+
+
+def test_label_config_escapes_class_names():
+    import xml.etree.ElementTree as ET
+
+    from imgcls.data.labelstudio import label_config
+
+    names = ["R&D", 'say "hi"', "<b>", "it's"]
+    root = ET.fromstring(label_config(names))
+    assert [c.get("value") for c in root.iter("Choice")] == names
+
+
+def test_relative_data_path_is_relative_to_the_json(tmp_path, monkeypatch):
+    from imgcls.data.labelstudio import _file_of
+
+    monkeypatch.chdir(tmp_path)
+    assert _file_of({"data": {"path": "imgs/a.png"}}, tmp_path / "export") == tmp_path / "export" / "imgs" / "a.png"
+
+
+def test_a_file_outside_the_document_root_is_refused(tmp_path, monkeypatch):
+    from imgcls.data.labelstudio import image_url
+    from imgcls.errors import ImgclsError
+
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path / "root"))
+    with pytest.raises(ImgclsError, match="outside LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT.*move the images under"):
+        image_url(tmp_path / "other" / "a.png")

@@ -114,3 +114,20 @@ def test_every_frame_of_a_multiframe_dicom_with_frames_all(corpus, tmp_path):
     assert len(every.data.train) == len(first.data.train) + 14  # rtdose.dcm: 15 frames, 14 more images
     frames = [load_image(root / "odd" / "dose_15frames.dcm", 1, frame=i, intensity="auto") for i in (0, 7)]
     assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[1]))
+
+
+def test_a_link_from_a_class_folder_up_to_the_data_root_is_a_symlink_loop(tmp_path):
+    from PIL import Image
+
+    from imgcls.data.decode import scan_folder
+    from imgcls.data.sources import from_folder
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / c / f"{c}{i}.png")
+    os.symlink("..", tmp_path / "cat" / "loop")
+    assert scan_folder(tmp_path / "cat").files == [tmp_path / "cat" / p for p in ("cat0.png", "cat1.png", "loop")]
+    d = from_folder(tmp_path)
+    cats = [p.name for p, lab in zip(d.train.paths, d.train.labels.tolist()) if lab == 0]
+    assert cats == ["cat0.png", "cat1.png", "loop"]  # the loop is a candidate that is reported, no dog is a cat

@@ -124,10 +124,21 @@ class CacheSpec:
         return self.transform()(img)
 
 
+def decode_min_side(pre: Preprocessing) -> int | None:
+    """The shorter side a JPEG may be decoded down to for ``pre`` (Pillow's draft: 1/2, 1/4
+    or 1/8 scale) wherever an image reaches a model outside the cache - prediction from
+    files, uploads to the server: the cache's stored side for photo-style (shorter-side)
+    preprocessing, as the cache decodes, else None (full size)."""
+    return CacheSpec.for_preprocessing(pre).side if pre.resize == "shorter_side" else None
+
+
 def file_key(path: Path) -> str:
-    """``realpath \\t size \\t mtime_ns``; raises OSError when the file cannot be stat'ed."""
+    """``realpath \\t size \\t mtime_ns \\t ctime_ns``; raises OSError when the file cannot be
+    stat'ed. The change time catches edits that keep size and mtime (``cp -p``, ``rsync -t``,
+    ``exiftool -P``, ``touch -r``): no tool can set it back. It also moves on ``chmod`` or a
+    rename, which costs one decode more, never a stale image."""
     st = os.stat(path)
-    return f"{os.path.realpath(path)}\t{st.st_size}\t{st.st_mtime_ns}"
+    return f"{os.path.realpath(path)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}"
 
 
 # ----------------------------------------------------------------------------- parallel decode
@@ -308,7 +319,7 @@ def _bytes_under(folder: Path) -> int:
 
 
 def _live(key: str) -> bool:
-    """Whether the file behind an index key still exists unchanged (same size and mtime)."""
+    """Whether the file behind an index key still exists unchanged (same size, mtime and ctime)."""
     path = key.split("\t", 1)[0]
     try:
         return file_key(Path(path)) == key.split("\t#", 1)[0]  # a frame's key: the file's, then \t#N

@@ -98,9 +98,22 @@ def scan_folder(folder: str | Path) -> FolderScan:
     to a folder above it is a candidate that decodes to "symlink loop"), broken links,
     link loops, FIFOs and other special files are candidates too, so each gets its reason."""
     out = FolderScan()
-    _walk(Path(folder), out, set())
+    _walk(Path(folder), out, _ancestors(Path(folder)))
     out.files.sort()
     out.passed_over.sort()
+    return out
+
+
+def _ancestors(folder: Path) -> set[tuple[int, int]]:
+    """(device, inode) of every folder above ``folder`` (as written and as resolved): a link
+    from a class folder up to the data root (``cat/loop -> ..``) is a loop, not more images."""
+    out = set()
+    for p in {*Path(os.path.abspath(folder)).parents, *Path(os.path.realpath(folder)).parents}:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
     return out
 
 
@@ -199,7 +212,7 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _draft(im: Image.Image, min_side: int | None, square: bool) -> None:
+def draft(im: Image.Image, min_side: int | None, square: bool) -> None:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: several times
     faster) when the image stays at least ``min_side`` on its shorter side (``square``:
     on both sides, for squash resizing). Other formats ignore it."""
@@ -247,7 +260,7 @@ def open_pillow(path, frame: int = 0, min_side: int | None = None, square: bool 
         if frame >= getattr(im, "n_frames", 1):
             raise IndexError(f"frame {frame} requested, the file has {getattr(im, 'n_frames', 1)}")
         im.seek(frame)
-        _draft(im, min_side, square)
+        draft(im, min_side, square)
         im.load()
         return ImageOps.exif_transpose(im) or im
 

@@ -35,7 +35,8 @@ def group_of(data: ImageData, split: Split, group_by: str) -> list[str]:
     if split.in_memory:
         raise ImgclsError(f"--group-by needs image files ({data.name} is an array data set)",
                           "give a folder or a CSV manifest with a group column")
-    column = data.columns.get(group_by)
+    column = data.columns.get(group_by)  # manifest headers are lowercased: --group-by Run is the column 'run'
+    column = data.columns.get(group_by.strip().lower()) if column is None else column
     if column is not None:
         return [column.get(str(p), "") for p in split.paths]
     try:

@@ -9,9 +9,10 @@
   ``data`` and ``annotations[].result[]`` of ``type: "choices"`` (guide/task_format.md).
 
 Image references in ``data.image``: ``/data/local-files/?d=PATH`` (local-files storage;
-PATH relative to ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``, else ``/``), ``file://`` URLs and
-plain paths (relative to the JSON file). ``imgcls rank`` also stores ``data.path`` (the file
-itself), which is preferred when present. Uploaded files (``/data/upload/...``) and web URLs
+PATH relative to ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``, else ``/``, percent-encoded;
+a file outside the document root is refused), ``file://`` URLs and plain paths (relative to
+the JSON file). ``imgcls rank`` also stores ``data.path`` (the file itself; a relative one is
+relative to the JSON file), which is preferred when present. Uploaded files (``/data/upload/...``) and web URLs
 are not on this machine: refused with the fix.
 """
 
@@ -21,7 +22,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
+from xml.sax.saxutils import quoteattr
 
 import torch
 
@@ -30,24 +32,28 @@ from imgcls.errors import ImgclsError
 
 FROM_NAME, TO_NAME = "choice", "image"  # names of the <Choices> and <Image> tags in LABEL_CONFIG
 LOCAL_FILES = "/data/local-files/?d="
+DOCUMENT_ROOT = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 
 
 def label_config(classes: list[str]) -> str:
     """The labelling interface (XML) the import file is written for."""
-    choices = "".join(f'<Choice value="{c}"/>' for c in classes)
+    choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in classes)  # R&D, say "hi": escaped
     return (f'<View><Image name="{TO_NAME}" value="$image"/><Choices name="{FROM_NAME}" toName="{TO_NAME}" '
             f'choice="single" showInLine="true">{choices}</Choices></View>')
 
 
 def image_url(path: Path) -> str:
-    """``path`` as Label Studio's local-files URL (relative to its document root)."""
-    root = Path(os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/")).resolve()
+    """``path`` as Label Studio's local-files URL (relative to its document root),
+    percent-encoded as Label Studio's own local storage writes it (``?d={quote(path)}``)."""
+    root = Path(os.environ.get(DOCUMENT_ROOT, "/")).resolve()
     p = Path(path).resolve()
     try:
         rel = p.relative_to(root)
     except ValueError:
-        rel = p.relative_to(p.anchor)
-    return LOCAL_FILES + rel.as_posix()
+        raise ImgclsError(f"{p} is outside {DOCUMENT_ROOT} ({root}): Label Studio cannot serve it",
+                          f"move the images under the document root or set {DOCUMENT_ROOT} to a folder above them"
+                          ) from None
+    return LOCAL_FILES + quote(rel.as_posix(), safe="/")
 
 
 def task(path: Path, classes: list[str], probs: list[float], model_version: str, extra: dict[str, Any]) -> dict:
@@ -67,11 +73,12 @@ def is_labelstudio(path: Path) -> bool:
 def _file_of(t: dict[str, Any], base: Path) -> Path:
     data = t.get("data") or {}
     if data.get("path"):
-        return Path(data["path"])
+        p = Path(data["path"]).expanduser()
+        return p if p.is_absolute() else base / p  # relative to the JSON's folder, as plain image paths are
     ref = data.get("image") or next((v for v in data.values() if isinstance(v, str)), "")
     if ref.startswith(LOCAL_FILES):
-        d = unquote(parse_qs(urlparse(ref).query).get("d", [""])[0])
-        return Path(os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/")) / d
+        d = parse_qs(urlparse(ref).query).get("d", [""])[0]  # parse_qs decodes it once, as Django's GET does
+        return Path(os.environ.get(DOCUMENT_ROOT, "/")) / d
     if ref.startswith("file://"):
         return Path(unquote(urlparse(ref).path))
     if ref.startswith(("/data/upload/", "http://", "https://", "s3://", "gs://")):

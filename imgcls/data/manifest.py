@@ -1,9 +1,13 @@
 """CSV / TSV manifests: one image per row, ``path,label[,split]``.
 
 * Paths are relative to the manifest's folder (absolute paths are kept as they are).
+* Paths written on Windows (``..\\ds1\\cat\\1.png``) are read with forward slashes when the
+  path as written does not exist; a drive path (``C:\\...``) that does not exist is refused.
 * A header row is recognised when its first two cells are ``path``/``file``/``filename``/
-  ``image`` and ``label``/``class``; columns are then found by name (in any order,
-  extra columns ignored). Without a header the columns are path, label[, split].
+  ``image`` and ``label``/``class``, or when its label cell is a label column's name and its
+  path cell is no file (``file_name,label``, ``image_id,label``: the first column is the
+  path); columns are then found by name (in any order, extra columns ignored). Without a
+  header the columns are path, label[, split].
 * ``.tsv`` files are tab-separated; ``.csv`` files comma-separated, or semicolon/tab when
   the first line says so (csv.Sniffer).
 * split: ``train``, ``val``/``valid``/``validation``, ``test``; empty or missing means train.
@@ -20,7 +24,7 @@ Rows whose file is missing are kept: they are reported and skipped (or refused w
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 
@@ -44,14 +48,26 @@ def _dialect(path: Path, text: str) -> type[csv.Dialect] | csv.Dialect:
         return csv.excel
 
 
+def _is_header(path: Path, head: list[str], first: list[str]) -> bool:
+    """Row 1 is a header when it names known columns, or when its label cell is a label
+    column's name and its path cell is no file (``file_name,label``, ``image_id,label``)."""
+    known = _PATH_COLS + _LABEL_COLS + _MULTI_COLS + ("split",)
+    if len(head) < 2:
+        return False
+    if head[0] in known and (head[1] in known or head[0] in _PATH_COLS):
+        return True
+    return head[1] in _LABEL_COLS + _MULTI_COLS and not (path.parent / first[0].strip()).exists()
+
+
 def _columns(path: Path, rows: list[list[str]]) -> tuple[tuple, list[list[str]], list[str] | None, int]:
     """(path, label, split) column indices, the data rows, the class columns of a one-0/1-
     column-per-class manifest (else None) and the line number of the first data row."""
     head = [c.strip().lower() for c in rows[0]]
-    known = _PATH_COLS + _LABEL_COLS + _MULTI_COLS + ("split",)
-    if len(head) >= 2 and head[0] in known and (head[1] in known or head[0] in _PATH_COLS):
+    if _is_header(path, head, rows[0]):
         p_col = next((i for i, h in enumerate(head) if h in _PATH_COLS), None)
         l_col = next((i for i, h in enumerate(head) if h in _LABEL_COLS + _MULTI_COLS), None)
+        if p_col is None and l_col not in (None, 0) and head[0] != "split":
+            p_col = 0  # a path column under another name (file_name, image_id, ...): the first one
         s_col = head.index("split") if "split" in head else None
         if p_col is not None and l_col is None:  # path,cat,dog,bird: one 0/1 column per class
             class_cols = [i for i in range(len(head)) if i not in (p_col, s_col)]
@@ -84,8 +100,27 @@ def _row_labels(path: Path, line: int, cells: list[str], cols: tuple, class_name
     return out
 
 
+def _cell_path(path: Path, line: int, cell: str) -> Path:
+    """The file a path cell names: relative to the manifest's folder (absolute paths as they
+    are). A path written on Windows (``..\\ds1\\cat\\1.png``) that does not exist as it is
+    is read with forward slashes; a drive path (``C:\\...``) that does not exist is refused."""
+    try:
+        file = Path(cell).expanduser()
+    except RuntimeError:  # ~user whose home folder is unknown
+        raise ImgclsError(f"{path} line {line}: cannot expand '{cell}' (no such user's home folder)",
+                          "write the path in full") from None
+    file = file if file.is_absolute() else path.parent / file
+    if "\\" not in cell or file.exists():
+        return file
+    win = PureWindowsPath(cell)
+    if win.drive:
+        raise ImgclsError(f"{path} line {line}: '{cell}' is a Windows drive path, not a file on this machine",
+                          "write the paths relative to the manifest's folder (e.g. cat\\1.png or cat/1.png)")
+    posix = Path(win.as_posix())
+    return posix if posix.is_absolute() else path.parent / posix
+
+
 def _read_rows(path: Path, rows: list[list[str]], cols: tuple, first: int, class_names: list[str] | None):
-    base = path.parent
     entries: dict[str, tuple[list[Path], list[list[str]], list[int]]] = \
         {"train": ([], [], []), "val": ([], [], []), "test": ([], [], [])}
     for line, row in enumerate(rows, start=first):
@@ -98,13 +133,8 @@ def _read_rows(path: Path, rows: list[list[str]], cols: tuple, first: int, class
         if split_cell not in SPLIT_NAMES:
             raise ImgclsError(f"{path} line {line}: unknown split '{cells[cols[2]]}'",
                               "use train, val (valid, validation) or test, or leave it empty")
-        try:
-            file = Path(cells[cols[0]]).expanduser()
-        except RuntimeError:  # ~user whose home folder is unknown
-            raise ImgclsError(f"{path} line {line}: cannot expand '{cells[cols[0]]}' (no such user's home folder)",
-                              "write the path in full") from None
         paths, labs, lines = entries[SPLIT_NAMES[split_cell]]
-        paths.append(file if file.is_absolute() else base / file)
+        paths.append(_cell_path(path, line, cells[cols[0]]))
         labs.append(labels)
         lines.append(line)
     return entries
@@ -115,10 +145,9 @@ def _extra_columns(path: Path, header: list[str], body: list[list[str]], cols: t
     what ``--group-by COLUMN`` groups by (data/groups.py)."""
     extra = {i: h.strip().lower() for i, h in enumerate(header) if i not in cols and h.strip()}
     columns: dict[str, dict[str, str]] = {}
-    for row in body:
+    for line, row in enumerate(body, start=2):
         cells = [c.strip() for c in row]
-        file = Path(cells[cols[0]]).expanduser()  # _read_rows has checked every row
-        key = str(file if file.is_absolute() else path.parent / file)
+        key = str(_cell_path(path, line, cells[cols[0]]))  # _read_rows has checked every row
         for i, name in extra.items():
             columns.setdefault(name, {})[key] = cells[i] if i < len(cells) else ""
     return columns

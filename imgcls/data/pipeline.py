@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from imgcls.data.balance import BalancePlan, plan_balance
-from imgcls.data.cache import CacheSpec, decoded_split
+from imgcls.data.cache import CacheSpec, decode_min_side, decoded_split
 from imgcls.data.decode import images_in_folder, to_mode
 from imgcls.data.decode_pass import DecodedData, decode_data
 from imgcls.data.loaders import BalancedOrder, Batches, default_workers
@@ -91,10 +91,9 @@ def eval_batches(split: Split, pre: Preprocessing, batch_size: int, *, workers: 
         return Batches(split, batch_size, pin_memory=pin, center_crop=stored_crop(split, pre))
     if split.streamed:
         return stream_batches(split, pre, batch_size, workers=workers, pin=pin)  # bad members: reported, skipped
-    spec = CacheSpec.for_preprocessing(pre)  # the same reduced JPEG decode as the cache
     return Batches(split, batch_size, transform=pre.pil_transform(), channels=pre.in_chans, size=pre.img_size,
                    workers=workers, pin_memory=pin, skipped=skipped,
-                   min_side=spec.side if pre.resize == "shorter_side" else None)
+                   min_side=decode_min_side(pre))  # the same reduced JPEG decode as the cache
 
 
 def array_images(images: Any) -> torch.Tensor | None:
@@ -119,6 +118,12 @@ def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
         images = [images]
     t = array_images(images)
     if t is not None:
+        side = CacheSpec.for_preprocessing(pre).side
+        if pre.resize == "shorter_side" and t.shape[-2:] != (side, side):
+            # a user's photo as an array: resized and cropped as the same photo as a file or
+            # PIL image is (an array at the stored size is a decode-once row: stored_crop)
+            geometry = pre.tensor_geometry()
+            t = torch.stack([geometry(img) for img in t])
         return Split(labels=torch.zeros(len(t), dtype=torch.long), images=t), [f"array[{i}]" for i in range(len(t))]
     paths: list[Path] = []
     pil: list[torch.Tensor] = []
@@ -147,16 +152,17 @@ def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
     return Split(labels=torch.zeros(len(paths), dtype=torch.long), paths=paths), names
 
 
-def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1,
-                    seed: int = 0, group_by: str | None = None) -> tuple[ImageData, str, str]:
+def evaluation_data(spec: Any, split: str | None = None, val_split: float = 0.1, seed: int = 0,
+                    group_by: str | None = None, classes: list[str] | None = None) -> tuple[ImageData, str, str]:
     """The data to evaluate on, the name of the split to report and the attribute of
     ``data`` that holds it. ``split=None``: the test split, else the data's *own*
     validation split; data with neither (a plain folder of class folders, 240 photos) is
     evaluated whole - ``"all"``, never a 10% sample. An ``ImageData`` (what training
     loaded, with its held-out validation split) and ``split="val"`` hold validation out
-    exactly as training did (``val_split``, ``seed``)."""
+    exactly as training did (``val_split``, ``seed``, and ``classes``: the model's class list,
+    whose order decides which images a stratified hold-out draws)."""
     if isinstance(spec, ImageData) or split is not None:
-        data = load_data(spec, val_split=val_split, seed=seed, group_by=group_by)
+        data = load_data(spec, val_split=val_split, seed=seed, group_by=group_by, like=classes)
         name = split or data.eval_split()[0]
         return data, name, name
     data = load_data(spec, val_split=0.0)

@@ -12,19 +12,45 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgcls.data.decode import scan_folder
+from imgcls.data.decode import is_image_file, scan_folder
 from imgcls.data.labelstudio import from_labelstudio, is_labelstudio
 from imgcls.data.manifest import MANIFEST_SUFFIXES, from_manifest
 from imgcls.data.records import ImageData, Split, ordered_classes
 from imgcls.data.split import stratified_split
 from imgcls.errors import ImgclsError, did_you_mean
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
 
 
 # ----------------------------------------------------------------------------- folders
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_dirs(root: Path, subdirs: list[Path]) -> dict[str, Path]:
+    """The split folders among ``subdirs``: a split-named folder (train/, Testing/, ...) is a
+    split only when it holds class folders; one of images (``veh/train/*.png``) is a class."""
+    return {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES and _class_dirs(d)}
+
+
+def _refuse_unnamed_splits(root: Path, dirs: list[Path]) -> None:
+    """Top-level folders that hold no files but the same set of subfolders (``Train_set/{cat,dog}``,
+    ``Test_set/{cat,dog}``) are split folders under names imgcls does not know: refused, rather
+    than made classes "Train_set" and "Test_set"."""
+    if len(dirs) < 2:
+        return
+    names = None
+    for d in dirs:
+        if any(is_image_file(p) and not p.is_dir() for p in d.iterdir()):
+            return
+        sub = {c.name for c in _class_dirs(d)}
+        if len(sub) < 2 or (names is not None and sub != names):
+            return
+        names = sub
+    raise ImgclsError(f"{root}: {', '.join(d.name + '/' for d in dirs)} hold the same class folders "
+                      f"({', '.join(sorted(names))}) and look like split folders: name them train/, val/, test/",
+                      "or pass --classes to use them as classes")
 
 
 def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int], list[tuple[Path, str]]]:
@@ -42,13 +68,16 @@ def _scan_classes(root: Path, classes: list[str]) -> tuple[list[Path], list[int]
 
 
 def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData:
-    """One subfolder per class, optionally inside ``train/`` + ``val/`` (or ``valid``,
-    ``validation``) and/or ``test/`` split folders. ``classes`` fixes the class list
+    """One subfolder per class, optionally inside ``train/`` (or ``training``) + ``val/`` (or
+    ``valid``, ``validation``) and/or ``test/`` (or ``testing``) split folders, in any case; a
+    split-named folder of images is a class. ``classes`` fixes the class list
     and order (default: the folder names, sorted). A folder with only ``val/`` or ``test/``
     has no training split: it can be evaluated on, and training refuses it."""
     root = Path(root)
     subdirs = _class_dirs(root)
-    split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES}
+    split_dirs = _split_dirs(root, subdirs)
+    if not split_dirs and classes is None:
+        _refuse_unnamed_splits(root, subdirs)
     # the split whose class folders name the classes: train/, else (a folder to evaluate on) val/ or test/
     main = next((s for s in ("train", "val", "test") if s in split_dirs), "train")
     class_root = split_dirs.get(main, root)
@@ -95,7 +124,7 @@ def _guess_channels(split: Split, sample: int = 32) -> int:
 
 # ----------------------------------------------------------------------------- arrays
 def _to_nchw_uint8(x: np.ndarray, what: str) -> torch.Tensor:
-    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W); uint8, or float in [0,1] / [0,255]."""
+    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W) pixels (see :func:`_pixels_uint8`)."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
@@ -109,13 +138,31 @@ def _to_nchw_uint8(x: np.ndarray, what: str) -> torch.Tensor:
         x = x[:, :3]
     if x.shape[1] not in (1, 3):
         raise ImgclsError(f"{what} has {x.shape[1]} channels", "expected 1 (grayscale) or 3 (RGB)")
-    if x.dtype != np.uint8:
-        if not np.issubdtype(x.dtype, np.number):
-            raise ImgclsError(f"{what} has dtype {x.dtype}", "expected uint8 or float pixels")
-        xf = x.astype(np.float32)
-        scale = 255.0 if xf.max() <= 1.0 else 1.0
-        x = np.clip(np.round(xf * scale), 0, 255).astype(np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.ascontiguousarray(_pixels_uint8(x, what)))
+
+
+RAW_PIXELS = "store raw pixels: uint8, uint16, or floats in 0-1 / 0-255; imgcls normalises itself"
+
+
+def _pixels_uint8(x: np.ndarray, what: str) -> np.ndarray:
+    """uint8 pixels as they are; other unsigned integers over their type's range (uint16
+    v -> round(v / 257), as a 16-bit PNG maps at ``--intensity full-range``); floats in 0..1
+    (x 255) or 0..255, and signed integers in 0..255, as they are. Anything else - negative
+    or standardised values, floats above 255, signed integers above 255 - has no known range:
+    refused, rather than clipped to a few grey levels."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ImgclsError(f"{what} has dtype {x.dtype}", RAW_PIXELS)
+    if np.issubdtype(x.dtype, np.unsignedinteger):
+        work = np.float32 if x.dtype.itemsize <= 2 else np.float64  # float32 is exact enough for 16 bits
+        return np.round(x.astype(work) * work(255.0 / np.iinfo(x.dtype).max)).astype(np.uint8)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    scale = 255.0 if hi <= 1.0 + 0.5 / 255 else 1.0
+    # within half a grey level of the range (float rounding noise) is still in it
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo * scale < -0.5 or hi * scale > 255.5:
+        raise ImgclsError(f"{what} has {x.dtype} values in {lo:g}..{hi:g}, not pixels in 0-1 or 0-255", RAW_PIXELS)
+    return np.clip(np.round(x.astype(np.float32) * scale), 0, 255).astype(np.uint8)
 
 
 def _multi_hot(y: np.ndarray, n: int, what: str, num_classes: int | None) -> torch.Tensor:
@@ -156,14 +203,17 @@ def _labels(y: np.ndarray, n: int, what: str, num_classes: int | None) -> torch.
     return torch.from_numpy(y.astype(np.int64))
 
 
-def from_arrays(x_train, y_train, x_test=None, y_test=None, class_names=None, name: str = "arrays") -> ImageData:
+def from_arrays(x_train, y_train, x_test=None, y_test=None, class_names=None, name: str = "arrays",
+                source: str | None = None) -> ImageData:
+    """In-memory arrays as ImageData; ``source`` (the file they came from) prefixes the errors."""
     names = [str(c) for c in class_names] if class_names is not None else None
-    xtr = _to_nchw_uint8(np.asarray(x_train), "x_train")
-    ytr = _labels(y_train, len(xtr), "y_train", len(names) if names else None)
+    at = f"{source} " if source else ""
+    xtr = _to_nchw_uint8(np.asarray(x_train), f"{at}x_train")
+    ytr = _labels(y_train, len(xtr), f"{at}y_train", len(names) if names else None)
     test = None
     if x_test is not None:
-        xte = _to_nchw_uint8(np.asarray(x_test), "x_test")
-        yte = _labels(y_test, len(xte), "y_test", len(names) if names else None)
+        xte = _to_nchw_uint8(np.asarray(x_test), f"{at}x_test")
+        yte = _labels(y_test, len(xte), f"{at}y_test", len(names) if names else None)
         if yte.ndim != ytr.ndim:  # one split multi-hot, the other one-hot rows: both multi-label
             from imgcls.data.multilabel import to_multi
 
@@ -209,7 +259,7 @@ def from_npz(path: str | Path, class_names: list[str] | None = None) -> ImageDat
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise ImgclsError(f"cannot read {path}: {exc}", "is it a complete numpy .npz file?") from None
     data = from_arrays(arrays["x_train"], arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
-                       class_names=class_names, name=path.stem)
+                       class_names=class_names, name=path.stem, source=str(path))
     return data
 
 
@@ -221,9 +271,14 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
         return data
     classes = [str(c) for c in classes]
     unnamed = data.classes == [str(i) for i in range(len(data.classes))]
-    if unnamed and len(classes) >= len(data.classes):
+    shared = set(data.classes) & set(classes)
+    if unnamed and shared and not set(data.classes) <= shared:  # 0..K-1 labels, some of them class names
+        raise ImgclsError(f"the data's numbered labels 0..{len(data.classes) - 1} are partly among the class names "
+                          f"{classes[:8]}: by number or by name is ambiguous",
+                          "give the data its class names (class_names in the .npz), or relabel it 0..K-1 in list order")
+    if unnamed and not shared and len(classes) >= len(data.classes):
         mapping = None  # numbered classes: the list names them, in label order
-    else:
+    else:  # by name (numbered labels too, when every number is a class name: folders 0..11 sort as 0, 1, 10, ...)
         extra = [c for c in data.classes if c not in classes]
         if extra:
             raise ImgclsError(f"the data has class(es) {extra[:5]} that the class list {classes[:8]} lacks",
@@ -304,12 +359,16 @@ def _resolve(spec: Any) -> ImageData:
 
 
 def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[str] | None = None,
-              group_by: str | None = None, task: str = "auto") -> ImageData:
+              group_by: str | None = None, task: str = "auto", like: list[str] | None = None) -> ImageData:
     """Resolve ``spec`` and make sure there is a validation split (stratified hold-out
     of ``val_split`` of train when the data brings none; with ``group_by``, whole groups
     only: see data/groups.py). ``classes`` fixes the class list and order; ``task`` forces
-    single- or multi-label labels."""
+    single- or multi-label labels. ``like`` (a model's class list) relabels data with the
+    same class names to that order before holding out, so the held-out split is the one a
+    run trained with ``--classes`` in that order drew (see :func:`stratified_split`)."""
     data = resolve(spec, classes, task)
+    if like is not None and classes is None and data.classes != list(like) and sorted(data.classes) == sorted(like):
+        data = with_classes(data, list(like))
     if data.val is None and data.train is not None and data.train.streamed:
         data.notes.append("the shard set has no validation split (`imgcls shard` writes one)")
     elif data.val is None and data.train is not None and val_split > 0:

@@ -11,6 +11,11 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
     Hand-written rather than sklearn's ``train_test_split(stratify=...)`` because that one
     refuses classes with a single sample, which small real folders have.
+
+    The draws are made class by class in label order, so the split depends on the class
+    order: data relabelled to another order (``--classes dog,cat``) holds out other images.
+    Kept so, because every existing run's validation split is this one; evaluation rebuilds
+    a run's split in the run's own class order instead (``load_data(like=model classes)``).
     """
     from imgcls.data.multilabel import strata
 

@@ -76,12 +76,22 @@ class Preprocessing:
         return _v2().InterpolationMode(self.interpolation)
 
     def geometry(self) -> list:
-        """The resize (and centre crop) ops on a (C, H, W) tensor."""
+        """The resize (and centre crop) ops on a (C, H, W) tensor. ``shorter_side``: the
+        shorter side to ``img_size / crop_pct``, its centre square (what the decode-once
+        cache stores), then the centre ``img_size`` crop of that - two centre offsets,
+        each rounded, as evaluation from the cache crops (one offset rounded once moves
+        some photos by a pixel against it)."""
         v2 = _v2()
         if self.resize == "shorter_side":
-            return [v2.Resize(int(round(self.img_size / self.crop_pct)), interpolation=self._interp(), antialias=True),
+            side = int(round(self.img_size / self.crop_pct))
+            square = [v2.CenterCrop(side)] if side != self.img_size else []
+            return [v2.Resize(side, interpolation=self._interp(), antialias=True), *square,
                     v2.CenterCrop(self.img_size)]
         return [v2.Resize((self.img_size, self.img_size), interpolation=self._interp(), antialias=True)]
+
+    def tensor_geometry(self) -> v2.Compose:
+        """:meth:`geometry` as one transform of a uint8 (C, H, W) tensor."""
+        return _v2().Compose(self.geometry())
 
     def to_tensor(self) -> list:
         """Decoded PIL image (any mode load_image gives) -> (C, H, W) tensor: the intensity

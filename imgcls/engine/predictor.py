@@ -201,7 +201,7 @@ def eval_data(bundle: ModelBundle, data: Any, split: str | None = None, *, stric
     split decoded once, and the files that could not be read."""
     training = bundle.card.get("training", {})
     data, name, attr = evaluation_data(data, split, training.get("val_split", 0.1), training.get("seed", 0),
-                                         training.get("group_by"))
+                                         training.get("group_by"), classes=bundle.classes)
     data = bundle.check_classes(data)
     if getattr(data, attr, None) is None or not len(getattr(data, attr)):
         raise ImgclsError(f"the data has no '{name}' split", "use --split train, val or test")

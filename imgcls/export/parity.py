@@ -50,7 +50,7 @@ def load_run_data(bundle: ModelBundle, override: str | None) -> ImageData:
     training = bundle.card.get("training", {})
     try:
         data = load_data(spec, val_split=training.get("val_split", 0.1), seed=training.get("seed", 0),
-                         group_by=training.get("group_by"))
+                         group_by=training.get("group_by"), like=bundle.classes)  # held out in the model's order
     except ImgclsError as exc:
         raise ImgclsError(f"cannot load the data for the parity check ({exc.message})",
                           "pass --data FOLDER|FILE.npz|NAME with the run's data") from None

@@ -38,6 +38,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from imgcls.data.cache import decode_min_side
 from imgcls.engine.decisions import decide
 from imgcls.serve.batching import DynamicBatcher
 from imgcls.serve.limits import Lane, Overloaded, PixelBudget
@@ -114,6 +115,7 @@ class Service:
         self.explainer = Lane("explain", s.max_explain)
         self.explain_clf = _own_model(clf, predictor)
         self.transform = clf.preprocessing.pil_transform()
+        self.min_side = decode_min_side(clf.preprocessing)  # JPEGs decode as eval_batches decodes files
         self.thresholds = clf.decision_thresholds()  # multi-label: the per-class thresholds of model.json
         self.started = time.time()
 
@@ -148,17 +150,19 @@ class Service:
         raise UploadError(415, f"unsupported content type '{ctype[:60] or 'none'}': send multipart/form-data "
                                "with a 'file' field, or application/json with base64 'image'")
 
-    async def decoded(self, up: Upload, channels: int, finish, deadline: float):
+    async def decoded(self, up: Upload, channels: int, finish, deadline: float, min_side: int | None = None):
         """``finish(decoded image)``, computed in a worker thread once the pixel budget has room
-        for the upload: decoding and shrinking hold the memory, nothing after them does."""
+        for the upload: decoding and shrinking hold the memory, nothing after them does.
+        ``min_side``: see :func:`decode_upload`."""
         pixels = await run_in_threadpool(claimed_pixels, up.data)
         if pixels > pixel_limit(self.s.max_pixels):
             pixels = 0  # refused from its header, before anything is decoded
         async with self.budget.hold(pixels, deadline - asyncio.get_running_loop().time()):
-            return await run_in_threadpool(self._decode_then, up, channels, finish)
+            return await run_in_threadpool(self._decode_then, up, channels, finish, min_side)
 
-    def _decode_then(self, up: Upload, channels: int, finish):
-        return finish(decode_upload(up.data, channels, self.s.max_bytes, self.s.max_pixels, up.name))
+    def _decode_then(self, up: Upload, channels: int, finish, min_side: int | None):
+        return finish(decode_upload(up.data, channels, self.s.max_bytes, self.s.max_pixels, up.name,
+                                    min_side=min_side))
 
     def top_k(self, v: Any) -> int:
         n = self.clf.num_classes
@@ -191,7 +195,7 @@ class Service:
         k = self.top_k(up.top_k)
         self.batcher.check_room()  # a full queue refuses before the upload is decoded
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
-        x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline)
+        x = await self.decoded(up, self.clf.preprocessing.in_chans, self.transform, deadline, self.min_side)
         row = await self.batcher.submit(x, timeout=deadline - asyncio.get_running_loop().time())
         logits, features = self.predictor.unpack(np.asarray(row, dtype=np.float64)[None])
         p = self.probabilities(logits)

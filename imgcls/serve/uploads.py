@@ -12,8 +12,10 @@
   decompression bomb)                       -> 422, judged from the header before anything
                                                is decompressed, and again after decoding;
                                                Pillow's DecompressionBombWarning is an error
-Decoding goes through imgcls.data.decode (EXIF orientation, alpha flattening, modes),
-the same code that training and ``imgcls predict`` use.
+Decoding goes through imgcls.data.decode (EXIF orientation, alpha flattening, modes,
+the reduced-scale JPEG decode), the same code that training and ``imgcls predict`` use:
+``min_side`` (:func:`imgcls.data.cache.decode_min_side`) is the one ``eval_batches`` decodes files with, so
+an uploaded JPEG reaches the model as the same pixels as the file does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgcls.data.decode import DECODE_ERRORS, to_mode
+from imgcls.data.decode import DECODE_ERRORS, draft, to_mode
 
 # The formats the service documents (README, docs/deploy.md, the page). Pillow identifies
 # multi-picture JPEGs (MPO) through its JPEG plugin, so they are read too.
@@ -85,8 +87,11 @@ def _check_pixels(size: tuple[int, int], limit: int, name: str, verb: str) -> No
 
 
 def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | None = None,
-                  name: str = "upload", formats: Sequence[str] = SERVE_FORMATS) -> Image.Image:
-    """Decode ``data`` to an 'L' or 'RGB' image, or raise :class:`UploadError` with a 4xx status."""
+                  name: str = "upload", formats: Sequence[str] = SERVE_FORMATS,
+                  min_side: int | None = None) -> Image.Image:
+    """Decode ``data`` to an 'L' or 'RGB' image, or raise :class:`UploadError` with a 4xx status.
+    ``min_side``: a JPEG may decode at reduced scale while its shorter side stays that long
+    (:func:`imgcls.data.cache.decode_min_side`; None: full size)."""
     if not data:
         raise UploadError(400, f"{name} is empty: send an image file")
     if len(data) > max_bytes:
@@ -98,6 +103,7 @@ def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | 
         im = Image.open(io.BytesIO(data), formats=list(formats))
         _check_pixels(im.size, limit, name, "is")  # from the header: before the pixels are decompressed
         im.seek(0)
+        draft(im, min_side, square=False)  # as open_pillow does for files (eval_batches' min_side)
         im.load()
         _check_pixels(im.size, limit, name, "decoded to")  # in case a plugin learns the size only now
         ImageOps.exif_transpose(im, in_place=True)
