@@ -37,7 +37,7 @@ install: $(STAMP)
 
 # Train the reference CNN on the digits that ship inside scikit-learn (no download).
 demo: $(LIGHT_STAMP)
-	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 8 --batch-size 32 --out runs --name demo
+	$(BIN)/imgcls train --data digits --model reference_cnn --epochs 8 --batch-size 32 --out runs --name demo --exist-ok
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

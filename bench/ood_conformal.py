@@ -354,7 +354,7 @@ def bench_mnist(args) -> dict:
     t0 = time.perf_counter()
     if args.retrain or not (run / "model.json").is_file():
         train({"data": str(data), "model": "reference_cnn", "recipe": "fast", "out": str(args.out), "name": "mnist",
-               "seed": 0}, progress=False)
+               "seed": 0, "exist_ok": True}, progress=False)
     train_s = time.perf_counter() - t0
     clf = Classifier.load(run)
     arrays = np.load(data, allow_pickle=False)

@@ -103,6 +103,7 @@ class TrainConfig(BaseModel):
     compile: bool = False  # torch.compile the model (pays off on long runs / GPUs)
     out: str = "runs"
     name: str | None = None
+    exist_ok: bool = False  # a named run folder that holds a trained model may be replaced (Ultralytics' name)
     # scale and survive (engine/distributed.py, engine/checkpoint.py)
     devices: int = 1  # processes on this machine; >1 starts them through torchrun (DDP)
     deterministic: bool = False  # deterministic kernels + environment and data fingerprint in model.json
@@ -164,7 +165,7 @@ class TrainConfig(BaseModel):
             raise ValueError("must be greater than 0 (or auto)")
         return v
 
-    @field_validator("mixup", "cutmix")
+    @field_validator("mixup", "cutmix", "momentum", "weight_decay", "warmup_epochs")
     @classmethod
     def _non_negative(cls, v: float) -> float:
         if v < 0:
@@ -231,6 +232,13 @@ class TrainConfig(BaseModel):
     def _smoothing(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("patience")
+    @classmethod
+    def _patience(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1 (epochs without improvement), or unset for no early stopping")
         return v
 
     @field_validator("unfreeze_at")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcls.artifact import CARD, atomic_write, read_card, read_json
+from imgcls.artifact import CARD, WEIGHTS, atomic_write, read_card, read_json
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 
@@ -24,6 +24,10 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 SKIPPED = "skipped.csv"
+CHECKPOINT = "checkpoint.pt"  # (engine/checkpoint.py writes it)
+# what one training run writes: replaced together (--exist-ok), so no file of the last run stays
+# beside the new one (an old checkpoint to resume, an old metrics.json section)
+RUN_FILES = (WEIGHTS, CARD, CONFIG, METRICS, HISTORY, SKIPPED, CHECKPOINT)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -42,6 +46,23 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    # ------------------------------------------------------------------ a new run into a named folder
+    def has_model(self) -> bool:
+        return (self.path / WEIGHTS).is_file()
+
+    def claim(self, exist_ok: bool, replace: bool = True) -> None:
+        """Before a new (not resumed) run writes here: a folder that holds a trained model is
+        refused, or with ``exist_ok`` (and ``replace``) its run files are removed; other files
+        (reports, exports) stay. ``replace=False``: only the refusal, before anything is loaded."""
+        if not self.has_model():
+            return
+        if not exist_ok:
+            raise ImgclsError(f"run folder {self.path} already holds a trained model ({WEIGHTS})",
+                              "give another --name, or --exist-ok to replace it")
+        if replace:
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ config.yaml
     def has_config(self) -> bool:
@@ -65,8 +86,11 @@ class RunDir:
         return values if isinstance(values, dict) else {}
 
     def write_config(self, cfg: TrainConfig) -> Path:
+        """The resolved config; ``exist_ok`` is left out (saved False): it allowed this launch to
+        replace the folder, and a run started again from this file asks again."""
         path = self.path / CONFIG
-        atomic_write(path, lambda p: cfg.to_yaml(p))
+        saved = cfg.model_copy(update={"exist_ok": False})
+        atomic_write(path, lambda p: saved.to_yaml(p))
         return path
 
     # ------------------------------------------------------------------ metrics.json

@@ -96,6 +96,8 @@ def _on_rank0(ctx: D.DistContext, fn):
 
 def _make_run_dir(cfg: TrainConfig, resume: Path | None, model: torch.nn.Module) -> str:
     run_dir = resume if resume is not None else next_run_dir(cfg.out, cfg.name)
+    if resume is None and cfg.name:
+        RunDir(run_dir).claim(cfg.exist_ok)  # never a silent overwrite of a trained run
     try:
         run_dir.mkdir(parents=True, exist_ok=bool(cfg.name) or resume is not None)
     except OSError as exc:
@@ -110,6 +112,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if cfg.deterministic:
         set_deterministic(cfg.seed)
     ckpt = _on_rank0(ctx, lambda: load_checkpoint(resume / CHECKPOINT)) if resume is not None else None
+    if resume is None and cfg.name:  # a trained run of that name: refused now, not after loading the data
+        _on_rank0(ctx, lambda: RunDir(next_run_dir(cfg.out, cfg.name)).claim(cfg.exist_ok, replace=False))
     if cfg.log:  # a typo in --log should fail before anything is trained or written
         from imgcls.engine.loggers import parse_log
 

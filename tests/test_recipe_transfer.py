@@ -96,3 +96,69 @@ def test_flags_the_recipe_sets_are_still_documented(flag):
 
     sub = build_parser()._subparsers._group_actions[0].choices["train"]
     assert flag in sub.format_help()
+
+
+def test_ema_and_patience_start_afresh_in_the_top_block_stage(photo_folder: Path, tmp_path, monkeypatch):
+    """--ema with the transfer recipe: the probe's EMA (its head's live weights) and early-stopping
+    counters were handed to the top-block stage, which loaded the head's weights into the top
+    blocks and crashed (Missing key(s) "top.blocks...")."""
+    import timm
+
+    import imgcls.engine.finetune_top as FT
+    from imgcls import train
+    from imgcls.engine.averaging import EMA
+    from imgcls.engine.callbacks import EarlyStopping
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model(ARCH, pretrained=False).state_dict().items()}
+    weights = tmp_path / "w.safetensors"
+    save_file(state, str(weights))
+    import imgcls.engine.session as S
+
+    seen: list[list] = []
+    real_top, real_probe = FT.fit_top_cached, S.fit_head_cached
+
+    def spy_top(*a, **k):
+        seen.append(list(k["callbacks"]))
+        return real_top(*a, **k)
+
+    def spy_probe(*a, **k):
+        seen.append(list(a[7]))  # the probe's callbacks
+        return real_probe(*a, **k)
+
+    monkeypatch.setattr(FT, "fit_top_cached", spy_top)
+    monkeypatch.setattr(S, "fit_head_cached", spy_probe)
+    result = train({"data": str(photo_folder), "model": ARCH, "weights": str(weights), "out": str(tmp_path),
+                    "name": "run", "ema": 0.99, "patience": 3, "epochs": 3}, progress=False)
+    assert len(seen) == 2, "the probe and the top-block stage ran"
+    probe, stage = seen
+    assert [type(c) for c in stage if isinstance(c, (EMA, EarlyStopping))] == [EMA, EarlyStopping]
+    assert not {id(c) for c in probe} & {id(c) for c in stage if isinstance(c, (EMA, EarlyStopping))}
+    assert result.summary["finetune"]["top_blocks"]["kept"] in (True, False)
+
+
+def test_history_csv_holds_the_kept_top_block_stage(photo_folder: Path, tmp_path, monkeypatch):
+    """metrics.json and the summary counted the stage's epochs; history.csv stopped at the probe's."""
+    import csv
+
+    import timm
+
+    import imgcls.engine.finetune_top as FT
+    from imgcls import train
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model(ARCH, pretrained=False).state_dict().items()}
+    weights = tmp_path / "w.safetensors"
+    save_file(state, str(weights))
+    real = FT.fit_top_cached
+    # a probe any stage beats (its accuracy is argument 6), so the stage is kept
+    monkeypatch.setattr(FT, "fit_top_cached", lambda *a, **k: real(*a[:6], -1.0, *a[7:], **k))
+    result = train({"data": str(photo_folder), "model": ARCH, "weights": str(weights), "out": str(tmp_path),
+                    "name": "run", "epochs": 3}, progress=False)
+    assert result.summary["finetune"]["top_blocks"]["kept"]
+    with open(result.run_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result.summary["epochs_run"] == 3 + 4
+    assert [r["stage"] for r in rows] == ["probe"] * 3 + ["top_blocks"] * 4
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
+    assert result.summary["best_epoch"] in {int(r["epoch"]) for r in rows}

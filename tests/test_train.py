@@ -143,3 +143,146 @@ def test_corrupt_image_in_folder_is_skipped_and_reported_or_strict_error(photo_f
 def test_mnist_reference_one_epoch(shared_data, tmp_path):
     result = train({"data": str(shared_data / "mnist.npz"), "epochs": 1, "out": str(tmp_path)}, progress=False)
     assert result.metrics["accuracy"] > 0.97
+
+
+def _feature_batches(n=32, d=6, classes=3, seed=0, batch=8):
+    import torch
+
+    from imgcls.data.loaders import Batches
+    from imgcls.data.records import Split
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, :classes].argmax(1)).long()
+    return Batches(Split(labels=y, images=x), batch, shuffle=True, seed=seed), Batches(Split(labels=y, images=x), 64)
+
+
+def test_one_ema_serves_two_fits_of_different_modules():
+    """The transfer recipe hands callbacks from the probe (a Linear head) to another module: the
+    EMA must start afresh at each fit, not load the first module's live weights into the second."""
+    import torch
+
+    from imgcls.engine.averaging import EMA
+    from imgcls.engine.trainer import FitSettings, Trainer
+
+    ema = EMA(0.9)
+    train_b, val_b = _feature_batches()
+    s = FitSettings(epochs=2, lr=1e-2)
+    head = torch.nn.Linear(6, 3)
+    Trainer(head, None, s, torch.device("cpu"), None, callbacks=[ema]).fit(train_b, val_b)
+    other = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    state = Trainer(other, None, s, torch.device("cpu"), None, callbacks=[ema]).fit(train_b, val_b)
+    assert len(state.history) == 2
+    # the model ends on the average
+    avg = ema.ema.module.state_dict()
+    assert all(torch.equal(v, avg[k]) for k, v in other.state_dict().items())
+
+
+def test_mix_loss_with_one_hot_targets_is_torchs_weighted_cross_entropy():
+    import torch
+    import torch.nn.functional as F
+
+    from imgcls.engine.mixing import MixLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(10, 3, generator=g), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    w = torch.tensor([0.5, 1.5, 2.0])
+    one_hot = F.one_hot(y, 3).float()  # what mixing gives with lam = 1 and no smoothing
+    assert torch.allclose(MixLoss.loss(logits, one_hot, w), F.cross_entropy(logits, y, weight=w))
+    assert torch.allclose(MixLoss.loss(logits, one_hot), F.cross_entropy(logits, y))
+    # a mixed image counts each of its classes at that class's weight
+    mixed = 0.7 * one_hot + 0.3 * one_hot.flip(0)
+    assert not torch.allclose(MixLoss.loss(logits, mixed, w), MixLoss.loss(logits, mixed))
+
+
+def test_balance_weights_apply_under_mixup():
+    """--balance weights with --mixup was silently ignored: the soft-target loss never got the weights."""
+    import torch
+
+    from imgcls.engine.trainer import FitSettings, Trainer
+
+    def fit(weights):
+        torch.manual_seed(0)
+        np.random.seed(0)  # timm's Mixup draws lam from numpy
+        model = torch.nn.Linear(6, 3)
+        model.num_classes = 3  # what the mixing reads for the soft targets
+        train_b, _ = _feature_batches()
+        s = FitSettings(epochs=1, lr=1e-2, mixup=0.4, seed=0)
+        Trainer(model, None, s, torch.device("cpu"), None, class_weights=weights).fit(train_b)
+        return model.weight.detach().clone()
+
+    assert not torch.equal(fit(None), fit(torch.tensor([0.2, 1.0, 3.0])))
+
+
+def test_a_named_run_folder_with_a_trained_model_is_not_overwritten(tiny_npz, tmp_path, capsys):
+    """`imgcls train --config runs/X/config.yaml` (which holds name: X) silently replaced runs/X."""
+    from imgcls.cli import main
+
+    base = ["train", "--data", str(tiny_npz), "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path)]
+    assert main([*base, "--name", "x", "--checkpoint-every", "10"]) == 0
+    run = tmp_path / "x"
+    weights = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(run / "config.yaml"), "--seed", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(run) in err[0] and "give another --name, or --exist-ok to replace it" in err[0]
+    assert (run / "model.safetensors").read_bytes() == weights  # untouched
+    assert main(["train", "--resume", str(run)]) == 0  # continuing it is not replacing it
+    # --exist-ok replaces it; the saved config asks again next time
+    assert main(["train", "--config", str(run / "config.yaml"), "--seed", "1", "--exist-ok"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["exist_ok"] is False
+    assert main(["train", "--config", str(run / "config.yaml")]) == 1
+
+
+def test_a_resumed_time_budget_run_goes_on_with_its_schedule(tmp_path):
+    """Resuming a --time-budget run started its clock afresh, winding the LR schedule (which
+    follows the clock) back towards the start; the checkpoint now carries the seconds spent."""
+    import time
+
+    import torch
+
+    from imgcls.engine.callbacks import Callback
+    from imgcls.engine.checkpoint import CHECKPOINT, Checkpoint, TrainingInterrupted, load_checkpoint
+    from imgcls.engine.trainer import FitSettings, Trainer
+
+    class Slow(Callback):  # the clock, not the step count, drives the schedule
+        def __init__(self, ckpt=None, stop_at=None):
+            self.ckpt, self.stop_at = ckpt, stop_at
+
+        def on_batch_end(self, state):
+            time.sleep(0.1)
+            if state.step == self.stop_at:
+                self.ckpt._signal = 15  # as SIGTERM does: checkpoint, then stop
+
+    s = FitSettings(epochs=1000, lr=1e-2, schedule="linear", warmup_epochs=0, time_budget_s=10)
+
+    def trainer(resume=None, stop_at=None):
+        torch.manual_seed(0)
+        train_b, _ = _feature_batches()  # 4 steps an epoch
+        ckpt = Checkpoint(tmp_path, resume=resume, handle_signals=False)
+        t = Trainer(torch.nn.Linear(6, 3), None, s, torch.device("cpu"), None, callbacks=[Slow(ckpt, stop_at), ckpt])
+        ckpt.attach(t)
+        return t, train_b
+
+    t, b = trainer(stop_at=6)
+    with pytest.raises(TrainingInterrupted):
+        t.fit(b)
+    ck = load_checkpoint(tmp_path / CHECKPOINT)
+    t, b = trainer(resume=ck, stop_at=9)  # resumed in epoch 2; stopped again early in epoch 3
+    with pytest.raises(TrainingInterrupted):
+        t.fit(b)
+    lrs = [h["lr"] for h in load_checkpoint(tmp_path / CHECKPOINT)["history"]]
+    assert len(lrs) == 2 and lrs[1] < lrs[0]  # the schedule went on down, not back up
+    assert ck["budget_spent_s"] >= 0.6
+
+
+@pytest.mark.parametrize("flag,value", [("--momentum", "-1"), ("--patience", "0"), ("--patience", "-2"),
+                                        ("--weight-decay", "-1"), ("--warmup-epochs", "-1")])
+def test_negative_training_knobs_are_refused_in_one_line(flag, value, capsys):
+    from imgcls.cli import main
+
+    assert main(["train", "--data", "digits", "--optimizer", "sgd", flag, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"({flag})" in err[0] and "Traceback" not in err[0]
+    TrainConfig(momentum=0, patience=1, weight_decay=0, warmup_epochs=0)  # the edges are fine

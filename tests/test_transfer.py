@@ -241,3 +241,16 @@ def test_lite0_linear_probe_on_hymenoptera(shared_data, tmp_path):
                    progress=False)
     assert result.metrics["split"] == "val" and result.metrics["num_images"] == 153
     assert result.metrics["accuracy"] >= 0.93  # a random head would give ~0.5; measured 0.95-0.96
+
+
+def test_mixing_flags_on_cached_features_are_said_to_be_not_applied(weight_files, photo_folder, capsys):
+    """--mixup / --cutmix / --randaugment were dropped silently on the cached-feature probe."""
+    clf = Classifier.from_pretrained(ARCH, classes=["cat", "dog", "fox"], weights=weight_files["safetensors"],
+                                     img_size=32, seed=0)
+    summary = clf.fit(photo_folder, epochs=1, batch_size=8, freeze="backbone", mixup=0.2, cutmix=1.0,
+                      randaugment="rand-m9-mstd0.5", progress=False)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "not applied" in ln]
+    assert len(notes) == 1  # said once
+    assert "--mixup 0.2, --cutmix 1, --randaugment rand-m9-mstd0.5 not applied" in notes[0]
+    assert "--feature-cache off" in notes[0]
+    assert summary["finetune"]["not_applied"] == ["--mixup 0.2", "--cutmix 1", "--randaugment rand-m9-mstd0.5"]

@@ -73,6 +73,7 @@ _HELP = {
     "frames": "multi-frame DICOM files: the first frame, or every frame as an image",
     "out": "parent folder of run folders",
     "name": "run folder name (default: train, train2, ...)",
+    "exist_ok": "with --name: replace a run folder that already holds a trained model (else refused)",
     "devices": "processes on this machine (one per GPU, or CPU processes): >1 runs DistributedDataParallel "
                "through torchrun; --batch-size stays the global batch",
     "deterministic": "seed everything, use deterministic kernels, record environment and data fingerprint",

@@ -12,7 +12,9 @@ class EMA(Callback):
     included). Validation, best-model keeping and the final weights use the average: it is
     swapped into the model when an epoch's training ends and the live weights are swapped
     back when the next epoch starts. Decay warms up (timm's schedule) so short runs are
-    not dominated by the random initial weights."""
+    not dominated by the random initial weights. Each fit starts a fresh average, and the
+    model ends a fit on the average (the live weights of the last epoch are dropped), so an
+    instance handed to a second fit (another module) carries nothing over."""
 
     def __init__(self, decay: float = 0.999):
         self.decay = decay
@@ -23,7 +25,7 @@ class EMA(Callback):
     def on_fit_start(self, state: TrainState, model: nn.Module) -> None:
         from timm.utils import ModelEmaV3
 
-        self.model = model
+        self.model, self._live = model, None  # (a resumed run's live weights are restored after this)
         self.ema = ModelEmaV3(model, decay=self.decay, use_warmup=True)
 
     def on_batch_end(self, state: TrainState) -> None:
@@ -37,6 +39,9 @@ class EMA(Callback):
         if self._live is not None:
             self.model.load_state_dict(self._live)
             self._live = None
+
+    def on_fit_end(self, state: TrainState, model: nn.Module) -> None:
+        self._live = None  # the fit ends on the average (or on BestModel's pick of the averages)
 
     # a checkpoint carries the average and, between epochs, the live weights swapped out
     def state_dict_for_checkpoint(self) -> dict:

@@ -128,6 +128,10 @@ class EarlyStopping(Callback):
         self.best_acc, self.best_loss = -math.inf, math.inf
         self.bad_epochs = 0
 
+    def on_fit_start(self, state: TrainState, model: torch.nn.Module) -> None:
+        # counters are per fit (a resumed run's are restored by the checkpoint after this)
+        self.best_acc, self.best_loss, self.bad_epochs = -math.inf, math.inf, 0
+
     def on_epoch_end(self, state: TrainState, model: torch.nn.Module) -> None:
         acc = state.metrics.get("val_map", state.metrics.get("val_acc", state.metrics["train_acc"]))
         loss = state.metrics.get("val_loss", state.metrics["train_loss"])
@@ -157,7 +161,10 @@ class HistoryCSV(Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, state: TrainState, model: torch.nn.Module) -> None:
-        rows = state.history
+        self.write(state.history)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """The whole history (also a run's merged stages: engine/session.py)."""
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)

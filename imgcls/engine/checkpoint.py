@@ -222,6 +222,8 @@ class Checkpoint(Callback):
             "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
             "rng": rng, "world_size": ctx.world_size, "callbacks": self._callback_states(),
             "data_position": positions,
+            # --time-budget: the seconds spent so far, so a resumed run's clock (and LR schedule) goes on
+            "budget_spent_s": t.budget.elapsed() if getattr(t, "budget", None) is not None else None,
             **self.extra,
         }
 
@@ -268,6 +270,8 @@ class Checkpoint(Callback):
         state.step, state.history, state.best = ck["step"], list(ck["history"]), dict(ck["best"])
         state.stop, state.stop_reason, state.running = ck["stop"], ck["stop_reason"], dict(ck["running"])
         dev = t.device
+        if ck.get("budget_spent_s") is not None and getattr(t, "budget", None) is not None:
+            t.budget.spend(ck["budget_spent_s"])
         state.loss_sum = torch.tensor(ck["loss_sum"], device=dev, dtype=torch.float32)
         state.correct = torch.tensor(ck["correct"], device=dev, dtype=torch.long)
         self.resume = None

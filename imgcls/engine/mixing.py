@@ -24,8 +24,17 @@ class MixLoss:
         return self.mix(x, y)
 
     @staticmethod
-    def loss(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-        return torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    def loss(logits: torch.Tensor, soft_targets: torch.Tensor,
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft-target cross-entropy. ``class_weights`` (``--balance weights``) weight each
+        target column, and the sum is divided by the batch's total target weight: for one-hot
+        targets that is exactly torch's weighted ``cross_entropy`` (sum of w_y * nll over the
+        sum of w_y), and a mixed image counts each of its classes at that class's weight."""
+        nll = -soft_targets * F.log_softmax(logits, dim=-1)  # (B, K)
+        if class_weights is None:
+            return nll.sum(-1).mean()
+        w = class_weights.to(nll.dtype)
+        return (nll * w).sum() / (soft_targets * w).sum().clamp_min(1e-12)
 
 
 def mix_loss(mixup: float, cutmix: float, label_smoothing: float, num_classes: int,

@@ -77,6 +77,8 @@ class TrainingSession:
         self.progress, self.extra_callbacks = progress, list(callbacks or [])
         self._top_skipped = ""  # why the top-block stage did not run (finetune_top auto)
         self.pool = None  # --unlabeled with FixMatch: the unlabelled Split (check_unlabeled)
+        self._loggers: list[Callback] = []  # experiment loggers (--log): they follow every fit of the run
+        self._not_applied: list[str] = []  # flags cached features cannot apply (_not_on_cached_features)
 
     # ------------------------------------------------------------------ steps
     def start(self) -> None:
@@ -144,30 +146,45 @@ class TrainingSession:
 
     def callbacks(self, inp: TrainInputs, lr: float) -> tuple[list[Callback], BestModel, Checkpoint | None]:
         cfg, writer = self.cfg, self.writer
+        self._loggers = []
         best = BestModel(on_improve=(lambda m, b: self.bundle.write(writer, best_metrics=b)) if writer else None)
-        cbs: list[Callback] = [cb for cb, on in ((Lookahead(), cfg.lookahead), (EMA(cfg.ema), bool(cfg.ema))) if on]
-        cbs.append(best)
-        if cfg.threads is None and self.device.type == "cpu" and not cfg.deterministic:
-            cbs.append(AdaptiveThreads())  # follows machine load: never in a deterministic run
-        if cfg.patience:
-            cbs.append(EarlyStopping(cfg.patience))
+        averaging, stateful = self._stateful_callbacks()
+        cbs: list[Callback] = [*averaging, best, *stateful]
         if writer:
             cbs.append(HistoryCSV(writer / "history.csv"))
-        if self.say:
-            cbs.append(ProgressBar())
-        cbs += self.extra_callbacks
+        cbs += self._shared_callbacks()  # (the loggers join below: they need the inputs)
         if cfg.log and self.ctx.is_main:  # experiment loggers (tensorboard, mlflow) are callbacks too
             from imgcls.engine.loggers import build_loggers
 
-            cbs += build_loggers(cfg.log, writer, {"architecture": self.bundle.architecture, "data": inp.data.name,
-                                                   "batch_size": cfg.batch_size, "augment": inp.aug.preset,
-                                                   **asdict(fit_settings(cfg, lr, self.multi_label))})
+            self._loggers = build_loggers(cfg.log, writer, {"architecture": self.bundle.architecture,
+                                                            "data": inp.data.name, "batch_size": cfg.batch_size,
+                                                            "augment": inp.aug.preset,
+                                                            **asdict(fit_settings(cfg, lr, self.multi_label))})
+            cbs += self._loggers
         ckpt = None
         if self.run_dir is not None:
             extra = {"data_fingerprint": self.fingerprint} if self.fingerprint else None
             ckpt = Checkpoint(self.run_dir, cfg.checkpoint_every, resume=self.resume, extra=extra)
             cbs.append(ckpt)
         return cbs, best, ckpt
+
+    def _stateful_callbacks(self) -> tuple[list[Callback], list[Callback]]:
+        """New instances of the callbacks that keep state across a fit: (weight averaging, which
+        runs before BestModel; the rest). Each fit gets its own (the top-block stage as well:
+        the probe's EMA or early-stopping counters would carry over into it)."""
+        cfg = self.cfg
+        averaging = [cb for cb, on in ((Lookahead, cfg.lookahead), (lambda: EMA(cfg.ema), bool(cfg.ema))) if on]
+        rest: list[Callback] = []
+        if cfg.threads is None and self.device.type == "cpu" and not cfg.deterministic:
+            rest.append(AdaptiveThreads())  # follows machine load: never in a deterministic run
+        if cfg.patience:
+            rest.append(EarlyStopping(cfg.patience))
+        return [cb() for cb in averaging], rest
+
+    def _shared_callbacks(self) -> list[Callback]:
+        """The progress bar, the caller's callbacks and the experiment loggers (the same ones for
+        every fit of the run)."""
+        return ([ProgressBar()] if self.say else []) + self.extra_callbacks + self._loggers
 
     def finetune(self, lr: float) -> FineTunePlan | None:
         cfg = self.cfg
@@ -193,8 +210,8 @@ class TrainingSession:
                                          flip=inp.aug.hflip, log=self.say, class_weights=inp.balance.weight_tensor(),
                                          split=split)
                 if split is not None and cached.activations is not None:
-                    stage_cbs = [c for c in cbs if c not in (ckpt, best) and not isinstance(c, HistoryCSV)]
-                    self._top_stage(cached, split, settings, inp, stage_cbs)
+                    averaging, stateful = self._stateful_callbacks()  # fresh: nothing of the probe's carries over
+                    self._top_stage(cached, split, settings, inp, [*averaging, *stateful, *self._shared_callbacks()])
                 if self.writer:
                     b.write(self.writer, best_metrics=cached.state.best)
                 return _Outcome(cached.state, time.perf_counter() - t0, cached)
@@ -239,9 +256,11 @@ class TrainingSession:
         if res.kept and res.state is not None:
             n = len(probe.history)
             stage = [{**h, "epoch": h["epoch"] + n, "stage": "top_blocks"} for h in res.state.history]
-            res.state.history = probe.history + stage
+            res.state.history = [{**h, "stage": "probe"} for h in probe.history] + stage
             res.state.best = {**res.state.best, "epoch": res.state.best.get("epoch", 0) + n}
             cached.state = res.state
+            if self.writer:  # history.csv holds the epochs that metrics.json counts, its best epoch too
+                HistoryCSV(self.writer / "history.csv").write(res.state.history)
 
     def check_unlabeled(self, data: ImageData) -> None:
         """With ``--unlabeled`` and FixMatch (``--semi fixmatch|both``): the pool, checked against
@@ -313,6 +332,7 @@ class TrainingSession:
                                   "frozen backbone trains a head on cached features",
                                   "use --semi pseudo (or auto), or --feature-cache off")
             self.pool = None  # auto: pseudo-labels only on cached features
+        self._not_applied = self._not_on_cached_features(ft)
         self._announce()
         out = self.train(inp, lr, tta, ft)
         if self.multi_label:
@@ -321,6 +341,21 @@ class TrainingSession:
         self.bundle.card["training"] = summary
         self.history = out.state.history
         return summary
+
+    def _not_on_cached_features(self, ft: FineTunePlan | None) -> list[str]:
+        """The image augmentations that cached features cannot have (each image passes the
+        frozen backbone once, unaugmented), said once; config.yaml records them all the same.
+        A note rather than a refusal: the transfer recipe chooses the probe for the user."""
+        cfg = self.cfg
+        if ft is None or not ft.use_cache:
+            return []
+        dropped = [f"--{k} {v:g}" for k, v in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if v]
+        dropped += [f"--randaugment {cfg.randaugment}"] if cfg.randaugment else []
+        if dropped and self.ctx.is_main:
+            print(f"imgcls: {', '.join(dropped)} not applied: the classifier trains on cached features (each image "
+                  "passes the frozen backbone once, unaugmented); add --feature-cache off to train with "
+                  f"{'it' if len(dropped) == 1 else 'them'}", file=sys.stderr)
+        return dropped
 
     def find_lr(self, data: Any, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
         """The learning-rate range test on exactly the batches ``run`` would train on."""
@@ -374,7 +409,8 @@ class TrainingSession:
         if out.cached is not None:
             c = out.cached
             summary["finetune"].update({"extract_s": round(c.extract_s, 2), "head_train_s": round(c.head_s, 2),
-                                        "cached_views": c.views, "feature_dim": c.feature_dim})
+                                        "cached_views": c.views, "feature_dim": c.feature_dim,
+                                        "not_applied": self._not_applied})
             if c.top_stage is not None:
                 summary["finetune"]["top_blocks"] = c.top_stage.to_dict()
             elif self.cfg.finetune_top == "auto":

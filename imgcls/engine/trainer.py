@@ -55,14 +55,23 @@ class TimeBudget:
     """Seconds of training a run may take (``--time-budget``, validation included), from
     the start of :meth:`Trainer.fit`. ``fraction`` drives the LR schedule (warm-up and decay
     end with the budget, engine/optim.py); ``spent`` stops training after the batch that
-    crossed it. ``--epochs`` stays an upper bound. A resumed run gets the budget afresh."""
+    crossed it. ``--epochs`` stays an upper bound. A resumed run goes on from the seconds its
+    checkpoint had spent (``elapsed`` is saved, ``spend`` sets it back), so its schedule
+    continues where it stopped instead of winding back to the warm-up."""
 
     def __init__(self, seconds: float):
         self.seconds = float(seconds)
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def spend(self, seconds: float) -> None:
+        """Count ``seconds`` as already spent (a resumed run's earlier training)."""
+        self.start -= float(seconds)
+
     def fraction(self) -> float:
-        return min(1.0, (time.perf_counter() - self.start) / self.seconds)
+        return min(1.0, self.elapsed() / self.seconds)
 
     def spent(self) -> bool:
         return self.fraction() >= 1.0
@@ -207,7 +216,7 @@ class Trainer:
                 else:
                     loss = F.cross_entropy(out.float(), y, weight=self.class_weights,
                                            label_smoothing=s.label_smoothing) if self.mix is None \
-                        else self.mix.loss(out.float(), soft)
+                        else self.mix.loss(out.float(), soft, self.class_weights)
                 if self.fixmatch is not None:
                     loss = loss + self.fixmatch.loss(u_out, u_label, u_mask)
                     state.unlabeled_used += u_mask.sum()
