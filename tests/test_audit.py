@@ -147,3 +147,31 @@ def test_array_data_audit(tmp_path, capsys):
     assert kinds["near_identical_within_class"][0]["files"] == ["train[12]", "train[15]"]
     assert main(["audit", str(bad)]) == 1  # the table
     assert "images in arrays, shape 3x32x32" in capsys.readouterr().out
+
+
+def test_labels_csv_is_validated_against_the_data(tmp_path, capsys):
+    """--labels FILE: a binary file, a CSV without the issues.csv columns and a CSV written for
+    other data each get one line naming the file (they were an internal error, '0 label issues,
+    clean' and nonsense paths)."""
+    root = clean_tree(tmp_path / "d", n=2)
+    cat0 = str(root / "train" / "cat" / "0.jpg")
+
+    def audit_with(name, text=None, raw=None):
+        f = tmp_path / name
+        f.write_bytes(raw) if raw is not None else f.write_text(text)
+        rc = main(["audit", str(root), "--no-pixels", "--labels", str(f)])
+        return rc, capsys.readouterr()
+
+    header = "index,path,given_label,suggested_label,score\n"
+    rc, out = audit_with("ok.csv", header + f"0,{cat0},cat,dog,0.1\n")
+    assert "label issues: 1" in out.out and not out.err
+    for name, body, needle in [
+            ("bin.csv", None, "is not a readable CSV"),
+            ("ab.csv", "a,b\n", "is not an imgcls label-issues CSV: no index, given_label"),
+            ("empty.csv", "", "is not an imgcls label-issues CSV"),
+            ("cls.csv", header + f"0,{cat0},zebra,dog,0.1\n", "given label 'zebra' is not a class of"),
+            ("idx.csv", header + f"99,{cat0},cat,dog,0.1\n", "index 99 is not a training image"),
+            ("path.csv", header + f"0,{tmp_path}/other/cat/0.jpg,cat,dog,0.1\n", "is not a training file of")]:
+        rc, out = audit_with(name, body, raw=b"\xff\xfe\x00\x81binary\x00" * 20 if body is None else None)
+        err = out.err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and needle in err[0] and name in err[0], (name, out.err)

@@ -125,3 +125,28 @@ def test_models_command(capsys):
 def test_debug_flag_shows_traceback():
     r = run_cli("--debug", "train", "--data", "mnst")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_summary_img_size_errors_are_one_line(trained_run, capsys):
+    """--img-size below 1 was an internal error (or, 0, silently ignored); a run whose model is
+    fixed to its training size (flatten + dense head) was a bare shape RuntimeError."""
+    for size in ("0", "-3"):
+        assert main(["summary", "resnet18", "--img-size", size]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"--img-size {size} must be at least 1" in err and "\n" not in err
+    assert main(["summary", str(trained_run), "--img-size", "64"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "this run's model takes 16 px inputs" in err and "--img-size 16" in err and "\n" not in err
+    assert main(["summary", str(trained_run), "--img-size", "16"]) == 0
+
+
+def test_cache_dir_that_does_not_exist_is_not_empty(tmp_path, capsys):
+    """`imgcls cache --dir /nonexistent` printed 'empty' as if it were a cache with nothing in it."""
+    missing = tmp_path / "nonexistent"
+    assert main(["cache", "--dir", str(missing)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--dir {missing} does not exist" in err and "\n" not in err
+    assert not missing.exists()
+    (tmp_path / "real").mkdir()
+    assert main(["cache", "--dir", str(tmp_path / "real")]) == 0
+    assert "empty" in capsys.readouterr().out

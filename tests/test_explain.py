@@ -181,3 +181,24 @@ def test_cli_option_errors(digits_run, tmp_path, capsys):
     assert "image not found" in capsys.readouterr().err
     assert main(["explain", str(digits_run), str(img), "--layer", "feature.4"]) == 1
     assert "did you mean 'features.4'" in capsys.readouterr().err
+
+
+def test_dollar_signs_in_names_are_text_not_mathtext(digits_run, digits_test, tmp_path, capsys):
+    """'$' in a file or class name used to switch matplotlib to mathtext: 'price_$5_$10.png'
+    crashed the figure (ParseSyntaxException), 'cost $5 or $6' was mangled."""
+    from types import SimpleNamespace
+
+    from imgcls.cli import main
+    from imgcls.explain.render import figure
+
+    folder = tmp_path / "dollar"
+    folder.mkdir()
+    Image.fromarray(digits_test[0][0, 0]).save(folder / "price_$5_$10.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(digits_run), str(folder / "price_$5_$10.png"), "--method", "occlusion",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "price_$5_$10.occlusion.png").is_file()
+    img = Image.new("RGB", (8, 8))
+    e = SimpleNamespace(image=img, overlay=img, source="cost $5 or $6.png", method="gradcam", target="$5_$10",
+                        top=[("$5_$10", 0.9), ("a $x^$", 0.1)], faithfulness={}, evaluations=1, seconds=0.1, layer="")
+    assert figure(e).size[0] > 500

@@ -111,3 +111,13 @@ def test_audit_labels_without_a_csv_runs_the_finder(noisy_npz, tmp_path, monkeyp
     report = json.loads(capsys.readouterr().out)
     assert report["label_issues"]["images_checked"] == 180 and (tmp_path / "issues.csv").is_file()
     assert (tmp_path / "issues.html").is_file()
+
+
+def test_multi_label_data_is_refused_before_training(tmp_path, capsys):
+    """y_train a 0/1 matrix used to train every fold, then die in cleanlab (unhashable ndarray)."""
+    x, y = pattern_images(12, size=16)
+    np.savez(tmp_path / "ml.npz", x_train=x, y_train=np.eye(3, dtype=np.int64)[y] | (y[:, None] == 0))
+    assert main(["label-issues", str(tmp_path / "ml.npz"), "--folds", "2", "--out", str(tmp_path / "i.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label-issues supports single-label data" in err[0] and "ml.npz" in err[0]
+    assert not (tmp_path / "i.csv").exists()

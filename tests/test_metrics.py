@@ -30,3 +30,17 @@ def test_metrics_match_scikit_learn(seed):
         got = m[f"{avg}_avg"]
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((pa, ra, fa))
     assert m["per_class"]["c2"]["precision"] == 0.0 and m["per_class"]["c5"]["support"] == 0
+
+
+def test_format_metrics_columns_line_up_on_every_row():
+    """'weighted avg' (12 characters) used to push its row's numbers right of the columns."""
+    from imgcls.evaluation.metrics import format_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    m = classification_metrics(logits, torch.tensor([0, 1, 1, 0]), ["a", "b"])
+    lines = format_metrics(m).splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("class"))):][:5]
+    assert [r.split()[0] for r in table] == ["class", "a", "b", "macro", "weighted"]
+    ends = {len(r) for r in table}
+    assert len(ends) == 1, table  # every row ends at the support column's right edge
+    assert table[-1].index("  ") == len("weighted avg")

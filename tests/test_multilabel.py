@@ -399,3 +399,28 @@ def test_serve_gives_multilabel_unknowns_and_train_refuses_sets(ood_run, quad_np
     assert main(["train", "--data", str(quad_npz), "--epochs", "1", "--out", str(tmp_path), "--name", "c",
                  "--conformal", "0.9"]) != 0
     assert "--conformal is for single-label data" in capsys.readouterr().err
+
+
+def test_cf1_and_of1_are_the_literatures_not_the_mean_of_per_class_f1():
+    """CF1 = 2 CP CR / (CP + CR) over the per-class averages (ML-GCN); the mean of the per-class
+    F1 scores, which used to be reported as CF1, is macro_f1."""
+    labels = np.array([[1, 1], [1, 0], [0, 0], [0, 0]])
+    probs = np.array([[0.9, 0.9], [0.1, 0.9], [0.1, 0.1], [0.1, 0.1]])  # a: P 1, R 1/2; b: P 1/2, R 1
+    m = multilabel_metrics(probs, labels, ["a", "b"], thresholds=[0.5, 0.5])
+    assert m["cp"] == pytest.approx(0.75) and m["cr"] == pytest.approx(0.75)
+    assert m["cf1"] == pytest.approx(0.75) and m["macro_f1"] == pytest.approx(2 / 3)
+    assert m["op"] == pytest.approx(2 / 3) and m["or"] == pytest.approx(2 / 3) and m["of1"] == pytest.approx(2 / 3)
+    none = multilabel_metrics(np.zeros((2, 2)), np.array([[1, 0], [0, 1]]), ["a", "b"])
+    assert none["cf1"] == 0.0 and none["of1"] == 0.0 and none["macro_f1"] == 0.0
+
+
+def test_pr_curves_with_dollar_class_names():
+    """The legend's class names are text: '$5_$10' used to be parsed as mathtext and raise."""
+    import io
+
+    from imgcls.evaluation.multilabel import pr_curves_png
+
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probs = np.array([[0.8, 0.3], [0.2, 0.7], [0.6, 0.9], [0.1, 0.2]])
+    png = pr_curves_png(multilabel_metrics(probs, labels, ["$5_$10", "cost $5 or $6"]))
+    assert Image.open(io.BytesIO(png)).size[0] > 100

@@ -132,3 +132,17 @@ def test_rank_a_folder_pool_keeps_file_paths(trained_run, tmp_path, capsys):
                  "--out", str(out), "--json"]) == 0
     tasks = json.loads((out / "tasks.json").read_text())
     assert all(t["data"]["path"].startswith(str(tmp_path / "pool")) for t in tasks) and not (out / "images").exists()
+
+
+def test_rank_refuses_a_multi_label_model(trained_run, pool_npz, tmp_path, capsys):
+    """A multi-label model's independent sigmoids used to be softmaxed into single-choice tasks."""
+    import shutil
+
+    run = tmp_path / "ml_run"
+    shutil.copytree(trained_run, run)
+    card = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**card, "task": "multi"}))
+    assert main(["rank", str(run), str(pool_npz), "--budget", "3", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "single-label models" in err[0] and "multi-label" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+from pathlib import Path
 from html.parser import HTMLParser
 
 import numpy as np
@@ -202,3 +203,41 @@ def test_classifier_calibrate_api(digits_run, tmp_path):
     assert p_after.argmax() == p_before.argmax() and p_after.max() < p_before.max()
     clf.save(tmp_path / "c")
     assert Classifier.load(tmp_path / "c").temperature == pytest.approx(clf.temperature)
+
+
+def test_report_gallery_names_the_files_with_an_unreadable_one(split_folder, tmp_path):
+    """evaluate --report on a folder: the decoded split has no paths and leaves the unreadable
+    file out, yet every mistake is named by its own file (not 'all image #i')."""
+    from imgcls import train
+    from imgcls.evaluation.report import build_report
+    from tests.conftest import write_folder
+
+    r = train({"data": str(split_folder), "epochs": 1, "img_size": 24, "batch_size": 8, "out": str(tmp_path),
+               "name": "p"}, progress=False)
+    clf = Classifier.load(r.run_dir)
+    head = [m for m in clf.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # always "fox": every cat and dog is a mistake, all equally sure
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    clf.save(tmp_path / "fox")
+    folder = write_folder(tmp_path / "eval", n_per_class=6)
+    (folder / "cat" / "000_broken.png").write_bytes(b"not an image")
+    rep = build_report(tmp_path / "fox", str(folder), out_dir=tmp_path / "rep", mistakes=100,
+                       calibrate_on_val=False)
+    gallery = rep.mistakes
+    assert len(gallery) == 12 and {g["true"] for g in gallery} == {"cat", "dog"}
+    for g in gallery:
+        src = Path(g["source"])
+        assert src.is_file() and src.name != "000_broken.png" and src.parent.name == g["true"], g
+        assert "png" in g
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())["mistakes"]
+    assert [m["source"] for m in saved] == [g["source"] for g in gallery]
+    assert str(folder / "dog") in rep.html_path.read_text()
+
+
+def test_confusion_matrix_with_dollar_class_names():
+    """Class names are text: '$5_$10' used to be parsed as mathtext and raise."""
+    from imgcls.evaluation.plots import confusion_matrix_png
+
+    png = confusion_matrix_png(np.array([[3, 1], [0, 2]]), ["$5_$10", "cost $5 or $6"])
+    assert Image.open(io.BytesIO(png)).size[0] > 100

@@ -76,6 +76,17 @@ def test_shard_cli_writes_shards_and_an_index_with_counts_and_checksums(tiny_npz
     assert "--shard-size lots" in capsys.readouterr().err
 
 
+def test_shard_out_that_is_a_file_is_one_line(tiny_npz, tmp_path, capsys):
+    """--out naming an existing file (or a path under one) was an internal NotADirectoryError."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out in (afile, afile / "sub"):
+        assert main(["shard", str(tiny_npz), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"--out {out}: {afile} is a file, not a folder" in err and "\n" not in err
+    assert afile.read_text() == "not a folder"
+
+
 def test_parse_size():
     assert parse_size("512MB") == 512 * 10**6 and parse_size("64MiB") == 64 * 2**20 and parse_size("1.5gb") == 1.5e9
 

@@ -34,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     data = load_data(args.data, val_split=0.0, classes=classes)
+    given = None
+    if args.labels:  # checked against the data before the audit's pass over every image
+        from imgcls.curation.label_issues import read_summary
+
+        given = read_summary(args.labels, data)
     report = audit(data, pixels=args.pixels, workers=args.workers, group_by=args.group_by)
     if args.labels is not None:
-        add_label_issues(report, args)
+        add_label_issues(report, args, given)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -45,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
-def add_label_issues(report: dict, args: argparse.Namespace) -> None:
-    """The label-issue summary (imgcls label-issues) as a section and one warning finding."""
-    from imgcls.curation.label_issues import find_issues, read_summary
+def add_label_issues(report: dict, args: argparse.Namespace, given: dict | None = None) -> None:
+    """The label-issue summary (imgcls label-issues) as a section and one warning finding:
+    ``given``, the summary of the CSV named by --labels, else label-issues runs here."""
+    from imgcls.curation.label_issues import find_issues
 
-    if args.labels:
-        s = read_summary(args.labels)
+    if given is not None:
+        s = given
     else:
         from imgcls.config import TrainConfig
 

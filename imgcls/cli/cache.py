@@ -28,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from imgcls.data.cache import cache_report, cache_root, clear_cache, prune_cache
 
     root = cache_root(args.dir)
+    if args.dir and not root.is_dir():  # a typo is not an empty cache
+        from imgcls.errors import ImgclsError
+
+        raise ImgclsError(f"--dir {root} {'is not a folder' if root.exists() else 'does not exist'}",
+                          "give the cache folder (imgcls cache without --dir shows the default one)")
     if args.clear:
         result = {"cache": str(root), "freed_bytes": clear_cache(root)}
         print(json.dumps(result) if args.json else f"cleared {root}: freed {_mb(result['freed_bytes'])}")

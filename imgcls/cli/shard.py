@@ -29,10 +29,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the shard set already in --out")
 
 
+def check_out(out: str) -> None:
+    """--out must be (or be creatable as) a folder: checked before any image is read."""
+    from pathlib import Path
+
+    from imgcls.errors import ImgclsError
+
+    for p in (Path(out), *Path(out).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ImgclsError(f"--out {out}: {p} is a file, not a folder",
+                                  "give a folder (new or empty) for the shards and index.json")
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     from imgcls.data.shard_writer import parse_size, write_shards
     from imgcls.data.sources import load_data
 
+    check_out(args.out)
     size = parse_size(args.shard_size)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     data = load_data(args.data, val_split=args.val_split, seed=args.seed, classes=classes)

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace):
-    """(model, (C, H, W), title) for a run folder, a YAML config or an architecture name."""
+    """(model, (C, H, W), title, trained side) for a run folder, a YAML config or an architecture
+    name (the side the run was trained at; None for the others)."""
     from imgcls.config import TrainConfig
     from imgcls.errors import ImgclsError
     from imgcls.models import MODEL_DEFAULTS, MODELS, create_model, model_from_config
@@ -35,7 +36,7 @@ def _resolve(args: argparse.Namespace):
             raise ImgclsError("--num-classes / --in-chans cannot change a trained run", "drop them for a run folder")
         pre = clf.preprocessing
         return clf.model, (pre.in_chans, args.img_size or pre.img_size, args.img_size or pre.img_size), \
-            f"{clf.architecture} ({target}, {clf.num_classes} classes)"
+            f"{clf.architecture} ({target}, {clf.num_classes} classes)", pre.img_size
     if target.suffix in (".yaml", ".yml"):
         cfg = TrainConfig.from_yaml(target)
         arch, kwargs = model_from_config(cfg.model)
@@ -53,7 +54,7 @@ def _resolve(args: argparse.Namespace):
     in_chans = in_chans or defaults.get("in_chans", 3)
     num_classes = args.num_classes or (10 if arch in MODELS else 1000)
     model = create_model(arch, num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
-    return model, (in_chans, img_size, img_size), f"{label} ({num_classes} classes)"
+    return model, (in_chans, img_size, img_size), f"{label} ({num_classes} classes)", None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +63,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.depth < 1:
         raise ImgclsError("--depth must be at least 1", "e.g. --depth 2")
-    model, shape, title = _resolve(args)
-    s = summarize(model, shape, depth=args.depth)
+    for flag in ("img_size", "in_chans", "num_classes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ImgclsError(f"--{flag.replace('_', '-')} {value} must be at least 1",
+                              f"give --{flag.replace('_', '-')} 1 or more, or leave it out")
+    model, shape, title, fixed = _resolve(args)
+    try:
+        s = summarize(model, shape, depth=args.depth)
+    except RuntimeError as exc:  # the forward pass refused the input shape
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if fixed is not None and args.img_size not in (None, fixed):  # e.g. a flatten + dense head
+            raise ImgclsError(f"--img-size {args.img_size}: this run's model takes {fixed} px inputs ({why})",
+                              f"drop --img-size or use --img-size {fixed}") from None
+        raise ImgclsError(f"{title} cannot take {'x'.join(map(str, shape))} inputs ({why})",
+                          "try a larger --img-size") from None
     print(json.dumps(s) if args.json else format_summary(s, title=title))
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,14 @@ def _need_cleanlab():
     except ImportError:
         raise ImgclsError("label-issues needs the cleanlab package", "pip install 'imgcls[curation]'") from None
     return find_label_issues, get_label_quality_scores
+
+
+def refuse_multi_label(data: ImageData, source: Any) -> None:
+    """Confident learning here ranks one given class per image: label sets (multi-hot rows)
+    are refused before any fold trains."""
+    if data.multi_label:
+        raise ImgclsError(f"label-issues supports single-label data; {source} has label sets (multi-label)",
+                          "check a multi-label set's labels class by class, or give single-label data")
 
 
 def check_folds(data: ImageData, k: int) -> None:
@@ -96,6 +105,7 @@ def find_issues(cfg: TrainConfig | dict[str, Any], folds: int = 5, out: str | Pa
     say = (lambda m: print(f"imgcls: {m}", file=sys.stderr, flush=True)) if progress else None
     data = require_train(load_data(cfg.data, val_split=0.0, classes=cfg.classes))
     data = dataclasses.replace(data, val=None, test=None)  # the training labels are the ones checked
+    refuse_multi_label(data, cfg.data)
     check_folds(data, folds)
     cfg = resolve_recipe(cfg, recipe_context(cfg, data))
     probs, keep = out_of_fold(cfg, data, folds, say)
@@ -151,19 +161,58 @@ def gallery(path: Path, data: ImageData, rows: list[dict[str, Any]], summary: di
     return write_gallery(path, f"Label issues: {data.name}", intro, cards)
 
 
-def read_summary(csv_path: str | Path) -> dict[str, Any]:
-    """The summary of an existing issues.csv (``imgcls audit --labels issues.csv``)."""
+ISSUES_COLUMNS = ("index", "given_label", "suggested_label", "score")  # and "path", for files
+_NOT_OURS = "give the issues.csv that imgcls label-issues wrote for this data, or --labels alone to run it"
+
+
+def read_summary(csv_path: str | Path, data: ImageData | None = None) -> dict[str, Any]:
+    """The summary of an existing issues.csv (``imgcls audit DATA --labels issues.csv``);
+    with ``data``, the CSV must have been written for it (its classes, its files)."""
     path = Path(csv_path)
     try:
-        rows = list(csv.DictReader(path.open(encoding="utf-8")))
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
     except OSError as exc:
         raise ImgclsError(f"cannot read {path}: {exc.strerror}", "give the CSV that imgcls label-issues wrote") from None
-    if rows and not {"index", "given_label", "suggested_label", "score"} <= set(rows[0]):
-        raise ImgclsError(f"{path} is not an imgcls label-issues CSV", "give the CSV that imgcls label-issues wrote")
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImgclsError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc})", _NOT_OURS) from None
+    missing = [c for c in ISSUES_COLUMNS if c not in columns]
+    if missing:
+        raise ImgclsError(f"{path} is not an imgcls label-issues CSV: no {', '.join(missing)} column(s) "
+                          f"(its header: {','.join(columns) or 'none'})", _NOT_OURS)
+    if data is not None:
+        check_rows_belong(rows, path, data)
     per_class: dict[str, int] = {}
     for r in rows:
         per_class[r["given_label"]] = per_class.get(r["given_label"], 0) + 1
     return {"csv": str(path), "issues": len(rows), "issues_per_given_class": per_class, "top": rows[:10]}
+
+
+def check_rows_belong(rows: list[dict[str, Any]], path: Path, data: ImageData) -> None:
+    """Refuse an issues.csv written for another data set: a given label that is not one of
+    ``data``'s classes, a file that is not in its training split, an index past its end."""
+    train = data.train
+    label = next((r["given_label"] for r in rows if r["given_label"] not in set(data.classes)), None)
+    if label is not None:
+        raise ImgclsError(f"{path} was written for other data: given label '{label}' is not a class of "
+                          f"{data.name} ({', '.join(data.classes[:10])})", _NOT_OURS)
+    n = len(train) if train is not None else 0
+    bad = next((r["index"] for r in rows if not r["index"].isdigit() or int(r["index"]) >= n), None)
+    if bad is not None:
+        raise ImgclsError(f"{path} was written for other data: index {bad} is not a training image of "
+                          f"{data.name} ({n} images)", _NOT_OURS)
+    listed = [r["path"] for r in rows if r.get("path")]
+    if not listed:
+        return
+    ours = {str(p) for p in (train.paths or [])} if train is not None else set()
+    strange = [p for p in listed if p not in ours]
+    if strange:  # the same files, spelled another way (relative / absolute, links)?
+        real = {os.path.realpath(p) for p in ours}
+        strange = [p for p in strange if os.path.realpath(p) not in real]
+    if strange:
+        raise ImgclsError(f"{path} was written for other data: {strange[0]} is not a training file of "
+                          f"{data.name}", _NOT_OURS)
 
 
 __all__ = ["find_issues", "read_summary", "check_folds"]

@@ -113,6 +113,9 @@ def rank(run: str | Path, unlabeled: str | Path, budget: int, strategy: str = "h
     say = (lambda m: print(f"imgcls: {m}", file=sys.stderr, flush=True)) if progress else None
     run, out = Path(run), Path(out)
     clf = Classifier.load(run)
+    if clf.multi_label:  # margin / entropy / Label Studio's one choice are for one class per image
+        raise ImgclsError(f"imgcls rank is for single-label models; {run} is multi-label (a sigmoid per class)",
+                          "rank with a single-label model of the data")
     pool, files = pool_split(unlabeled)
     if budget < 1 or budget > len(pool):
         raise ImgclsError(f"--budget {budget} is {'more than the' if budget > 0 else 'not in 1 ..'} {len(pool)} "

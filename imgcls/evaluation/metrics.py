@@ -71,9 +71,9 @@ def format_metrics(m: dict[str, Any], title: str = "") -> str:
     head += f"   loss {m['loss']:.4f}   images {m['num_images']}"
     lines.append(head)
     classes = m["classes"]
-    w = max(8, *(len(c) for c in classes)) if classes else 8
+    w = max([len("weighted avg"), *(len(c) for c in classes)])  # the widest row name, so the columns line up
     lines.append("")
-    lines.append(f"{'class':<{w}}  precision  recall     f1  support")
+    lines.append(f"{'class':<{w}}  precision  recall  {'f1':>6}  support")
     for c in classes:
         pc = m["per_class"][c]
         lines.append(f"{c:<{w}}  {pc['precision']:9.4f}  {pc['recall']:6.4f}  {pc['f1']:5.4f}  {pc['support']:7d}")

@@ -1,6 +1,11 @@
 """Multi-label evaluation: mAP (macro and micro), per-class AP / precision / recall / F1 at
-the model's thresholds, CF1 / OF1 (per-class and overall F1, the multi-label literature's
-names), exact-match ratio and Hamming loss (scikit-learn), PR curves, and the report page.
+the model's thresholds, CF1 / OF1 (the multi-label literature's per-class and overall F1,
+as ML-GCN and its successors define them), exact-match ratio and Hamming loss
+(scikit-learn), PR curves, and the report page.
+
+CF1 is ``2 CP CR / (CP + CR)``, the harmonic mean of the per-class-averaged precision CP and
+recall CR, and OF1 the same of the overall (pooled) OP and OR; the mean of the per-class F1
+scores, a different and usually lower number, is ``macro_f1``.
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ def _curve(y: np.ndarray, p: np.ndarray, points: int = 60) -> dict[str, list[flo
     return {"precision": prec[keep].round(5).tolist(), "recall": rec[keep].round(5).tolist()}
 
 
+def harmonic(precision: float, recall: float) -> float:
+    """F1 of a precision and a recall: ``2PR / (P + R)``, 0 when both are 0."""
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
 def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
                        thresholds: list[float] | None = None) -> dict[str, Any]:
     """Every multi-label figure for sigmoid probabilities ``probs`` and 0/1 ``labels`` (N, K)."""
-    from sklearn.metrics import average_precision_score, f1_score, hamming_loss, precision_recall_fscore_support
+    from sklearn.metrics import average_precision_score, hamming_loss, precision_recall_fscore_support
 
     y = (np.asarray(labels) > 0.5).astype(int)
     t = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(classes))
@@ -46,8 +56,9 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]
         "task": "multi", "num_images": int(n),
         "map_macro": float(np.mean([a for a in ap if a is not None])) if any(have) else 0.0,
         "map_micro": float(average_precision_score(y, probs, average="micro")) if y.any() else 0.0,
-        "cf1": float(f1_score(y, pred, average="macro", zero_division=0)),  # per-class F1, averaged
+        "cf1": harmonic(float(np.mean(p)), float(np.mean(r))),  # of the per-class averages CP, CR
         "cp": float(np.mean(p)), "cr": float(np.mean(r)),
+        "macro_f1": float(np.mean(f)),  # the per-class F1 scores, averaged (not CF1)
         "of1": float(of1), "op": float(op), "or": float(orec),  # overall: every (image, label) decision pooled
         "exact_match": float((pred == y).all(1).mean()) if n else 0.0,
         "hamming_loss": float(hamming_loss(y, pred)) if n else 0.0,
@@ -62,7 +73,8 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]
 
 def format_multilabel(m: dict[str, Any], title: str = "") -> str:
     lines = [title] if title else []
-    lines.append(f"mAP {m['map_macro']:.4f} (micro {m['map_micro']:.4f})   CF1 {m['cf1']:.4f}   OF1 {m['of1']:.4f}   "
+    macro = f" (mean per-class F1 {m['macro_f1']:.4f})" if "macro_f1" in m else ""
+    lines.append(f"mAP {m['map_macro']:.4f} (micro {m['map_micro']:.4f})   CF1 {m['cf1']:.4f}{macro}   OF1 {m['of1']:.4f}   "
                  f"exact match {m['exact_match']:.4f}   Hamming loss {m['hamming_loss']:.4f}   images {m['num_images']}")
     w = max(8, *(len(c) for c in m["classes"]))
     lines += ["", f"{'class':<{w}}      AP  precision  recall      F1  threshold  support"]
@@ -94,7 +106,8 @@ def pr_curves_png(m: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.set_title("precision-recall per class (dot: the class's threshold)")
     if len(m["classes"]) <= 20:
-        ax.legend(fontsize=7, loc="lower left")
+        for text in ax.legend(fontsize=7, loc="lower left").get_texts():
+            text.set_parse_math(False)  # a '$' in a class name is text, not matplotlib mathtext
     return _png(fig)
 
 

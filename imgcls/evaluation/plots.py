@@ -37,8 +37,9 @@ def confusion_matrix_png(cm: np.ndarray, classes: list[str], normalized: bool = 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ticks = range(k)
     labels = [c if len(c) <= 14 else c[:13] + "…" for c in classes]
-    ax.set_xticks(ticks, labels, rotation=90 if k > 6 else 0, fontsize=8 if k > 15 else 10)
-    ax.set_yticks(ticks, labels, fontsize=8 if k > 15 else 10)
+    # parse_math=False: a '$' in a class name is text, not matplotlib mathtext
+    ax.set_xticks(ticks, labels, rotation=90 if k > 6 else 0, fontsize=8 if k > 15 else 10, parse_math=False)
+    ax.set_yticks(ticks, labels, fontsize=8 if k > 15 else 10, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix" + (" (row-normalised)" if normalized else " (counts)"))

@@ -43,16 +43,17 @@ def figure(e: Explanation, dpi: int = 100) -> Image.Image:
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     axes[0].imshow(e.image)
-    axes[0].set_title(_short(e.source), fontsize=9)
+    # parse_math=False: a '$' in a file or class name is text, not matplotlib mathtext
+    axes[0].set_title(_short(e.source), fontsize=9, parse_math=False)
     axes[1].imshow(e.overlay)
-    axes[1].set_title(f"{e.method} for '{e.target}'", fontsize=10)
+    axes[1].set_title(f"{e.method} for '{e.target}'", fontsize=10, parse_math=False)
     for ax in axes[:2]:
         ax.axis("off")
     names = [c for c, _ in e.top][::-1]
     probs = [p for _, p in e.top][::-1]
     colors = ["tab:orange" if c == e.target else "tab:blue" for c in names]
     axes[2].barh(range(len(names)), probs, color=colors)
-    axes[2].set_yticks(range(len(names)), [_short(c, 18) for c in names], fontsize=9)
+    axes[2].set_yticks(range(len(names)), [_short(c, 18) for c in names], fontsize=9, parse_math=False)
     axes[2].set_xlim(0, 1)
     axes[2].set_title("top classes (probability)", fontsize=10)
     for i, p in enumerate(probs):
