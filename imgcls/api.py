@@ -274,15 +274,18 @@ class Classifier(ModelBundle):
 
     def predict_parts(self, images: Any, output: str | Path, fmt: str = "parquet", top_k: int = 1,
                       batch_size: int = 64, device: str = "auto", backend: str = "torch", workers: int | None = None,
-                      strict: bool = False, progress: bool = True) -> dict[str, Any]:
+                      strict: bool = False, progress: bool = True, sets: bool | None = None,
+                      reject_unknown: bool | None = None) -> dict[str, Any]:
         """This process's part of a batch-prediction job over files, folders, a manifest or a
-        shard set (one part file per rank under torchrun; see engine/batch_predict.py)."""
+        shard set (one part file per rank under torchrun; see engine/batch_predict.py).
+        ``sets`` / ``reject_unknown``: as in :meth:`predict`."""
         from imgcls.data.pipeline import prediction_split
         from imgcls.engine.batch_predict import predict_parts
 
         split, names = prediction_split(images, self.preprocessing)
-        return predict_parts(self, split, names, output, fmt=fmt, top_k=top_k, batch_size=batch_size, device=device,
-                             backend=backend, workers=workers, strict=strict, progress=progress)
+        return predict_parts(self, split, names, output, fmt=fmt, top_k=top_k, batch_size=batch_size,
+                             device=device, backend=backend, workers=workers, strict=strict, progress=progress,
+                             sets=sets, reject_unknown=reject_unknown)
 
     def explain(self, images: Any, method: str = "gradcam", target: Any = None, layer: str | None = None,
                 **opts: Any) -> list:

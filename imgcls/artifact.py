@@ -26,6 +26,7 @@ FORMAT = "imgcls-model"
 FORMAT_VERSION = 1
 REQUIRED = ("architecture", "num_classes", "classes", "preprocessing")
 SIDECAR_SUFFIX = ".json"  # an export's description beside it: model.onnx -> model.onnx.json
+TTA_MODES = ("none", "flip", "flip-shift")  # a card's 'tta' (engine/tta.py defines each view)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -153,6 +154,21 @@ def _card_problem(card: dict[str, Any]) -> str | None:
         return f"'model_kwargs': {problem}"
     if "temperature" in card and (not _is_num(card["temperature"]) or card["temperature"] <= 0):
         return "'temperature' must be a positive number"
+    if card.get("tta", "none") not in TTA_MODES:
+        return f"'tta' is {repr(card['tta'])[:40]}, not one of {', '.join(TTA_MODES)}"
+    return _thresholds_problem(card.get("thresholds"), classes)
+
+
+def _thresholds_problem(t: Any, classes: list[str]) -> str | None:
+    """A multi-label card's per-class decision thresholds: a number in [0, 1] for every class."""
+    if not t:
+        return None
+    values = t.get("values") if isinstance(t, dict) else None
+    if not isinstance(values, dict):
+        return "'thresholds.values' must map each class to its threshold"
+    bad = next((c for c in classes if not _is_num(values.get(c)) or not 0 <= values[c] <= 1), None)
+    if bad is not None:
+        return f"'thresholds.values' has no threshold in [0, 1] for class {bad[:40]!r}"
     return None
 
 

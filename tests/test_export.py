@@ -107,6 +107,53 @@ def test_stale_export_is_not_used(exported_run, tmp_path):
         make_backend(clf, "onnx")
 
 
+def test_export_is_stale_once_calibrate_changes_the_temperature(exported_run, tmp_path, capsys):
+    """The export carries the temperature it was made with: after `imgcls calibrate` it no
+    longer matches model.json, so auto uses torch, --backend onnx says why, calibrate says
+    to re-export, and re-exporting makes it current again."""
+    import shutil
+
+    from imgcls.api import Classifier
+    from imgcls.engine.backends import make_backend
+    from imgcls.errors import ImgclsError
+
+    run = tmp_path / "copy"
+    shutil.copytree(exported_run, run)
+    x, y = pattern_images(20, size=16, seed=5)
+    np.savez(tmp_path / "cal.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(["a", "b", "c"]))
+    capsys.readouterr()
+    assert main(["calibrate", str(run), "--data", str(tmp_path / "cal.npz"), "--split", "all"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'model.onnx'} is stale (it carries temperature 1" in err and "model.int8.onnx is stale" in err
+    clf = Classifier.load(run)
+    assert abs(clf.temperature - 1.0) > 1e-3
+    assert make_backend(clf, "auto", device="cpu").name == "torch"
+    with pytest.raises(ImgclsError, match="no up-to-date model.onnx .*temperature"):
+        make_backend(clf, "onnx")
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    assert make_backend(Classifier.load(run), "auto", device="cpu").name == "onnx"
+
+
+def test_export_is_stale_once_multi_label_thresholds_change(tmp_path):
+    """A multi-label export carries its per-class thresholds: new ones (`imgcls thresholds`)
+    make it stale, as a new temperature does."""
+    from imgcls.api import Classifier
+    from imgcls.artifact import write_sidecar
+    from imgcls.engine.backends import export_problem
+    from imgcls.export.metadata import export_metadata
+
+    clf = Classifier.create("reference_cnn", classes=["a", "b"], in_chans=1, img_size=16, seed=0)
+    clf.card.update(task="multi", thresholds={"values": {"a": 0.3, "b": 0.6}})
+    path = tmp_path / "model.onnx"
+    write_sidecar(path, {**export_metadata(clf, "onnx", "fp32"), "parity": {"passed": True}})
+    assert export_problem(clf, path) is None
+    clf.card["thresholds"] = {"values": {"a": 0.3, "b": 0.7}}
+    assert "thresholds" in export_problem(clf, path)
+    clf.card["thresholds"] = {"values": {"a": 0.3, "b": 0.6}}
+    clf.temperature = 0.5
+    assert "temperature" in export_problem(clf, path)
+
+
 def test_torchscript_export(trained_run, tmp_path):
     from imgcls.export.torchscript import read_metadata
 

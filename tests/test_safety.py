@@ -269,6 +269,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.
 
 VALID_CARD = {"format": "imgcls-model", "format_version": 1, "architecture": "reference_cnn", "num_classes": 3,
               "classes": ["a", "b", "c"], "model_kwargs": {}, "in_chans": 1, "img_size": 16, "temperature": 1.0,
+              "tta": "none",
               "preprocessing": {"img_size": 16, "in_chans": 1, "mean": [0.5], "std": [0.5], "resize": "squash",
                                 "crop_pct": 1.0, "interpolation": "bilinear"}}
 
@@ -391,3 +392,62 @@ def test_fuzz_decode_upload_gives_an_image_or_a_4xx(data, channels, monkeypatch_
     assert img.mode in (("L" if channels == 1 else "RGB"), *HIGH_DEPTH_MODES), img.mode
     assert img.width * img.height <= 500_000
     assert img.format in (None, "JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def test_predictions_for_a_file_name_that_is_not_utf8_are_written(trained_run, tmp_path, monkeypatch):
+    """`a\\xffb.png` (not valid UTF-8) is written as its own bytes to -o FILE.csv and to a strict
+    stdout, escaped in JSON: no internal UnicodeEncodeError, no predictions lost."""
+    import sys
+
+    from imgcls.cli import main
+
+    name, imgs = os.fsdecode(b"a\xffb.png"), tmp_path / "imgs"
+    imgs.mkdir()
+    try:
+        Image.new("L", (16, 16), 30).save(imgs / name, format="PNG")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not valid UTF-8")
+    Image.new("L", (16, 16), 200).save(imgs / "plain.png")
+    assert main(["predict", str(trained_run), str(imgs), "-o", str(tmp_path / "out.csv")]) == 0
+    lines = (tmp_path / "out.csv").read_bytes().splitlines()
+    assert len(lines) == 3 and any(b"a\xffb.png," in line for line in lines)
+    assert main(["predict", str(trained_run), str(imgs), "-o", str(tmp_path / "out.json")]) == 0
+    assert {Path(r["source"]).name for r in json.loads((tmp_path / "out.json").read_text())} == {name, "plain.png"}
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)  # a UTF-8 terminal outside the C locale
+    assert main(["predict", str(trained_run), str(imgs), "--format", "csv"]) == 0
+    strict.flush()
+    assert b"a\xffb.png," in strict.buffer.getvalue()
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("tta", "flip-shfit", "'tta' is 'flip-shfit', not one of none, flip, flip-shift"),
+    ("tta", 3, "'tta' is 3,"),
+    ("thresholds", {"values": {"0": 0.5, "1": 0.4}}, "no threshold in [0, 1] for class '2'"),
+    ("thresholds", {"values": {"0": 0.5, "1": 0.4, "2": 1.5}}, "for class '2'"),
+    ("thresholds", [0.5, 0.5, 0.5], "'thresholds.values' must map each class"),
+])
+def test_card_with_a_bad_tta_or_thresholds_is_refused(saved, field, value, needle, capsys):
+    """A misspelt tta used to run flip TTA silently (and break export with a ValueError); a
+    multi-label card missing a class's threshold, a KeyError at prediction."""
+    from imgcls.cli import main
+
+    card = json.loads((saved / "model.json").read_text())
+    card.update({field: value, "task": "multi"} if field == "thresholds" else {field: value})
+    (saved / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ImgclsError, match="model.json is invalid") as err:
+        Classifier.load(saved)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    Image.new("L", (16, 16), 30).save(saved / "x.png")
+    assert main(["predict", str(saved), str(saved / "x.png")]) == 1
+    assert needle in capsys.readouterr().err
+
+
+def test_tta_forward_refuses_an_unknown_mode():
+    from imgcls.engine.tta import TTAModel, tta_forward
+
+    net = torch.nn.Flatten()
+    with pytest.raises(ImgclsError, match="unknown TTA mode 'flip-shfit' .*none, flip, flip-shift"):
+        tta_forward(net, torch.zeros(1, 1, 4, 4), "flip-shfit")
+    with pytest.raises(ImgclsError, match="unknown TTA mode"):
+        TTAModel(net, "mirror")

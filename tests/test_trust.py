@@ -261,6 +261,42 @@ def test_predict_cli_every_format_shows_set_and_unknown(trust_run, tmp_path, cap
     assert "set" not in json.loads(capsys.readouterr().out)
 
 
+def test_part_files_honour_the_trust_flags(trust_run, tmp_path, capsys):
+    """`predict --output DIR/` (part files) takes --no-sets / --no-reject-unknown / --sets /
+    --reject-unknown as the one-file output does (they used to be ignored)."""
+    import argparse
+
+    from PIL import Image
+
+    from imgcls.cli.predict import add_arguments
+    from imgcls.cli.predict_parts import _argv
+
+    run, plain, _ = trust_run
+    x, _ = pattern_images(1, size=16)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(x[0]).save(imgs / "ok.png")
+
+    def rows(out: Path, *flags: str) -> list[dict]:
+        assert main(["predict", str(run), str(imgs), "--output", f"{out}/", "--part-format", "jsonl", *flags]) == 0
+        return [json.loads(line) for line in next(out.glob("part-*.jsonl")).read_text().splitlines()]
+
+    [full] = rows(tmp_path / "full")
+    assert {"set", "unknown", "guess", "ood_score"} <= set(full)
+    [bare] = rows(tmp_path / "bare", "--no-sets", "--no-reject-unknown")
+    assert "ood_score" in bare and not {"set", "unknown", "guess"} & set(bare)
+    [no_sets] = rows(tmp_path / "no_sets", "--no-sets", "--reject-unknown")
+    assert "set" not in no_sets and "unknown" in no_sets
+    capsys.readouterr()
+    assert main(["predict", str(plain), str(imgs), "--output", f"{tmp_path / 'p'}/", "--sets"]) == 1
+    assert "conformal prediction sets" in capsys.readouterr().err  # required but missing: refused
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(run), str(imgs), "--output", "o/", "--no-sets", "--reject-unknown"])
+    assert {"--no-sets", "--reject-unknown"} <= set(_argv(args))  # what each torchrun process is given
+    assert "--sets" not in _argv(parser.parse_args([str(run), str(imgs), "--output", "o/"]))
+
+
 def test_an_old_model_names_the_command_that_adds_them(trust_run, tmp_path, capsys):
     from PIL import Image
 

@@ -60,11 +60,29 @@ def run(args: argparse.Namespace) -> int:
     RunDir(args.run).update_card(temperature=round(float(clf.temperature), 6), **fields)
     if clf.ood_features is not None:
         save_features(args.run, clf.ood_features)
+    _note_stale_exports(clf, args.run)
     if args.json:
         print(json.dumps(info))
         return 0
     print(_summary(clf, info, args.run))
     return 0
+
+
+def _note_stale_exports(clf, run: str) -> None:
+    """An ONNX export carries the temperature (and a multi-label model's thresholds) it was
+    made with: once they change it is stale (`--backend auto` no longer uses it), so say so."""
+    import sys
+    from pathlib import Path
+
+    from imgcls.engine.backends import ONNX_FILE, ONNX_INT8_FILE, export_problem
+
+    for name in (ONNX_FILE, ONNX_INT8_FILE):
+        path = Path(run) / name
+        problem = export_problem(clf, path) if path.is_file() else None
+        if problem:
+            again = " --int8" if name == ONNX_INT8_FILE else ""
+            print(f"imgcls: {path} is stale ({problem}); --backend auto uses PyTorch until it is re-exported: "
+                  f"`imgcls export {run} --format onnx{again}`", file=sys.stderr)
 
 
 def _summary(clf, info: dict, run: str) -> str:

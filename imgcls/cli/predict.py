@@ -147,12 +147,23 @@ def run(args: argparse.Namespace) -> int:
               "their rows say why (--strict: stop instead)", file=sys.stderr)
     text = render(preds, fmt, args.top_k)
     if args.output:
-        try:
-            Path(args.output).write_text(text)
+        try:  # a file name that is not valid UTF-8 is written as its own bytes (JSON escapes it: \udcff)
+            Path(args.output).write_text(text, encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
             raise ImgclsError(f"cannot write {args.output}: {exc.strerror}", "choose another --output") from None
         print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        _to_stdout(text)
     return 0
+
+
+def _to_stdout(text: str) -> None:
+    """``text`` on stdout; file names that are not valid UTF-8 (surrogate escapes) as their own
+    bytes, also where stdout's encoding is strict (a UTF-8 locale other than C.UTF-8)."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:  # raised while encoding, before anything was written
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "utf-8", "surrogateescape"))
+        sys.stdout.buffer.flush()
 

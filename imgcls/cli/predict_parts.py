@@ -27,6 +27,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = [args.run, *args.images, "--top-k", str(args.top_k), "--backend", args.backend, "--output", args.output,
             "--batch-size", str(args.batch_size), "--device", args.device, "--part-format", args.part_format]
     argv += ["--workers", str(args.workers)] if args.workers is not None else []
+    trust = {"sets": args.sets, "reject-unknown": args.reject_unknown}  # None: the model's default
+    argv += [f"--{flag}" if on else f"--no-{flag}" for flag, on in trust.items() if on is not None]
     return argv + [f for f, on in (("--int8", args.int8), ("--strict", args.strict)) if on]
 
 
@@ -44,6 +46,7 @@ def run_parts(args: argparse.Namespace) -> int:
     clf = Classifier.load(args.run)
     summary = clf.predict_parts(args.images, args.output, fmt=args.part_format, top_k=args.top_k,
                                 batch_size=args.batch_size, device=args.device, backend=backend,
-                                workers=args.workers, strict=args.strict)
+                                workers=args.workers, strict=args.strict, sets=args.sets,
+                                reject_unknown=args.reject_unknown)
     announce(summary, Ranks.from_env())
     return 0

@@ -6,8 +6,8 @@ through :func:`~imgcls.engine.tta.tta_forward`; ``onnx`` runs an exported ``mode
 (or ``model.int8.onnx``) with ONNX Runtime, whose graph averages its own TTA views (the
 export wraps the network in :class:`~imgcls.engine.tta.TTAModel`). ``auto`` takes ONNX
 Runtime on a CPU when the run folder holds an export made from the very same weights
-(checked by sha256) with the same TTA that passed its parity check, because it measured
-faster there (docs/bench-deploy.md); on a GPU it keeps torch.
+(checked by sha256) with the same TTA, temperature and thresholds that passed its parity
+check, because it measured faster there (docs/bench-deploy.md); on a GPU it keeps torch.
 
 Used only through :class:`imgcls.engine.predictor.Predictor`.
 """
@@ -169,23 +169,37 @@ class OnnxBackend:
 
 
 def usable_export(bundle: ModelBundle, int8: bool = False) -> Path | None:
-    """The run's ONNX export if it exists, was made from these weights with this TTA, and
-    passed its parity check (an export made before TTA was part of the graph is stale)."""
+    """The run's ONNX export if it exists and :func:`export_problem` finds nothing stale in it."""
     if bundle.path is None:
         return None
     path = Path(bundle.path) / (ONNX_INT8_FILE if int8 else ONNX_FILE)
     if not path.is_file():
         return None
+    return path if export_problem(bundle, path) is None else None
+
+
+def export_problem(bundle: ModelBundle, path: Path) -> str | None:
+    """Why the export at ``path`` no longer describes ``bundle`` (None: it does): other weights
+    (sha256), another TTA (an export made before TTA was part of the graph is stale), a
+    temperature or multi-label thresholds that ``imgcls calibrate`` / ``imgcls thresholds``
+    have changed since (a consumer of the export applies them from its metadata), or a
+    failed parity check."""
     try:
         meta = read_sidecar(path)
     except ImgclsError:
-        return None
+        return "it has no readable description beside it"
     sha = bundle.card.get("weights_sha256")
     if sha and meta.get("source_weights_sha256") != sha:
-        return None
+        return "it was made from other weights"
     if meta.get("tta", "none") != bundle.tta:
-        return None
-    return path if meta.get("parity", {}).get("passed") else None
+        return f"it was made with tta {meta.get('tta', 'none')!r}, model.json has {bundle.tta!r}"
+    t = meta.get("temperature", 1.0)
+    if not isinstance(t, (int, float)) or abs(float(t) - bundle.temperature) > 1e-6:
+        return f"it carries temperature {t}, model.json has {bundle.temperature:g}"
+    if bundle.multi_label and meta.get("thresholds") != dict(zip(bundle.classes, bundle.thresholds or
+                                                                 [0.5] * bundle.num_classes)):
+        return "its per-class thresholds are not model.json's"
+    return None if meta.get("parity", {}).get("passed") else "it did not pass its parity check"
 
 
 def _onnxruntime_available() -> bool:
@@ -194,6 +208,15 @@ def _onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _no_export(bundle: ModelBundle, int8: bool) -> ImgclsError:
+    """The refusal of --backend onnx / onnx-int8 without a usable export, saying why a present one is stale."""
+    name, where = ONNX_INT8_FILE if int8 else ONNX_FILE, bundle.path or "RUN"
+    found = Path(bundle.path) / name if bundle.path is not None else None
+    problem = export_problem(bundle, found) if found is not None and found.is_file() else None
+    return ImgclsError(f"no up-to-date {name} in {bundle.path or 'this model'}" + (f" ({problem})" if problem else ""),
+                       f"export it first: imgcls export {where} --format onnx" + (" --int8" if int8 else ""))
 
 
 def make_backend(bundle: ModelBundle, backend: str = "auto", device: str = "auto", precision: str = "auto"):
@@ -206,9 +229,7 @@ def make_backend(bundle: ModelBundle, backend: str = "auto", device: str = "auto
     export = usable_export(bundle, int8) if _onnxruntime_available() else None
     if backend in ("onnx", "onnx-int8"):
         if export is None:
-            name, where = ONNX_INT8_FILE if int8 else ONNX_FILE, bundle.path or "RUN"
-            raise ImgclsError(f"no up-to-date {name} in {bundle.path or 'this model'}",
-                              f"export it first: imgcls export {where} --format onnx" + (" --int8" if int8 else ""))
+            raise _no_export(bundle, int8)
         return OnnxBackend(export, bundle.preprocessing)
     # auto: torch on accelerators; ONNX Runtime on a CPU when a matching export exists
     if export is not None and resolve_device(device).type == "cpu":

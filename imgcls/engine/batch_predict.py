@@ -29,6 +29,7 @@ from imgcls.bundle import ModelBundle
 from imgcls.data.records import Split
 from imgcls.engine.decisions import Prediction, decide
 from imgcls.engine.predictor import Predictor
+from imgcls.engine.trust import Trust
 from imgcls.errors import ImgclsError
 
 FORMATS = ("parquet", "jsonl")
@@ -179,8 +180,13 @@ def _schema(keys: tuple[str, ...] = ()):
 def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str | Path, *, fmt: str = "parquet",
                   top_k: int = 1, batch_size: int = 64, device: str = "auto", backend: str = "torch",
                   workers: int | None = None, strict: bool = False, progress: bool = True,
-                  ranks: Ranks | None = None) -> dict[str, Any]:
-    """This process's part of a prediction job (see the module's doc); returns a summary."""
+                  ranks: Ranks | None = None, sets: bool | None = None,
+                  reject_unknown: bool | None = None) -> dict[str, Any]:
+    """This process's part of a prediction job (see the module's doc); returns a summary.
+    ``sets`` / ``reject_unknown``: :meth:`Predictor.use_trust` (None: the model's default;
+    True on a model without them: the one-line error naming ``imgcls calibrate``, before
+    any work)."""
+    Trust(bundle, sets, reject_unknown)  # what use_trust will check, before the folder and files
     r = ranks or Ranks.from_env()
     if fmt not in FORMATS:
         raise ImgclsError(f"unknown part format '{fmt}'", "use parquet or jsonl")
@@ -196,7 +202,8 @@ def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str 
     mine, my_names = my_part(split, names, r)
     t0 = time.perf_counter()
     bar = _Progress(out, r, total, progress)
-    rows = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict, bar)
+    rows = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict, bar,
+                (sets, reject_unknown))
     part.finish()
     others = [out / f"part-{k:05d}-of-{r.world:05d}.{fmt}" for k in range(r.world) if k != r.rank]
     bar.close(others)
@@ -204,7 +211,7 @@ def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str 
 
 
 def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_size, device, backend, workers,
-         strict, bar: _Progress) -> int:
+         strict, bar: _Progress, trust: tuple[bool | None, bool | None] = (None, None)) -> int:
     device = f"cuda:{r.local_rank}" if device == "auto" and r.world > 1 and _cuda() else device
     k = max(1, min(top_k, bundle.num_classes))
     skipped: dict[int, str] | None = None if strict else {}
@@ -215,6 +222,7 @@ def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_si
 
         split, names = split.subset(torch.arange(resume, len(split))), names[resume:]
     with Predictor(bundle, backend, device, "auto", batch_size, workers) as p:
+        p.use_trust(*trust)
         stream = p.stream(split, skipped=skipped, on_batch=bar.advance, on_sources=sources.append,
                           shard=(r.rank, r.world) if split.streamed else None)
         fields, thresholds = record_fields(bundle, p), bundle.decision_thresholds()

@@ -9,14 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TTA_MODES = ("none", "flip", "flip-shift")
+from imgcls.artifact import TTA_MODES  # the names a model card may give (checked when it is read)
+from imgcls.errors import ImgclsError
+
+
+def check_mode(tta: str) -> str:
+    """``tta`` when it is a TTA mode, else a one-line error naming the valid ones."""
+    if tta not in TTA_MODES:
+        raise ImgclsError(f"unknown TTA mode {repr(tta)[:40]}", f"use one of {', '.join(TTA_MODES)}")
+    return tta
 
 
 def tta_forward(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """Logits for ``x``. ``flip``: the mean over the image and its mirror; ``flip-shift``:
     half that, half the same for copies shifted by one pixel up-left and down-right
     (reflect-padded), airbench's test-time augmentation."""
-    if tta == "none":
+    if check_mode(tta) == "none":
         return model(x)
     out = (model(x).float() + model(x.flip(-1)).float()) / 2
     if tta == "flip-shift":
@@ -35,9 +43,7 @@ class TTAModel(nn.Module):
 
     def __init__(self, model: nn.Module, tta: str):
         super().__init__()
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown TTA mode {tta!r}")
-        self.model, self.tta = model, tta
+        self.model, self.tta = model, check_mode(tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tta_forward(self.model, x, self.tta)
