@@ -321,3 +321,22 @@ def test_evaluate_split_val_of_a_run_with_reordered_classes_scores_its_held_out_
     data, name, part, _ = Classifier.load(result.run_dir).eval_data(str(root), "val", announce=False)
     assert name == "val" and len(part) == len(held_out) == 6
     assert {str(p) for p in data.val.paths} == held_out
+
+
+def test_a_folder_beside_the_split_folders_is_said_to_be_unread(tmp_path, capsys):
+    """train/ + Holdout/: the images under Holdout/ are not read - reported by the data, by
+    audit and at training, not dropped in silence."""
+    from imgcls.cli import main
+    from imgcls.data.sources import UNUSED_FOLDER
+
+    root = _png_tree(tmp_path / "ds", {"train/cat": 4, "train/dog": 4, "Holdout/cat": 2, "Holdout/dog": 2})
+    d = from_folder(root)
+    assert d.val is None and d.test is None
+    assert [(str(p), why) for _, p, why in d.passed_over] == [(str(root / "Holdout"), UNUSED_FOLDER)]
+    main(["audit", str(root)])
+    assert f"not read: {root / 'Holdout'} (name it val/ or test/ to use it)" in capsys.readouterr().out
+    assert from_folder(_png_tree(tmp_path / "plain", {"cat": 2, "dog": 2})).passed_over == []
+    from imgcls import train
+
+    train({"data": str(root), "epochs": 1, "img_size": 16, "out": str(tmp_path / "runs")}, progress=False)
+    assert f"imgcls: not read: {root / 'Holdout'} (name it val/ or test/ to use it)" in capsys.readouterr().err

@@ -76,6 +76,8 @@ def print_report(r: dict, max_listed: int = 10) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from imgcls.data.sources import UNUSED_FOLDER
+
     con = Console()
     what = f"images in arrays, shape {'x'.join(map(str, r['shape']))} (C x H x W)" if r.get("shape") else "files"
     con.print(f"[bold]{r['data']}[/bold]: {r['files']} {what}, {r['readable']} readable, "
@@ -91,9 +93,12 @@ def print_report(r: dict, max_listed: int = 10) -> None:
     con.print("formats: " + ", ".join(f"{k} {v}" for k, v in r["formats"].items())
               + " | modes: " + ", ".join(f"{k} {v}" for k, v in r["modes"].items()))
     con.print("shorter side (px): " + ", ".join(f"{k}: {v}" for k, v in r["shorter_side"].items()))
-    if r.get("passed_over"):
-        con.print("passed over (not images): " + ", ".join(f"{v} {k}{'s' if v > 1 else ''}"
-                                                          for k, v in r["passed_over"].items()))
+    unused = [f["path"] for f in r.get("passed_over_files", []) if f["why"] == UNUSED_FOLDER]
+    if unused:
+        con.print(f"not read: {', '.join(unused)} ({UNUSED_FOLDER.split('(', 1)[1]}", soft_wrap=True)
+    over = {k: v for k, v in (r.get("passed_over") or {}).items() if k != UNUSED_FOLDER}
+    if over:
+        con.print("passed over (not images): " + ", ".join(f"{v} {k}{'s' if v > 1 else ''}" for k, v in over.items()))
     if r.get("label_issues") is not None:
         li = r["label_issues"]
         per = ", ".join(f"{k} {v}" for k, v in li["issues_per_given_class"].items() if int(v))

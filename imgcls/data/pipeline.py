@@ -30,7 +30,7 @@ from imgcls.data.decode import images_in_folder, to_mode
 from imgcls.data.decode_pass import DecodedData, decode_data
 from imgcls.data.loaders import BalancedOrder, Batches, default_workers
 from imgcls.data.records import ImageData, Split
-from imgcls.data.sources import _to_nchw_uint8, load_data
+from imgcls.data.sources import UNUSED_FOLDER, _to_nchw_uint8, load_data
 from imgcls.data.streaming import BytesDecoder, StreamBatches
 from imgcls.data.transforms import (AugmentSpec, BatchAugment, BatchResizedCrop, Preprocessing, StrongAugment,
                                     augment_preset)
@@ -260,6 +260,9 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
     """Training and validation batches of a run; ``batch_size`` is this process's."""
     if data.train.streamed:
         return _stream_inputs(data, pre, s, batch_size, device=device, rank=rank, world=world)
+    unused = [str(p) for _, p, why in data.passed_over if why == UNUSED_FOLDER]
+    if unused and announce:
+        print(f"imgcls: not read: {', '.join(unused)} ({UNUSED_FOLDER.split('(', 1)[1]}", file=sys.stderr)
     data, files = _decode_for_training(data, pre, s, progress, report_dir, announce)
     aug = augment_preset(s.augment, data.kind, s.hflip)
     aug.randaugment = s.randaugment

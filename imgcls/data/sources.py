@@ -24,6 +24,9 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 
 # ----------------------------------------------------------------------------- folders
+# a folder beside train/ (val/, test/) that is no split: reported (audit, training), not read
+UNUSED_FOLDER = "folder beside the split folders, not read (name it val/ or test/ to use it)"
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -90,7 +93,8 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
         raise ImgclsError(f"only one class ('{classes[0]}') in {class_root}",
                           "a classifier needs at least two class folders")
     splits: dict[str, Split] = {}
-    passed: list[tuple[str, Path, str]] = []
+    passed: list[tuple[str, Path, str]] = [("-", d, UNUSED_FOLDER) for d in subdirs
+                                           if split_dirs and d not in split_dirs.values()]
     for split, base in ({main: class_root} | {k: v for k, v in split_dirs.items() if k != main}).items():
         extra = sorted(d.name for d in _class_dirs(base) if d.name not in classes)
         if extra:
