@@ -230,9 +230,13 @@ def test_training_and_testing_folders_are_split_folders(tmp_path):
 
 
 def test_split_like_folders_under_other_names_are_refused(tmp_path):
-    root = _png_tree(tmp_path / "kg", {"set_a/cat": 2, "set_a/dog": 2, "set_b/cat": 2, "set_b/dog": 2})
-    with pytest.raises(ImgclsError, match=r"set_a.*set_b.*look like split folders: name them train/, val/, test/"):
+    root = _png_tree(tmp_path / "kg", {"Train_set/cat": 2, "Train_set/dog": 2, "Test_set/cat": 2, "Test_set/dog": 2})
+    with pytest.raises(ImgclsError, match=r"Test_set.*Train_set.*look like split folders: name them train/, val/"):
         from_folder(root)
+    # the same layout under names that are no split's: class folders organised by year
+    years = _png_tree(tmp_path / "yr", {"cat/2019": 2, "cat/2020": 1, "dog/2019": 2, "dog/2020": 2})
+    d = from_folder(years)
+    assert d.classes == ["cat", "dog"] and d.train.class_counts(2) == [3, 4]
 
 
 def test_a_class_folder_named_train_is_a_class(tmp_path):

@@ -5,6 +5,7 @@ the user gave and adds a held-out validation split when the data has none."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,17 @@ def _split_dirs(root: Path, subdirs: list[Path]) -> dict[str, Path]:
     return {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES and _class_dirs(d)}
 
 
+# a word of a split's name inside a folder name: Train_set, seg_test, Validation2, holdout
+SPLIT_WORD = re.compile(r"train|test|val|eval|holdout", re.IGNORECASE)
+
+
 def _refuse_unnamed_splits(root: Path, dirs: list[Path]) -> None:
-    """Top-level folders that hold no files but the same set of subfolders (``Train_set/{cat,dog}``,
-    ``Test_set/{cat,dog}``) are split folders under names imgcls does not know: refused, rather
-    than made classes "Train_set" and "Test_set"."""
-    if len(dirs) < 2:
+    """Top-level folders that hold no files but the same set of subfolders, one of them named
+    like a split (``Train_set/{cat,dog}``, ``Test_set/{cat,dog}``), are split folders under names
+    imgcls does not know: refused, rather than made classes "Train_set" and "Test_set". Class
+    folders organised the same way under other names (``cat/{2019,2020}``, ``dog/{2019,2020}``:
+    years, sites, cameras) are classes."""
+    if len(dirs) < 2 or not any(SPLIT_WORD.search(d.name) for d in dirs):
         return
     names = None
     for d in dirs:
