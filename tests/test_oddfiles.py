@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("pillow_heif")
 pytest.importorskip("pillow_jxl")
@@ -112,6 +113,14 @@ def test_every_frame_of_a_multiframe_dicom_with_frames_all(corpus, tmp_path):
     first = decode_data(data, PRE, cache=False, workers=0, announce=False)
     every = decode_data(data, dataclasses.replace(PRE, frames="all"), cache=False, workers=0, announce=False)
     assert len(every.data.train) == len(first.data.train) + 14  # rtdose.dcm: 15 frames, 14 more images
+    # each decoded row names its file, and its frame where a file gave several (reports name them)
+    dose = str(root / "odd" / "dose_15frames.dcm")
+    sources = every.data.train.sources
+    assert [s for s in sources if s.startswith(dose)] == [f"{dose}#frame{k}" for k in range(15)]
+    good = [str(p) for p in data.train.paths if str(p) not in {str(q) for _, q, _ in first.skipped}]
+    assert first.data.train.sources == good
+    sub = every.data.train.subset(torch.tensor([len(sources) - 1, 0]))
+    assert sub.sources == [sources[-1], sources[0]]
     frames = [load_image(root / "odd" / "dose_15frames.dcm", 1, frame=i, intensity="auto") for i in (0, 7)]
     assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[1]))
 

@@ -39,6 +39,7 @@ import fcntl
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,7 +473,10 @@ def decoded_split(split: Split, pre: Preprocessing | None = None, *, spec: Cache
     else:
         x = images[torch.tensor(rows, dtype=torch.long)] if rows else images[:0]
     labels = split.labels[torch.tensor([owner[i] for i in good], dtype=torch.long)] if good else split.labels[:0]
-    return DecodedSplit(split=Split(labels=labels, images=x), paths=[paths[i] for i in good],
+    many = Counter(str(paths[i]) for i in good)
+    sources = [str(paths[i]) if many[str(paths[i])] == 1 and not frames[i] else f"{paths[i]}#frame{frames[i]}"
+               for i in good]
+    return DecodedSplit(split=Split(labels=labels, images=x, sources=sources), paths=[paths[i] for i in good],
                         skipped=[(paths[i], skipped[i]) for i in sorted(skipped)],
                         decoded=sum(1 for i in missing if i not in skipped), frames=[frames[i] for i in good])
 

@@ -22,6 +22,9 @@ class Split:
     # a ShardSplit (data/shardset.py): streamed from a shard set; labels are then its class
     # counts in class order (the stream's own order is its shards')
     shards: Any = None
+    # in-memory images decoded from files (the decode pass): the file behind each row, as
+    # ``file`` or ``file#frameN`` (frames="all"), for reports that name what they show
+    sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.images, self.paths, self.shards)) != 1:
@@ -30,6 +33,8 @@ class Split:
             else self.shards.count
         if n != len(self.labels):
             raise ValueError(f"{n} images but {len(self.labels)} labels")
+        if self.sources is not None and len(self.sources) != n:
+            raise ValueError(f"{n} images but {len(self.sources)} sources")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,7 +52,8 @@ class Split:
             raise ValueError("a streamed (sharded) split has no random access")
         idx = idx.long()
         if self.images is not None:
-            return Split(labels=self.labels[idx], images=self.images[idx])
+            sources = None if self.sources is None else [self.sources[i] for i in idx.tolist()]
+            return Split(labels=self.labels[idx], images=self.images[idx], sources=sources)
         return Split(labels=self.labels[idx], paths=[self.paths[i] for i in idx.tolist()])
 
     @property

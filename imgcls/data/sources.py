@@ -303,13 +303,13 @@ def with_classes(data: ImageData, classes: list[str] | None) -> ImageData:
             from imgcls.data.multilabel import relabel_multi
 
             return Split(labels=relabel_multi(split.labels, mapping, len(classes)), images=split.images,
-                         paths=split.paths)
+                         paths=split.paths, sources=split.sources)
         new = mapping[split.labels] if len(split.labels) else split.labels
         if split.shards is not None:  # a stream maps each label as it is read
             old = split.shards.label_map
             table = [int(mapping[i if old is None else old[i]]) for i in range(len(old or data.classes))]
             return Split(labels=new, shards=dataclasses.replace(split.shards, label_map=table))
-        return Split(labels=new, images=split.images, paths=split.paths)
+        return Split(labels=new, images=split.images, paths=split.paths, sources=split.sources)
 
     return dataclasses.replace(data, classes=classes, train=relabel(data.train), val=relabel(data.val),
                                test=relabel(data.test), notes=list(data.notes))

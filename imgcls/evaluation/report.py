@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgcls.bundle import ModelBundle
-from imgcls.data.decode import frame_count
-from imgcls.data.records import Split
 from imgcls.engine.predictor import Predictor, eval_data
 from imgcls.errors import ImgclsError
 from imgcls.rundir import RunDir
@@ -76,28 +74,12 @@ def _thumb(e: Any, height: int = 128) -> bytes:
     return buf.getvalue()
 
 
-def row_sources(files: Split | None, skipped: list, pre: Any) -> list[str] | None:
-    """The file behind each row of a decoded file split (``file#frameN`` for the frames of a
-    multi-frame file with ``frames="all"``), the unreadable ``skipped`` files left out as the
-    decode pass leaves them out; None for in-memory data or when the rows cannot be matched."""
-    if files is None or files.paths is None:
-        return None
-    bad = {str(p) for _, p, _ in skipped}
-    out: list[str] = []
-    for p in files.paths:
-        if str(p) in bad:
-            continue
-        n = frame_count(p) if getattr(pre, "frames", "first") == "all" else 1
-        out += [str(p)] if n == 1 else [f"{p}#frame{k}" for k in range(n)]
-    return out
-
-
 def confident_mistakes(clf: ModelBundle, part: Any, probs: np.ndarray, labels: np.ndarray, n: int,
                        method: str = "gradcam", split_name: str = "",
                        sources: list[str] | None = None) -> list[dict[str, Any]]:
     """The ``n`` wrong predictions the model was surest of, each with an explanation of the
     (wrong) predicted class. ``sources``: the file of each row of a decoded (in-memory)
-    ``part`` (:func:`row_sources`): the gallery then names and explains the files themselves."""
+    ``part`` (``Split.sources``, set by the decode pass): the gallery then names and explains the files themselves."""
     from imgcls.explain import explain
 
     pred = probs.argmax(1)
@@ -169,7 +151,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
 
         return multilabel_report(clf, run.path, out_dir, data, split, batch_size, device, ood)
     spec = data
-    data, split, part, skipped = eval_data(clf, data, split)
+    data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:
         z, y, feats = p.run_outputs(part)
         trust = trust_metrics(p, z, y, feats, ood)
@@ -189,9 +171,8 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     m["split"], m["data"] = split, data.name
     m.update(trust.sections)
     probs = F.softmax(logits / t, dim=1).numpy()
-    files = getattr(data, "test" if split == "all" else split, None)  # eval_data's "all" is held as test
     gallery = confident_mistakes(clf, part, probs, labels.numpy(), mistakes, split_name=split,
-                                 sources=row_sources(files, skipped, clf.preprocessing)) if mistakes else []
+                                 sources=part.sources) if mistakes else []
     history = read_history(run.path / "history.csv")
     cm = np.asarray(m["confusion_matrix"])
     pictures = {
