@@ -233,6 +233,9 @@ def test_split_like_folders_under_other_names_are_refused(tmp_path):
     root = _png_tree(tmp_path / "kg", {"Train_set/cat": 2, "Train_set/dog": 2, "Test_set/cat": 2, "Test_set/dog": 2})
     with pytest.raises(ImgclsError, match=r"Test_set.*Train_set.*look like split folders: name them train/, val/"):
         from_folder(root)
+    folds = _png_tree(tmp_path / "cv", {"fold1/cat": 2, "fold1/dog": 2, "fold2/cat": 2, "fold2/dog": 2})
+    with pytest.raises(ImgclsError, match=r"fold1/, fold2/ hold the same class folders"):
+        from_folder(folds)  # was a 2-class set "fold1" vs "fold2"
     # the same layout under names that are no split's: class folders organised by year
     years = _png_tree(tmp_path / "yr", {"cat/2019": 2, "cat/2020": 1, "dog/2019": 2, "dog/2020": 2})
     d = from_folder(years)

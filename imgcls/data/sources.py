@@ -38,8 +38,9 @@ def _split_dirs(root: Path, subdirs: list[Path]) -> dict[str, Path]:
     return {SPLIT_NAMES[d.name.lower()]: d for d in subdirs if d.name.lower() in SPLIT_NAMES and _class_dirs(d)}
 
 
-# a word of a split's name inside a folder name: Train_set, seg_test, Validation2, holdout
-SPLIT_WORD = re.compile(r"train|test|val|eval|holdout", re.IGNORECASE)
+# a word of a split's name inside a folder name: Train_set, seg_test, Validation2, holdout,
+# cross-validation folds (fold1, fold_2) and numbered splits (split0)
+SPLIT_WORD = re.compile(r"train|test|val|eval|holdout|fold|split", re.IGNORECASE)
 
 
 def _refuse_unnamed_splits(root: Path, dirs: list[Path]) -> None:
