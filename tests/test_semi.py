@@ -40,6 +40,10 @@ def test_unlabeled_pool_adds_confident_pseudo_labels(tmp_path, capsys):
     labelled = int(note.split()[-3])  # "... joined the 33 labelled ones"
     assert 0 < n_pseudo <= 90 and labelled < 36 and m["training"]["train_images"] == labelled + n_pseudo
     assert "fixmatch" not in m["training"]  # pseudo only: no consistency term
+    # the student's recipe line says it trains on more than the labelled images it was chosen for
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("recipe ")]
+    assert len(lines) == 2 and f"the student trains on {labelled + n_pseudo:,})" in lines[1], lines
 
 
 def test_pseudo_rounds_relabel_the_pool_with_each_rounds_student(tmp_path, capsys):

@@ -128,6 +128,9 @@ def add_pseudo_labels(cfg: TrainConfig, data: ImageData,
                 f"{len(data.train)} labelled ones")
         say(note)
         notes.append(note)
+    if cfg.recipe_choice:  # the recipe was chosen for the labelled images; the student trains on more
+        cfg = cfg.model_copy(update={"recipe_choice": f"{cfg.recipe_choice} (chosen for the {len(data.train):,} "
+                                                      f"labelled images; the student trains on {len(train):,})"})
     if budget:
         left = max(minutes_left(), budget * MIN_SHARE)
         cfg = cfg.model_copy(update={"time_budget": round(left, 4)})
