@@ -150,3 +150,19 @@ def test_cache_dir_that_does_not_exist_is_not_empty(tmp_path, capsys):
     (tmp_path / "real").mkdir()
     assert main(["cache", "--dir", str(tmp_path / "real")]) == 0
     assert "empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--data", "digits", "--optimizer", "adamm"],
+     "imgcls train: error: argument --optimizer: invalid choice: 'adamm' (choose from 'adam', 'adamw', 'sgd') "
+     "(did you mean 'adam'?) (see imgcls train --help)"),
+    (["train", "--data", "digits", "--batchsize", "3"],
+     "imgcls train: error: unrecognized arguments: --batchsize 3 (did you mean --batch-size?) (see imgcls train --help)"),
+    (["trian"], "(did you mean 'train'?) (see imgcls --help)"),
+    (["predict"], "imgcls predict: error: the following arguments are required: run, images (see imgcls predict --help)"),
+])
+def test_a_flag_mistake_is_one_line_with_the_near_miss(argv, said, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and said in err, err  # no usage block before it

@@ -33,15 +33,47 @@ COMMANDS = [_train, _evaluate, _calibrate, _predict, _models, _summary, _audit, 
             _serve, _label_issues, _rank, _shard, _thresholds]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag mistake said in one line (``imgcls train: error: argument
+    --optimizer: invalid choice: 'adamm' (choose from ...) (see imgcls train --help)``) instead
+    of the command's whole usage first (48 lines for ``train``), and a near miss of a flag named
+    (``--batchsize`` -> ``--batch-size``). Exit code 2, argparse's for usage errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}{did_you_mean(self, message)} (see {self.prog} --help)\n")
+
+
+def did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """`` (did you mean --batch-size?)`` for the first unrecognised flag of ``message`` close to one
+    of ``parser``'s, `` (did you mean 'train'?)`` for an invalid choice close to a valid one, else ''."""
+    import difflib
+    import re
+
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if choice:
+        close = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1, cutoff=0.6)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    for token in message.split(":", 1)[1].split():
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imgcls.version import __version__
 
-    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use image classifiers.")
+    parser = _Parser(prog="imgcls", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = {}
     for mod in COMMANDS:
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p = parser.commands[mod.NAME] = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -52,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imgcls.errors import ImgclsError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, which knows its flags (argparse leaves it to the top one)
+        parser.commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
