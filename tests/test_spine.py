@@ -318,3 +318,29 @@ def test_decide_is_the_one_decision_rule():
     assert preds[0].top == [("b", 0.7), ("c", 0.2)]
     assert preds[1].to_dict() == {"source": "bad.png", "label": None, "top": [], "error": "bad.png: truncated"}
     assert len(decide(["a", "b", "c"], probs, ["1", "2", "3"], top_k=9)[0].top) == 3
+
+
+def test_a_prediction_pass_stops_its_decode_workers(tmp_path):
+    """Persistent decode workers outlived a pass (Batches sits in a reference cycle), so the next
+    pass's workers were forked with a copy of the old iterator and printed "AssertionError: can
+    only test a child process" when they dropped it (imgcls rank --strategy hybrid)."""
+    import multiprocessing
+
+    from imgcls.data.loaders import Batches
+    from imgcls.data.sources import load_data
+    from imgcls.engine.predictor import Predictor
+    from tests.conftest import write_folder
+
+    folder = write_folder(tmp_path / "d", n_per_class=6)
+    r = train({"data": str(folder), "epochs": 1, "img_size": 16, "batch_size": 8, "out": str(tmp_path / "runs"),
+               "name": "w", "val_split": 0.0}, progress=False)
+    split = load_data(str(folder), val_split=0.0).train
+    with Predictor(r.classifier, batch_size=4, workers=1) as p:
+        for _ in range(2):
+            logits, _ = p.run(split)
+            assert len(logits) == 18 and not multiprocessing.active_children()
+    b = Batches(split, 4, transform=r.classifier.preprocessing.pil_transform(), channels=3, size=16, workers=1)
+    assert len(list(b)) == 5 and multiprocessing.active_children()  # a training loader keeps its workers
+    b.close()
+    assert not multiprocessing.active_children() and len(list(b)) == 5  # ... until closed; it can go on
+    b.close()

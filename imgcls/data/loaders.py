@@ -260,6 +260,14 @@ class Batches:
         if self._loader is not None:
             self._sampler.set_epoch(epoch)
 
+    def close(self) -> None:
+        """Stop the decode workers now. Persistent ones otherwise live as long as this object,
+        and a later loader's fork copies their iterator into its own workers, where dropping
+        it prints "AssertionError: can only test a child process" (``imgcls rank --strategy
+        hybrid`` predicted the pool, then the labelled images). Iterating again starts new ones."""
+        if self._loader is not None and getattr(self._loader, "_iterator", None) is not None:
+            self._loader._iterator = None  # its __del__ shuts the workers down, in this process
+
     def shard(self, rank: int, world: int, even: bool) -> None:
         """Read only this process's share (imgcls.engine.distributed). ``batch_size`` is
         then the per-process batch. even: every rank the same number of batches, each

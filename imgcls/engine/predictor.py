@@ -36,15 +36,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def iter_backend(backend, batches, on_batch: Callable[[int], None] | None = None, features: bool | str = False):
     """``(logits, labels)`` of each batch - with ``features``, ``(logits, labels, penultimate
     features)``; ``features="layers"``: the block statistics follow the penultimate features
-    (engine/layer_stats.py) - in order, one batch at a time (memory stays flat)."""
-    for x, y in batches:
-        if features == "layers":
-            got = backend.outputs(x, layers=True)
-        else:
-            got = backend.outputs(x) if features else (backend.logits(x),)
-        if on_batch is not None:
-            on_batch(len(y))
-        yield (got[0], y.numpy(), *got[1:])
+    (engine/layer_stats.py) - in order, one batch at a time (memory stays flat). The batches'
+    decode workers stop when the pass ends (:meth:`~imgcls.data.loaders.Batches.close`)."""
+    try:
+        for x, y in batches:
+            if features == "layers":
+                got = backend.outputs(x, layers=True)
+            else:
+                got = backend.outputs(x) if features else (backend.logits(x),)
+            if on_batch is not None:
+                on_batch(len(y))
+            yield (got[0], y.numpy(), *got[1:])
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def run_backend(backend, batches, on_batch: Callable[[int], None] | None = None,

@@ -334,9 +334,15 @@ class TrainingSession:
             self.pool = None  # auto: pseudo-labels only on cached features
         self._not_applied = self._not_on_cached_features(ft)
         self._announce()
-        out = self.train(inp, lr, tta, ft)
-        if self.multi_label:
-            self.bundle.card["thresholds"] = self.thresholds(inp, tta)
+        try:
+            out = self.train(inp, lr, tta, ft)
+            if self.multi_label:
+                self.bundle.card["thresholds"] = self.thresholds(inp, tta)
+        finally:  # the decode workers stop with the run, not when a garbage collection finds them
+            for batches in (inp.train, inp.val):
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
         summary = self.summary(inp, out, lr, tta, ft, found)
         self.bundle.card["training"] = summary
         self.history = out.state.history
