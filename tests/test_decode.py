@@ -124,3 +124,82 @@ def test_unreadable_permissions(tmp_path):
     p.chmod(0)
     with pytest.raises(UnreadableImage, match="permission denied"):
         load_image(p)
+
+
+def _png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG of (H, W, C) uint16, C = 2 (grey + alpha), 3 (RGB) or 4 (RGBA): Pillow cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _rgb16() -> np.ndarray:
+    v = np.linspace(1000, 3000, 64)[None, :].repeat(8, 0)
+    return np.stack([v, v / 2, v / 4], -1).round().astype(np.uint16)  # R = 2 G = 4 B
+
+
+def _write16(tmp_path, arr: np.ndarray, name: str):
+    import tifffile
+
+    p = tmp_path / name
+    if name.endswith(".png"):
+        p.write_bytes(_png16(arr))
+    else:
+        tifffile.imwrite(p, arr, photometric="rgb", extrasamples=["unassalpha"] if arr.shape[-1] == 4 else None)
+    return p
+
+
+def test_16bit_colour_png_and_tiff_keep_their_levels(tmp_path):
+    """Pillow decodes 16 bits a colour channel at 8 (the high byte: 1000..3000 became 3..11)."""
+    from imgcls.data.decode import to_mode
+
+    rgb = _rgb16()
+    png, tif = _write16(tmp_path, rgb, "c.png"), _write16(tmp_path, rgb, "c.tif")
+    outs = [px(load_image(p, 3, intensity="auto")) for p in (png, tif)]
+    assert (outs[0] == outs[1]).all()
+    assert len(np.unique(outs[0][..., 0])) > 40 and outs[0].max() >= 250  # stretched, not 3..11
+    assert (outs[0][..., 0] >= outs[0][..., 1]).all() and (outs[0][..., 1] >= outs[0][..., 2]).all()
+    win = px(load_image(png, 3, intensity="window:0,4000"))  # one window for all channels: ratios kept
+    assert np.abs(win[..., 0] - 2 * win[..., 1]).max() <= 2 and np.abs(win[..., 1] - 2 * win[..., 2]).max() <= 2
+    assert (px(to_mode(Image.open(png), 3)) == px(load_image(png, 3))).all()  # an Image.open handed in
+    assert len(np.unique(px(load_image(png, 1, intensity="auto")))) > 40  # grey model: 16-bit luma
+
+
+def test_16bit_colour_keeps_16_bits_with_bit_depth_16(tmp_path):
+    from imgcls.data.intensity import map_16bit, parse_intensity
+
+    rgb = _rgb16()
+    for name in ("c.png", "c.tif"):
+        out = map_16bit(load_image(_write16(tmp_path, rgb, name), 3), parse_intensity("full-range"), 3)
+        assert out.shape == (3, 8, 64) and np.abs(out - rgb.transpose(2, 0, 1)).max() < 0.5
+
+
+def test_16bit_rgba_is_composited_on_white(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint16)
+    rgba[..., 0] = 30000
+    rgba[0, :, 3], rgba[1, 0, 3] = 65535, 32768  # opaque row, half, transparent
+    for name in ("a.png", "a.tif"):
+        out = px(load_image(_write16(tmp_path, rgba, name), 3, intensity="full-range"))
+        assert out[0, 0].tolist() == [117, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
+        assert out[1, 0].tolist() == [186, 127, 127]  # half of 30000 + half of white
+    la = np.stack([np.full((2, 2), 20000), np.array([[65535, 0], [65535, 0]])], -1).astype(np.uint16)
+    grey = load_image(_write16(tmp_path, la, "la.png"), 1)
+    assert grey.mode == "I;16" and np.asarray(grey).tolist() == [[20000, 65535], [20000, 65535]]
+
+
+def test_16bit_colour_without_its_package_names_it(tmp_path, monkeypatch):
+    from imgcls.data import formats
+
+    real = formats.plugin_available
+    monkeypatch.setattr(formats, "plugin_available", lambda fmt: fmt not in ("PNG16", "TIFF16") and real(fmt))
+    for name, pip in (("c.png", "pip install imagecodecs"), ("c.tif", "pip install tifffile imagecodecs")):
+        with pytest.raises(UnreadableImage) as exc:
+            load_image(_write16(tmp_path, _rgb16(), name), 3)
+        assert exc.value.reason == f"unsupported format — {pip}" and name in str(exc.value)

@@ -180,3 +180,16 @@ def test_predict_every_frame_of_a_multi_frame_dicom(tmp_path):
     assert len(clf.predict(tmp_path / "dose.dcm", precision="fp32")) == 15
     clf.preprocessing = dataclasses.replace(clf.preprocessing, frames="first")  # the default: the first frame
     assert len(clf.predict(tmp_path / "dose.dcm", precision="fp32")) == 1
+
+
+def test_16bit_colour_is_mapped_with_one_window_over_its_channels():
+    """A 16-bit colour image (decode's deep_image) maps like 16-bit grey, all channels together."""
+    from imgcls.data.intensity import deep_image, map_8bit, map_16bit
+
+    rgb = np.zeros((2, 3, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 1000, 2000, 3000
+    img = deep_image(rgb)
+    assert np.asarray(map_8bit(img, parse_intensity("minmax"), 3))[0, 0].tolist() == [0, 128, 255]
+    assert np.asarray(map_8bit(img, parse_intensity("window:0,4000"), 3))[0, 0].tolist() == [64, 128, 191]
+    assert map_16bit(img, parse_intensity("full-range"), 3)[:, 0, 0].tolist() == [1000, 2000, 3000]
+    assert np.asarray(img)[0, 0].tolist() == [0, 128, 255]  # what plain-RGB readers see: its auto mapping

@@ -16,6 +16,8 @@ pytest.importorskip("pillow_heif")
 pytest.importorskip("pillow_jxl")
 pytest.importorskip("pydicom")
 
+from PIL import Image
+
 from imgcls.data import formats
 from imgcls.data.audit import audit_files
 from imgcls.data.decode import load_image
@@ -140,3 +142,21 @@ def test_a_link_from_a_class_folder_up_to_the_data_root_is_a_symlink_loop(tmp_pa
     d = from_folder(tmp_path)
     cats = [p.name for p, lab in zip(d.train.paths, d.train.labels.tolist()) if lab == 0]
     assert cats == ["cat0.png", "cat1.png", "loop"]  # the loop is a candidate that is reported, no dog is a cat
+
+
+def test_a_16bit_colour_png_without_imagecodecs_is_named(monkeypatch, tmp_path):
+    """Not decoded at 8 bits (Pillow's high byte): listed with the package to install."""
+    from tests.test_decode import _png16, _rgb16
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "data" / cls / "ok.png")
+    (tmp_path / "data" / "a" / "deep.png").write_bytes(_png16(_rgb16()))
+    real = formats.plugin_available
+    monkeypatch.setattr(formats, "plugin_available", lambda fmt: fmt != "PNG16" and real(fmt))
+    data = from_folder(tmp_path / "data")
+    prepared = decode_data(data, PRE, cache=False, workers=0, report_dir=tmp_path, announce=False)
+    assert {p.name: why for _, p, why in prepared.skipped} == {"deep.png": "unsupported format — pip install imagecodecs"}
+    report = audit_files(data, pixels=False, workers=0)
+    found = [f["message"] for f in report["findings"] if f["kind"] == "unreadable"]
+    assert found == ["unsupported format — pip install imagecodecs"]

@@ -275,3 +275,26 @@ def test_uploaded_jpeg_gets_the_probabilities_of_the_same_file(tmp_path):
         got = {t["class"]: t["probability"] for t in r.json()["top"]}
         assert got.keys() == want.keys()
         np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], atol=1e-6)
+
+
+def test_uploaded_16bit_colour_png_is_read_at_full_depth(tmp_path):
+    """A 16-bit RGB PNG upload gets the probabilities of the same file given to predict
+    (Pillow alone decodes it at 8 bits: values 1000..3000 became 3..11, near black)."""
+    pytest.importorskip("imagecodecs")
+    from imgcls.api import Classifier
+    from imgcls.data.decode import load_image
+
+    rgb = np.linspace(1000, 3000, 24 * 24 * 3).reshape(24, 24, 3).astype(np.uint16)
+    rgb[..., 2] = 3000 - rgb[..., 2] + 1000
+    path = tmp_path / "deep.png"
+    import imagecodecs
+
+    path.write_bytes(imagecodecs.png_encode(rgb))
+    assert np.asarray(load_image(path, 3)).max() > 200  # full depth, mapped by --intensity auto
+    clf = Classifier.create("reference_cnn", classes=list("abc"), in_chans=3, img_size=24, seed=0)
+    [want] = clf.predict(str(path), top_k=3, device="cpu", workers=0)
+    with local_client(create_app(None, ServeSettings(backend="torch", max_wait_ms=2), classifier=clf)) as c:
+        r = c.post("/predict?top_k=3", files={"file": ("deep.png", path.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    got = {t["class"]: t["probability"] for t in r.json()["top"]}
+    np.testing.assert_allclose([got[c] for c, _ in want.top], [p for _, p in want.top], atol=1e-6)

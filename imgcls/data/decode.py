@@ -3,7 +3,9 @@
 Decoding goes through Pillow (every common format, plus HEIC/HEIF, AVIF, JPEG XL and
 DICOM through :mod:`imgcls.data.formats`; EXIF orientation applied) and ends in an L or
 RGB image, whichever the model needs, or, for 16-bit, 32-bit and float data, in a
-single-channel high-bit-depth image (``I;16``, ``I``, ``F``) that the model's
+single-channel high-bit-depth image (``I;16``, ``I``, ``F``) or a 16-bit colour image
+(:func:`imgcls.data.intensity.deep_image`: PNG / TIFF of 16 bits a channel, which Pillow
+would decode at 8, read by ``imagecodecs`` / ``tifffile``) that the model's
 :class:`~imgcls.data.transforms.Preprocessing` maps with its intensity setting
 (:mod:`imgcls.data.intensity`). Files are recognised by their bytes, not their names.
 Every failure becomes an :class:`UnreadableImage` that names the file and has a short
@@ -28,7 +30,9 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgcls.data import formats
-from imgcls.data.intensity import HIGH_DEPTH_MODES, map_8bit, parse_intensity
+import numpy as np
+
+from imgcls.data.intensity import HIGH_DEPTH_MODES, deep_image, deep_pixels, map_8bit, parse_intensity
 from imgcls.errors import ImgclsError
 
 # Extensions of the image formats imgcls decodes (for documentation and quick checks; folder
@@ -205,11 +209,58 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     intensity setting maps them (``Preprocessing.pil_transform``, :mod:`imgcls.data.intensity`)."""
     if channels not in (1, 3):
         raise ImgclsError(f"unsupported channel count {channels}", "use 1 (grayscale) or 3 (RGB)")
+    fmt = formats.deep_colour(img) if getattr(img, "tile", None) else None  # an unloaded Image.open(...)
+    if fmt is not None:
+        img = _deep_colour(img.fp, fmt, img, 0, getattr(img, "filename", "") or "image")
+    rgb16 = deep_pixels(img)
+    if rgb16 is not None:
+        return img if channels == 3 else _luma16(rgb16)
     if img.mode in HIGH_DEPTH_MODES:
         return img
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         img = _flatten_alpha(img)
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def _luma16(rgb16: np.ndarray) -> Image.Image:
+    """16-bit colour -> 16-bit grey (``I;16``) by ITU-R 601 luma, as convert("L") does at 8 bits."""
+    grey = np.round(rgb16.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+    return Image.fromarray(np.clip(grey, 0, 65535).astype(np.uint16))
+
+
+def _on_white16(arr: np.ndarray, premultiplied: bool) -> np.ndarray:
+    """(H, W, C) uint16 with alpha (C = 2 or 4) composited on white, as :func:`_flatten_alpha`
+    does at 8 bits; without alpha (C = 3) as it is. Grey comes out (H, W)."""
+    if arr.shape[-1] in (2, 4):
+        colour, alpha = arr[..., :-1].astype(np.float64), arr[..., -1:] / 65535.0
+        out = (colour if premultiplied else colour * alpha) + 65535.0 * (1.0 - alpha)
+        arr = np.clip(np.round(out), 0, 65535).astype(np.uint16)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+# EXIF orientation -> the transposition that undoes it (as ImageOps.exif_transpose)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _deep_colour(source, fmt: str, im: Image.Image, frame: int, name) -> Image.Image:
+    """A PNG / TIFF of 16 bits a channel (``im``: Pillow's opened, unloaded view of it, for its
+    size and EXIF orientation) at full depth: grey + alpha as ``I;16``, colour as a
+    :func:`deep_image`; alpha composited on white. Pillow would give the high bytes only."""
+    _need_plugin(Path(name), fmt)
+    if hasattr(source, "seek"):
+        source.seek(0)
+    arr, premultiplied = formats.load_deep(source, fmt, frame)
+    if arr.shape[:2] != (im.height, im.width) or arr.shape[-1] not in (2, 3, 4):
+        raise ValueError(f"{arr.shape} pixels where its header says {im.width}x{im.height}")
+    arr = _on_white16(arr, premultiplied)
+    turn = _ORIENT.get(im.getexif().get(0x0112))
+    if turn is not None:  # Pillow transposes one 16-bit channel at a time (no 16-bit colour mode)
+        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(c)).transpose(turn))
+                  for c in (arr[..., None] if arr.ndim == 2 else arr).transpose(2, 0, 1)]
+        arr = np.stack(planes, -1) if arr.ndim == 3 else planes[0]
+    return Image.fromarray(arr) if arr.ndim == 2 else deep_image(arr)
 
 
 def draft(im: Image.Image, min_side: int | None, square: bool) -> None:
@@ -260,6 +311,9 @@ def open_pillow(path, frame: int = 0, min_side: int | None = None, square: bool 
         if frame >= getattr(im, "n_frames", 1):
             raise IndexError(f"frame {frame} requested, the file has {getattr(im, 'n_frames', 1)}")
         im.seek(frame)
+        deep = formats.deep_colour(im)
+        if deep is not None:
+            return _deep_colour(path, deep, im, frame, name or path)
         draft(im, min_side, square)
         im.load()
         return ImageOps.exif_transpose(im) or im

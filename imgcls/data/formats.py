@@ -5,7 +5,11 @@ plugins that decode it, and DICOM.
 * AVIF: Pillow itself from 11.3 on;
 * JPEG XL: ``pillow-jxl-plugin``;
 * DICOM: ``pydicom`` (Rescale Slope/Intercept applied; the VOI window and MONOCHROME1 are
-  passed on to the intensity mapping, :mod:`imgcls.data.intensity`; one frame at a time).
+  passed on to the intensity mapping, :mod:`imgcls.data.intensity`; one frame at a time);
+* 16 bits a channel colour (and grey + alpha) PNG and TIFF: Pillow opens them but decodes
+  them at 8 bits (the high byte: values 1000..3000 become 3..11), so they are read at full
+  depth by ``imagecodecs`` (PNG) and ``tifffile`` (TIFF; its compressions need
+  ``imagecodecs`` too), recognised from the header (:func:`sniff`, :func:`deep_colour`).
 
 A file of one of these formats whose package is missing is reported as
 ``unsupported format — pip install NAME``, never silently dropped.
@@ -28,14 +32,21 @@ PLUGINS = {
     "HEIF": ("pillow_heif", "pillow-heif", "a HEIC/HEIF image"),
     "JXL": ("pillow_jxl", "pillow-jxl-plugin", "a JPEG XL image"),
     "DICOM": ("pydicom", "pydicom", "a DICOM file"),
+    "PNG16": ("imagecodecs", "imagecodecs", "a 16-bit colour PNG"),
+    "TIFF16": ("tifffile imagecodecs", "tifffile imagecodecs", "a 16-bit colour TIFF"),
 }
+_PNG = b"\x89PNG\r\n\x1a\n"
+_PNG_RAWMODES_16 = ("RGB;16B", "RGBA;16B", "LA;16B")  # colour types 2, 6, 4 at 16 bits (Pillow's IHDR parse)
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
 
 def sniff(head: bytes, name: str = "") -> str | None:
     """The format of a file from its first 132+ bytes, for the formats that need more than
-    Pillow's own plugins (HEIF, AVIF, JXL, DICOM); None for everything else."""
+    Pillow's own plugins (HEIF, AVIF, JXL, DICOM, PNG16: 16-bit colour or grey + alpha PNG);
+    None for everything else (16-bit colour TIFF: see :func:`deep_colour`)."""
+    if head[:8] == _PNG and head[12:16] == b"IHDR" and len(head) > 25 and head[24] == 16 and head[25] in (2, 4, 6):
+        return "PNG16"
     if head[128:132] == b"DICM" or (name.lower().endswith(DICOM_SUFFIXES) and head[:1] in (b"\x02", b"\x08")):
         return "DICOM"
     if head[4:8] == b"ftyp":
@@ -57,9 +68,8 @@ def plugin_available(fmt: str) -> bool:
         return bool(features.check("avif"))
     if fmt not in PLUGINS:
         return True
-    module = PLUGINS[fmt][0]
     try:
-        mod = __import__(module)
+        mod = [__import__(module) for module in PLUGINS[fmt][0].split()][0]
     except ImportError:
         return False
     if fmt == "HEIF":
@@ -79,6 +89,42 @@ def register_available() -> None:
     """Register every optional plugin that is installed (e.g. before Image.open of bytes)."""
     for fmt in ("HEIF", "JXL"):
         plugin_available(fmt)
+
+
+# ------------------------------------------------------------ 16 bits a colour channel
+def deep_colour(im: Image.Image) -> str | None:
+    """"PNG16" / "TIFF16" for an opened (not yet loaded) PNG / TIFF of 16 bits a channel
+    with colour or alpha, which Pillow would decode at 8 bits; None for everything else."""
+    if im.format == "PNG":
+        raw = im.tile[0].args if getattr(im, "tile", None) else None
+        return "PNG16" if raw in _PNG_RAWMODES_16 else None
+    if im.format != "TIFF":
+        return None
+    tags = im.tag_v2
+    bits, samples = tags.get(258, 1), tags.get(277, 1)
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    unsigned = tags.get(339, 1) in (1, (1,) * len(bits))  # SampleFormat: unsigned integers
+    rgb_or_grey = tags.get(262) in (1, 2)  # Photometric: BlackIsZero (+ alpha) or RGB
+    return "TIFF16" if samples >= 2 and set(bits) == {16} and unsigned and rgb_or_grey else None
+
+
+def load_deep(source, fmt: str, frame: int = 0) -> tuple[np.ndarray, bool]:
+    """(pixels (H, W, C) uint16, C = 2 (grey + alpha), 3 or 4; whether the alpha is
+    premultiplied) of a "PNG16" / "TIFF16" file (a path, or a binary file object)."""
+    if fmt == "PNG16":
+        import imagecodecs
+
+        data = source.read() if hasattr(source, "read") else Path(source).read_bytes()
+        arr = imagecodecs.png_decode(data)
+        return (arr if arr.ndim == 3 else arr[..., None]), False
+    import tifffile
+
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[frame]
+        arr = page.asarray()
+        if page.axes.startswith("S"):  # planar configuration: one plane a channel
+            arr = np.moveaxis(arr, 0, -1)
+        return arr, tuple(page.extrasamples[:1]) == (1,)  # ExtraSamples 1: associated alpha
 
 
 # ----------------------------------------------------------------------------- DICOM

@@ -2,7 +2,10 @@
 
 Pillow hands 16-bit TIFF/PNG as mode ``I;16`` (or ``I``), 32-bit float TIFF as ``F``, and the
 DICOM reader (:mod:`imgcls.data.formats`) gives modality values (Hounsfield units, ...) as
-``F``. :func:`decode.to_mode` leaves those as they are; :class:`Preprocessing` maps them
+``F``. 16 bits a channel colour has no Pillow mode: the decoder hands it as an ``RGB`` image
+whose 8-bit pixels are its ``auto`` mapping, holding the 16-bit pixels in
+``info[INFO_DEEP]`` (:func:`deep_image`; mapped like 16-bit grey, one window over all three
+channels so colours keep their ratios). :func:`decode.to_mode` leaves those as they are; :class:`Preprocessing` maps them
 here, with the model's ``intensity`` setting, wherever an image is turned into a tensor
 (training, the decode cache, evaluate, predict, export checks, serve), so every path maps
 a file the same way.
@@ -38,6 +41,7 @@ DEFAULT_PERCENTILES = (0.5, 99.5)
 INTENSITY_HELP = "auto, full-range, minmax, percentile:0.5,99.5 or window:LO,HI"
 # info keys set by the DICOM reader (imgcls.data.formats)
 INFO_RANGE, INFO_WINDOW, INFO_INVERT = "imgcls_range", "imgcls_window", "imgcls_invert"
+INFO_DEEP = "imgcls_rgb16"  # (H, W, 3) uint16: the pixels of a 16-bit colour image (deep_image)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,34 @@ def parse_intensity(text: object) -> Intensity:
     raise ImgclsError(f"invalid intensity setting '{text}'", f"use {INTENSITY_HELP}")
 
 
+def deep_image(rgb16: np.ndarray) -> Image.Image:
+    """(H, W, 3) uint16 -> an 'RGB' image (Pillow has no 16-bit colour mode) holding
+    ``rgb16`` in ``info[INFO_DEEP]``; its own 8-bit pixels are the ``auto`` mapping of it,
+    what code that reads it as plain RGB sees."""
+    probe = Image.new("RGB", (rgb16.shape[1], rgb16.shape[0]))
+    probe.info[INFO_DEEP] = rgb16
+    img = Image.fromarray(np.round(to_unit(probe, Intensity("auto")) * 255.0).astype(np.uint8))
+    img.info[INFO_DEEP] = rgb16
+    return img
+
+
+def deep_pixels(img: Image.Image) -> np.ndarray | None:
+    """The 16-bit pixels of a :func:`deep_image`, or None (any other image, or one that was
+    converted or resized since, which then is plain 8-bit RGB)."""
+    arr = img.info.get(INFO_DEEP)
+    if arr is None or img.mode != "RGB" or arr.shape[:2] != (img.height, img.width):
+        return None
+    return arr
+
+
+def is_high_depth(img: Image.Image) -> bool:
+    """16-bit, 32-bit or float pixels (grey modes, or a :func:`deep_image`)."""
+    return img.mode in HIGH_DEPTH_MODES or deep_pixels(img) is not None
+
+
 def _type_range(img: Image.Image, arr: np.ndarray) -> tuple[float, float]:
+    if deep_pixels(img) is not None:
+        return 0.0, 65535.0
     if INFO_RANGE in img.info:
         return img.info[INFO_RANGE]
     if img.mode == "F":
@@ -95,7 +126,7 @@ def _type_range(img: Image.Image, arr: np.ndarray) -> tuple[float, float]:
 def window_for(img: Image.Image, arr: np.ndarray, setting: Intensity) -> tuple[float, float] | None:
     """The (lo, hi) values mapped to black and white; None: keep an 8-bit image as it is."""
     kind = setting.kind
-    high = img.mode in HIGH_DEPTH_MODES
+    high = is_high_depth(img)
     if kind == "auto":
         if not high:
             return None
@@ -122,7 +153,8 @@ def window_for(img: Image.Image, arr: np.ndarray, setting: Intensity) -> tuple[f
 def to_unit(img: Image.Image, setting: Intensity) -> np.ndarray | None:
     """Pixels mapped to float32 in [0, 1] ((H, W) or (H, W, C)); None when ``img`` is an
     8-bit image the setting keeps as it is (the caller uses it unchanged)."""
-    arr = np.asarray(img, dtype=np.float64)
+    deep = deep_pixels(img)
+    arr = np.asarray(img if deep is None else deep, dtype=np.float64)
     window = window_for(img, arr, setting)
     if window is None:
         return None
@@ -141,7 +173,7 @@ def map_8bit(img: Image.Image, setting: Intensity, channels: int) -> Image.Image
     """``img`` (any decoded mode) -> 'L' or 'RGB' through ``setting``."""
     from imgcls.data.decode import to_mode
 
-    if img.mode not in HIGH_DEPTH_MODES and img.mode not in ("L", "RGB"):
+    if not is_high_depth(img) and img.mode not in ("L", "RGB") or deep_pixels(img) is not None:
         img = to_mode(img, channels)
     unit = to_unit(img, setting)
     if unit is not None:
@@ -153,7 +185,7 @@ def map_16bit(img: Image.Image, setting: Intensity, channels: int) -> np.ndarray
     """``img`` -> float32 (C, H, W) holding 16-bit values 0..65535 (an 8-bit image x 257)."""
     from imgcls.data.decode import to_mode
 
-    if img.mode not in HIGH_DEPTH_MODES and img.mode not in ("L", "RGB"):
+    if not is_high_depth(img) and img.mode not in ("L", "RGB") or deep_pixels(img) is not None:
         img = to_mode(img, channels)
     unit = to_unit(img, setting)
     if unit is None:  # 8-bit, kept: the same values at 16 bits

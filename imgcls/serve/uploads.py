@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgcls.data.decode import DECODE_ERRORS, draft, to_mode
+from imgcls.data import formats as file_formats
+from imgcls.data.decode import DECODE_ERRORS, UnreadableImage, draft, to_mode
 
 # The formats the service documents (README, docs/deploy.md, the page). Pillow identifies
 # multi-picture JPEGs (MPO) through its JPEG plugin, so they are read too.
@@ -103,6 +104,8 @@ def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | 
         im = Image.open(io.BytesIO(data), formats=list(formats))
         _check_pixels(im.size, limit, name, "is")  # from the header: before the pixels are decompressed
         im.seek(0)
+        if file_formats.deep_colour(im):  # 16 bits a channel: read at full depth, as files are
+            return to_mode(im, channels)
         draft(im, min_side, square=False)  # as open_pillow does for files (eval_batches' min_side)
         im.load()
         _check_pixels(im.size, limit, name, "decoded to")  # in case a plugin learns the size only now
@@ -112,6 +115,8 @@ def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | 
         return to_mode(im, channels)
     except UploadError:
         raise
+    except UnreadableImage as exc:  # e.g. a 16-bit colour PNG without imagecodecs installed
+        raise UploadError(415, f"{name}: {exc.oneline()}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UploadError(422, f"{name} has too many pixels ({str(exc).split(',')[0]}; a decompression "
                                "bomb?)") from None
