@@ -27,6 +27,7 @@ from imgcls.bundle import ModelBundle
 from imgcls.config import TrainConfig
 from imgcls.data.pipeline import as_split, expand_frames
 from imgcls.data.records import ImageData
+from imgcls.data.sources import load_data
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from imgcls.engine.callbacks import Callback
 from imgcls.engine.decisions import Prediction, decide  # noqa: F401 (Prediction: part of the API)
@@ -94,11 +95,15 @@ class Classifier(ModelBundle):
                    card={"pretrained": info.to_card()})
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig | dict[str, Any], data: ImageData) -> Classifier:
-        """The fresh (or pretrained) classifier a training config describes, for ``data``:
-        architecture or layer list, weights, channels and input size (the data's own when
-        the config leaves them open)."""
+    def from_config(cls, cfg: TrainConfig | dict[str, Any], data: Any) -> Classifier:
+        """The fresh (or pretrained) classifier a training config describes, for ``data`` (what
+        ``fit`` takes: a folder, manifest, .npz, dataset name, arrays or ImageData, loaded as
+        training loads it): architecture or layer list, weights, channels and input size (the
+        data's own when the config leaves them open)."""
         cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
+        if not isinstance(data, ImageData):
+            data = load_data(data, val_split=cfg.val_split, seed=cfg.seed, classes=cfg.classes,
+                             group_by=cfg.group_by, task=cfg.task)
         arch, model_kwargs = model_from_config(cfg.model)  # a layer list is checked when built
         in_chans = cfg.in_chans or data.channels
         if cfg.pretrained or cfg.weights:
@@ -153,14 +158,16 @@ class Classifier(ModelBundle):
 
     def calibrate(self, data: Any, batch_size: int = 256, device: str = "auto", *, split: str = "val",
                   temperature: bool = True, coverage: float | None = None, conformal: str = "aps",
-                  ood_method: str | None = None, accept: float = 0.95) -> dict[str, Any]:
+                  ood_method: str | None = None, accept: float = 0.95, fitted_on: str | None = None) -> dict[str, Any]:
         """Fit on the data's ``split`` (default: validation, held out as in training; give
         images training never saw): temperature scaling, so probabilities match accuracy
         (predicted classes do not change); with ``coverage``, split-conformal prediction sets
         (``conformal``: aps or lac, engine/conformal.py); with ``ood_method`` (msp, energy,
         knn), the "unknown" threshold accepting ``accept`` of these images (knn also stores
         the training split's features). ``save()`` stores all of it (model.json and, for
-        knn, ood_features.safetensors). Returns what was fitted (ECE/NLL before and after, ...)."""
+        knn, ood_features.safetensors), each with ``fitted_on`` (default: the split's name;
+        training's ``--conformal`` hold-out passes ``"calib_split"``). Returns what was fitted
+        (ECE/NLL before and after, ...)."""
         from imgcls.engine.trust_fit import fit_sets, fit_unknown
         from imgcls.engine.trust_names import FEATURE_METHODS, feature_kind, resolve_ood_method
         from imgcls.evaluation.calibration import temperature_scaling
@@ -173,12 +180,14 @@ class Classifier(ModelBundle):
                 self.refuse_multi_label("temperature calibration")
             temperature = False
         _, name, part, _ = self.eval_data(data, split)
+        name = fitted_on or name
         info: dict[str, Any] = {}
         with self.predictor(device=device, batch_size=batch_size) as p:
             logits, labels, feats = p.run_outputs(part, features=feature_kind(ood_method))
             if temperature:
                 self.temperature, info = temperature_scaling(torch.from_numpy(logits), torch.from_numpy(labels))
-                self.card["calibration"] = info
+                info["fitted_on"] = name
+                self.card["calibration"] = dict(info)  # a copy: the sets and threshold below have sections of their own
             if coverage is not None:
                 self.card["conformal"] = info["conformal"] = fit_sets(logits, labels, coverage, conformal,
                                                                       self.temperature, name)
@@ -205,7 +214,7 @@ class Classifier(ModelBundle):
             else:
                 m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
                                            self.classes)
-            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce).sections)
+            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce, split=split).sections)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]

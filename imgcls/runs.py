@@ -170,12 +170,15 @@ def hold_out_calibration(data: ImageData, cfg: TrainConfig) -> tuple[ImageData, 
     return data, calib
 
 
+CALIB_SPLIT = "calib_split"  # model.json's fitted_on for the --calib-split hold-out of train (never evaluated)
+
+
 def fit_trust(clf: Classifier, cfg: TrainConfig, data: ImageData, calib: Split | None) -> None:
     """After training: conformal sets (and temperature) on the calibration split, and the unknown
     threshold on the validation split, into ``clf.card`` (saved with the model)."""
     if calib is not None:
         clf.calibrate(dataclasses.replace(data, val=calib), split="val", device=cfg.device, coverage=cfg.conformal,
-                      conformal=cfg.conformal_method)
+                      conformal=cfg.conformal_method, fitted_on=CALIB_SPLIT)
     if cfg.ood_method is not None:
         clf.calibrate(data, split="val", device=cfg.device, temperature=False, ood_method=cfg.ood_method)
 

@@ -63,12 +63,14 @@ def trust_lines(m: dict) -> list[str]:
     if "conformal" in m:
         c = m["conformal"]
         lines.append(f"conformal sets ({c['method']}, target {c['target_coverage']:.0%}): coverage "
-                     f"{c['coverage']:.2%}, mean set size {c['mean_set_size']:.2f}")
+                     f"{c['coverage']:.2%}, mean set size {c['mean_set_size']:.2f}"
+                     + (f" (note: {c['note']})" if "note" in c else ""))
     if "ood" in m:
         o = m["ood"]
         lines.append(f"unknown vs {o['data']} ({o['method']}): AUROC {o['auroc']:.4f}, FPR95 {o['fpr95']:.4f}"
                      + (f"; at the threshold {o['id_accepted']:.1%} accepted, {o['ood_rejected']:.1%} of "
-                        f"{o['data']} rejected" if "threshold" in o else ""))
+                        f"{o['data']} rejected" if "threshold" in o else "")
+                     + (f" (note: {o['note']})" if "note" in o else ""))
     return lines
 
 

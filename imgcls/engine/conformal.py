@@ -9,10 +9,22 @@ Two score functions (Angelopoulos & Bates, "A Gentle Introduction to Conformal P
 - ``aps`` (adaptive prediction sets, Romano et al.): score = the probability mass of the classes
   ranked above the true one plus ``u`` times its own; the set adds classes best first until
   ``q`` is reached. Sets grow where the model is unsure, so coverage is more even across
-  classes. ``u`` is the paper's uniform random number, drawn here from a hash of the image's
-  (rounded) probabilities, so the same image always gets the same set. Without it (u = 1) a
-  model as confident as an MNIST CNN gets sets of 3-4 classes at 90% coverage (measured:
+  classes. ``u`` is the paper's uniform random number. Without it (u = 1) a model as confident
+  as an MNIST CNN gets sets of 3-4 classes at 90% coverage (measured:
   bench/results/ood_conformal_mnist_aps_u1.json).
+
+What is random where (APS and RAPS). Calibration draws ``u`` for each calibration image from a
+seeded generator, independent of the image and its probabilities, so ``q`` is the quantile of
+the paper's randomised scores. Prediction does not draw: it uses ``u = 0``, i.e. class k is in
+the set when the mass ranked above it (plus the RAPS penalty) is at most ``q`` (the
+non-randomised set of the RAPS code, which adds the class that crosses ``q``). That set
+contains the randomised set for every ``u``, so coverage is at least ``coverage`` (at most one
+class more than the randomised set, and only where the top class is below ``q``); the top class
+is always in it (nothing is ranked above it), so a set is never empty; and the same image gets
+the same set on every backend. An earlier version took ``u`` from a hash of the rounded
+probabilities: every saturated (one-hot) image of a class then shared one ``u``, and when it
+exceeded ``q`` all of them got an empty set (digits class 7: 3% coverage). LAC is unchanged:
+its sets may be empty by design.
 
 ``q`` is the ``ceil((n+1) * coverage) / n`` empirical quantile of the scores of ``n``
 calibration images the model never trained on.
@@ -49,22 +61,13 @@ def _check(method: str) -> None:
         raise ImgclsError(f"unknown conformal method '{method}'", f"use {' or '.join(CONFORMAL_METHODS)}")
 
 
-def row_uniform(probs: np.ndarray) -> np.ndarray:
-    """(N, 1) numbers in [0, 1), one per row, from a hash of the row rounded to 4 decimals:
-    random-looking across images, the same for the same image on every backend."""
-    import hashlib
-
-    rounded = np.round(np.asarray(probs, dtype=np.float64), 4) + 0.0  # + 0.0: -0.0 hashes as 0.0
-    u = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") / 2**64 for r in rounded]
-    return np.asarray(u, dtype=np.float64).reshape(-1, 1)
-
-
-def _aps_mass(probs: np.ndarray, k_reg: int | None = None, lam: float = 0.0) -> np.ndarray:
-    """(N, K): for every class, the mass of the classes ranked above it plus u times its own
-    (RAPS: plus ``lam`` times how far its rank, 1 = best, is beyond ``k_reg``)."""
+def _aps_mass(probs: np.ndarray, u: np.ndarray | float, k_reg: int | None = None, lam: float = 0.0) -> np.ndarray:
+    """(N, K): for every class, the mass of the classes ranked above it plus ``u`` (an (N, 1)
+    array, or 0) times its own (RAPS: plus ``lam`` times how far its rank, 1 = best, is beyond
+    ``k_reg``)."""
     order = np.argsort(-probs, axis=1, kind="stable")
     ranked = np.take_along_axis(probs, order, axis=1)
-    cum = np.cumsum(ranked, axis=1) - (1 - row_uniform(probs)) * ranked
+    cum = np.cumsum(ranked, axis=1) - (1 - u) * ranked
     if k_reg is not None and lam:
         cum = cum + lam * np.maximum(0, np.arange(1, probs.shape[1] + 1) - k_reg)[None]
     mass = np.empty_like(cum)
@@ -72,13 +75,23 @@ def _aps_mass(probs: np.ndarray, k_reg: int | None = None, lam: float = 0.0) -> 
     return mass
 
 
-def class_scores(probs: np.ndarray, method: str, k_reg: int | None = None, lam: float = 0.0) -> np.ndarray:
-    """(N, K) nonconformity of every class for every image (lower: more plausible)."""
+def class_scores(probs: np.ndarray, method: str, k_reg: int | None = None, lam: float = 0.0,
+                 u: np.ndarray | float = 0.0) -> np.ndarray:
+    """(N, K) nonconformity of every class for every image (lower: more plausible). APS/RAPS:
+    ``u`` 0 is the prediction rule; calibration passes its seeded uniform draws."""
     _check(method)
     probs = np.asarray(probs, dtype=np.float64)
     if method == "lac":
         return 1.0 - probs
-    return _aps_mass(probs, k_reg, lam) if method == "raps" else _aps_mass(probs)
+    return _aps_mass(probs, u, k_reg, lam) if method == "raps" else _aps_mass(probs, u)
+
+
+def calibration_scores(probs: np.ndarray, labels: np.ndarray, method: str, k_reg: int | None = None,
+                       lam: float = 0.0, seed: int = 0) -> np.ndarray:
+    """(N,) the randomised score of the true class of each calibration image (APS/RAPS: ``u``
+    drawn from a ``seed``-ed generator, independent of the probabilities and of the RAPS split)."""
+    u = np.random.default_rng([seed, 1]).random((len(labels), 1))
+    return class_scores(probs, method, k_reg, lam, u)[np.arange(len(labels)), labels]
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -95,16 +108,15 @@ RAPS_LAMBDAS = (0.001, 0.01, 0.1, 0.2, 0.5)  # the paper's code (pick_lamda_size
 RAPS_TUNE_FRACTION = 0.3  # of the calibration images, for k_reg and lambda (the paper's code: 0.3)
 
 
-def _raps_parameters(probs: np.ndarray, labels: np.ndarray, coverage: float) -> tuple[int, float]:
+def _raps_parameters(probs: np.ndarray, labels: np.ndarray, coverage: float, seed: int = 0) -> tuple[int, float]:
     """k_reg (the ``coverage`` quantile of the true class's 1-based rank) and the lambda whose
     sets, calibrated on these same images, are smallest on average."""
     ranks = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(1) + 1
     k_reg = int(np.quantile(ranks, coverage, method="higher"))
     best, best_size = RAPS_LAMBDAS[0], np.inf
     for lam in RAPS_LAMBDAS:
-        scores = class_scores(probs, "raps", k_reg, lam)
-        q = conformal_quantile(scores[np.arange(len(labels)), labels], coverage)
-        size = float((scores <= q + 1e-12).sum(1).mean())
+        q = conformal_quantile(calibration_scores(probs, labels, "raps", k_reg, lam, seed), coverage)
+        size = float(prediction_sets(probs, q if np.isfinite(q) else None, "raps", k_reg, lam).sum(1).mean())
         if size < best_size:
             best, best_size = lam, size
     return k_reg, best
@@ -128,18 +140,18 @@ def fit_conformal(probs: np.ndarray, labels: np.ndarray, coverage: float = 0.9, 
         perm = np.random.default_rng(seed).permutation(len(labels))
         n_tune = int(round(RAPS_TUNE_FRACTION * len(labels)))
         tune, rest = perm[:n_tune], perm[n_tune:]
-        k_reg, lam = _raps_parameters(probs[tune], labels[tune], coverage)
+        k_reg, lam = _raps_parameters(probs[tune], labels[tune], coverage, seed)
         probs, labels = probs[rest], labels[rest]
         extra = {"k_reg": k_reg, "lambda": lam, "tuned_on_images": int(n_tune)}
-    s = class_scores(probs, method, k_reg, lam)[np.arange(len(labels)), labels]
-    q = conformal_quantile(s, coverage)
+    q = conformal_quantile(calibration_scores(probs, labels, method, k_reg, lam, seed), coverage)
     return {"method": method, "coverage": float(coverage), "qhat": q if np.isfinite(q) else None,
             "num_images": int(len(labels)), **extra}
 
 
 def prediction_sets(probs: np.ndarray, qhat: float | None, method: str, k_reg: int | None = None,
                     lam: float = 0.0) -> np.ndarray:
-    """(N, K) bool: class k is in image n's set. ``qhat`` None: every class."""
+    """(N, K) bool: class k is in image n's set (APS/RAPS: the ``u = 0`` rule, never empty; see
+    the module's docstring). ``qhat`` None: every class."""
     if qhat is None:
         return np.ones(np.shape(probs), dtype=bool)
     return class_scores(probs, method, k_reg, lam) <= qhat + 1e-12

@@ -44,7 +44,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def missing(bundle: Any, what: str) -> ImgclsError:
     """The one-line error for a model (e.g. trained before this existed) without ``what``."""
     run = bundle.path or "RUN"
-    flag = {"conformal prediction sets": " --coverage 0.9", "an unknown threshold": " --ood-method energy"}.get(what, "")
+    flag = {"conformal prediction sets": " --coverage 0.9", "unknown threshold": " --ood-method energy"}.get(what, "")
     return ImgclsError(f"the model in {run} has no {what} (trained before imgcls had them, or never calibrated)",
                        CALIBRATE_HINT.format(run=run) + flag)
 
@@ -67,7 +67,7 @@ class Trust:
             raise missing(bundle, "conformal prediction sets")
         self.threshold = self.ood.get("threshold") if reject is not False else None
         if reject and self.threshold is None:
-            raise missing(bundle, "an unknown threshold")
+            raise missing(bundle, "unknown threshold")
         self._stats: dict[str, torch.Tensor] | None = getattr(bundle, "ood_features", None)
 
     @property

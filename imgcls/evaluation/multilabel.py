@@ -167,7 +167,7 @@ def multilabel_report(clf: ModelBundle, run_dir: Path, out_dir: Path, data: Any,
     with Predictor(clf, device=device, batch_size=batch_size) as p:
         logits, labels, feats = p.run_outputs(part)
         probs = p.probabilities(logits)
-        trust = trust_metrics(p, logits, labels, feats, ood)
+        trust = trust_metrics(p, logits, labels, feats, ood, split=split)
     m = multilabel_metrics(probs, labels, clf.classes, clf.thresholds)
     m["split"], m["data"] = split, data.name
     m.update(trust.sections)

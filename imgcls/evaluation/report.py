@@ -154,7 +154,7 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:
         z, y, feats = p.run_outputs(part)
-        trust = trust_metrics(p, z, y, feats, ood)
+        trust = trust_metrics(p, z, y, feats, ood, split=split)
         logits, labels = torch.from_numpy(z), torch.from_numpy(y)
         calibration = _calibrate(clf, run, p, spec, data, split, (logits, labels)) if calibrate_on_val \
             else {"fitted_on": None, "temperature": clf.temperature}
@@ -204,6 +204,11 @@ def trust_pictures(trust: TrustResult, id_name: str) -> dict[str, bytes]:
     return pictures
 
 
+def _note(section: dict[str, Any]) -> str:
+    """A trust section's caveat (e.g. measured on the split it was fitted on), or ''."""
+    return f' <span class="note">{html.escape(section["note"])}</span>' if section.get("note") else ""
+
+
 def trust_html(m: dict[str, Any], pictures: dict[str, bytes]) -> str:
     """The report's conformal-set and unknown-rejection section ('' when it has neither)."""
     e, parts = html.escape, []
@@ -212,7 +217,7 @@ def trust_html(m: dict[str, Any], pictures: dict[str, bytes]) -> str:
         parts.append(f"<p>Conformal prediction sets ({e(str(c['method']))}, target coverage "
                      f"{c['target_coverage']:.0%}): the true class was in the set for <b>{c['coverage']:.2%}</b> "
                      f"of these {c['num_images']} images; mean set size <b>{c['mean_set_size']:.2f}</b>"
-                     f" ({c['empty_sets']} empty).</p>"
+                     f" ({c['empty_sets']} empty).{_note(c)}</p>"
                      f'<figure>{_img(pictures["conformal"], "conformal coverage and set size per class", "conformal")}'
                      "</figure>")
     if "ood" in m:
@@ -222,7 +227,7 @@ def trust_html(m: dict[str, Any], pictures: dict[str, bytes]) -> str:
         others = ", ".join(f"{k} {v['auroc']:.4f}" for k, v in o.get("by_method", {}).items())
         parts.append(f"<p>Unknown rejection ({e(o['method'])} score) against {e(o['data'])}: AUROC "
                      f"<b>{o['auroc']:.4f}</b>, FPR at 95% TPR <b>{o['fpr95']:.4f}</b>.{at} AUROC by method: "
-                     f"{e(others)}.</p>"
+                     f"{e(others)}.{_note(o)}</p>"
                      f'<figure>{_img(pictures["ood"], "OOD score histogram", "ood-histogram")}</figure>')
     return "<h2>Trust: prediction sets and unknowns</h2>" + "".join(parts) if parts else ""
 

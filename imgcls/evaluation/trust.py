@@ -35,15 +35,35 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, threshold: float 
     return out
 
 
-def conformal_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any] | None:
-    """Coverage and set sizes of the model's conformal sets on labelled images (None: no sets)."""
+def fitted_here(fitted_on: str | None, split: str | None) -> bool:
+    """Whether the images evaluated as ``split`` include those a card section was fitted on
+    (``fitted_on``: a split name; ``calib_split``, training's hold-out of train; ``all``
+    holds every image). Unknown on either side: False."""
+    if not fitted_on or not split:
+        return False
+    return fitted_on == split or "all" in (fitted_on, split) or (fitted_on == "calib_split" and split == "train")
+
+
+def held_in_note(section: dict[str, Any], fitted_on: str | None, split: str | None, what: str) -> None:
+    """Adds ``note`` to a metrics section measured on the images ``what`` was fitted on."""
+    if fitted_here(fitted_on, split):
+        section["note"] = (f"measured on the split the {what} fitted on ({fitted_on}): not a held-out estimate; "
+                           "evaluate on another split (--split test) for one")
+
+
+def conformal_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray,
+                      split: str | None = None) -> dict[str, Any] | None:
+    """Coverage and set sizes of the model's conformal sets on labelled images (None: no sets),
+    with a ``note`` when ``split`` holds the images the sets were fitted on."""
     trust = predictor.trust
     sets = trust.sets(logits)
     if sets is None:
         return None
     c = trust.conformal
-    return {"method": c.get("method"), "target_coverage": c.get("coverage"),
-            **set_metrics(sets, labels, predictor.bundle.classes)}
+    out = {"method": c.get("method"), "target_coverage": c.get("coverage"),
+           **set_metrics(sets, labels, predictor.bundle.classes)}
+    held_in_note(out, c.get("fitted_on"), split, "sets were")
+    return out
 
 
 def ood_histogram_png(id_scores: np.ndarray, ood_scores: np.ndarray, method: str, id_name: str, ood_name: str,
@@ -101,13 +121,14 @@ def _by_method(logits: np.ndarray, z: np.ndarray, t: float, multi_label: bool = 
 
 
 def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None,
-                  ood_data: Any = None, announce: bool = True) -> TrustResult:
+                  ood_data: Any = None, announce: bool = True, split: str | None = None) -> TrustResult:
     """Conformal coverage on the evaluated images (when the model has sets; never for a
     multi-label model) and, with ``ood_data``, how its OOD score separates them from that
-    data (every method's AUROC too)."""
+    data (every method's AUROC too). ``split`` (the evaluated split's name): a ``note`` in a
+    section measured on the images its sets / threshold were fitted on."""
     r = TrustResult()
     multi = predictor.bundle.multi_label
-    c = None if multi else conformal_metrics(predictor, logits, labels)
+    c = None if multi else conformal_metrics(predictor, logits, labels, split)
     if c is not None:
         r.sections["conformal"] = c
     if ood_data is None:
@@ -122,4 +143,6 @@ def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, 
                          "by_method": _by_method(logits, z, t, multi)}
     if trust.method not in r.sections["ood"]["by_method"]:  # a feature score: the model's own
         r.sections["ood"]["by_method"][trust.method] = {k: r.sections["ood"][k] for k in ("auroc", "fpr95")}
+    if "threshold" in r.sections["ood"]:  # the accepted share is the threshold's own target there
+        held_in_note(r.sections["ood"], trust.ood.get("fitted_on"), split, "unknown threshold was")
     return r
