@@ -81,3 +81,23 @@ def test_arrays_at_the_stored_size_are_still_centre_cropped():
     (got, *_), = list(eval_batches(split, PRE, batch_size=2, workers=0))
     assert torch.equal(got, center_crop(x, PRE.img_size))
 
+
+
+def test_a_pil_image_with_exif_orientation_is_predicted_upright_as_its_file(tmp_path):
+    """Image.open(path) of a JPEG with EXIF orientation 6 gave the model the sideways pixels
+    (as_split skipped exif_transpose) while the file road turned it upright."""
+    path = tmp_path / "rotated.jpg"
+    im = Image.open(photo(tmp_path / "src.png", 120, 90, 7))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    im.save(path, quality=95, exif=exif.tobytes())
+
+    def batch(images):
+        split, _ = as_split(images, PRE)
+        (x, *_), = list(eval_batches(split, PRE, batch_size=1, workers=0))
+        return x
+
+    upright = batch(path)
+    assert torch.equal(batch(Image.open(path)), upright)
+    sideways = PRE.pil_transform()(Image.open(path).convert("RGB"))[None]
+    assert not torch.equal(sideways, upright)  # the orientation matters for this photo

@@ -765,3 +765,79 @@ def test_parquet_rows_without_a_label_are_named_and_pandas_is_never_imported(tmp
     n, rest = out.stdout.strip().split(" ", 1)
     assert n == "39" and f"{victim.name}:" in rest and "no image or label" in rest
     assert rest.endswith("False")
+
+
+# ---------------------------------------------------------------------- prediction jobs: raw shards, all skipped, summary
+def test_prediction_reads_raw_pixel_shards_as_training_does(saved_model, tmp_path):
+    """`imgcls shard --resize` shards gave 0 predictions: prediction_split rebuilt the ShardSplit
+    without its encoding, so every .npy member was 'not an image'."""
+    from imgcls.data.pipeline import prediction_split
+    from imgcls.engine.batch_predict import Ranks
+
+    root = write_folder(tmp_path / "imgs", n_per_class=6, size=20, splits=("train", "val"))
+    write_shards(load_data(root), tmp_path / "sh", resize=24)
+    split, _ = prediction_split([str(tmp_path / "sh")], saved_model.preprocessing)
+    trained = from_shards(str(tmp_path / "sh")).train.shards
+    assert (split.shards.encoding, split.shards.raw_shape) == (trained.encoding, trained.raw_shape) == ("raw", (24, 24, 3))
+    _parts(saved_model, tmp_path / "sh", tmp_path / "preds", "parquet", Ranks(0, 1))
+    rows = _rows(tmp_path / "preds")
+    assert len(rows) == 36 and not any(r["error"] for r in rows)
+
+
+def test_a_prediction_part_whose_every_sample_is_skipped_is_an_error_not_a_finished_part(saved_model, tmp_path):
+    """Every sample skipped gave an empty part, exit 0, and a rerun said 'already complete'."""
+    import dataclasses
+
+    from imgcls.data.pipeline import prediction_split
+    from imgcls.engine.batch_predict import Ranks, predict_parts
+
+    root = write_folder(tmp_path / "imgs", n_per_class=4, size=20)
+    write_shards(load_data(root, val_split=0.0), tmp_path / "sh", resize=24)
+    split, names = prediction_split([str(tmp_path / "sh")], saved_model.preprocessing)
+    split.shards = dataclasses.replace(split.shards, encoding="encoded", raw_shape=None)  # every .npy: not an image
+    for fmt in ("parquet", "jsonl"):
+        with pytest.raises(ImgclsError, match=r"all 12 sample\(s\) .* were skipped \(first: .*npy: not an image"):
+            predict_parts(saved_model, split, names, tmp_path / fmt, fmt=fmt, workers=0, progress=False,
+                          ranks=Ranks(0, 1))
+        assert not list((tmp_path / fmt).glob(f"part-*.{fmt}"))  # not marked complete: a rerun does it again
+    bad = tmp_path / "bad"
+    for i in range(3):
+        (bad / "cat").mkdir(parents=True, exist_ok=True)
+        (bad / "cat" / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(ImgclsError, match=r"none of its 3 images could be read"):
+        _parts(saved_model, bad, tmp_path / "files", "parquet", Ranks(0, 1))
+    assert not list((tmp_path / "files").glob("part-*"))
+
+
+def test_the_job_summary_counts_every_part(saved_model, tmp_path, capsys):
+    """Rank 0's summary named only its own part (199 of 398 rows)."""
+    from imgcls.engine.batch_predict import Ranks, announce
+
+    root = write_folder(tmp_path / "imgs", n_per_class=5, size=20)
+    out = tmp_path / "preds"
+    _parts(saved_model, root, out, "parquet", Ranks(1, 2))
+    announce(_parts(saved_model, root, out, "parquet", Ranks(0, 2)), Ranks(0, 2))
+    err = capsys.readouterr().err
+    assert "15 rows in 2 of 2 part(s)" in err and "part-00000-of-00002.parquet 7 rows" in err \
+        and "part-00001-of-00002.parquet 8 rows" in err
+    announce(_parts(saved_model, root, out, "parquet", Ranks(0, 2)), Ranks(0, 2))
+    assert "15 rows in 2 of 2 part(s)" in capsys.readouterr().err  # a rerun still accounts for the whole job
+
+
+def test_a_shard_set_without_validation_says_so_once(tmp_path, capsys):
+    """No hold-out from a stream: the note was only in model.json's data_notes, three times."""
+    from imgcls.data.pipeline import TrainSettings, training_inputs
+    from imgcls.data.transforms import Preprocessing
+
+    sh = _shards(tmp_path, 30, "2KB")
+    data = load_data(load_data(load_data(str(sh))))  # as each step of a run calls it
+    inp = training_inputs(data, Preprocessing(8, 1, (0.5,), (0.5,)), TrainSettings(workers=0), 8,
+                          device=torch.device("cpu"))
+    assert inp.val is None and sum("no validation split" in n for n in inp.data.notes) == 1
+    err = capsys.readouterr().err
+    assert err.count("no validation split") == 1 and "training accuracy" in err
+
+
+def test_shard_cli_names_the_index_without_a_doubled_slash(tiny_npz, tmp_path, capsys):
+    assert main(["shard", str(tiny_npz), "--out", f"{tmp_path}/sh/"]) == 0
+    assert f"index: {tmp_path}/sh/index.json)" in capsys.readouterr().out

@@ -55,5 +55,9 @@ def run(args: argparse.Namespace) -> int:
                          workers=args.workers, seed=args.seed, overwrite=args.overwrite, source=str(args.data),
                          encoding=args.encoding)
     parts = ", ".join(f"{name} {s['count']} images in {len(s['shards'])} shard(s)" for name, s in index["splits"].items())
-    print(f"wrote {args.out}: {parts} ({index['format']}; index: {args.out}/index.json)")
+    from pathlib import Path
+
+    from imgcls.data.shardset import INDEX_NAME
+
+    print(f"wrote {args.out}: {parts} ({index['format']}; index: {Path(args.out) / INDEX_NAME})")
     return 0

@@ -112,7 +112,7 @@ def array_images(images: Any) -> torch.Tensor | None:
 def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
     """What a user hands to ``predict`` (files, folders - recursively -, PIL images, arrays
     or tensors) as one Split, with a source name per image."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -130,7 +130,8 @@ def as_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]:
     names: list[str] = []
     for item in images:
         if isinstance(item, Image.Image):
-            pil.append(pre.pil_transform()(to_mode(item, pre.in_chans)))
+            # upright as the same photo is from its file (decode.open_pillow) or an upload
+            pil.append(pre.pil_transform()(to_mode(ImageOps.exif_transpose(item), pre.in_chans)))
             names.append(f"image[{len(names)}]")
             continue
         p = Path(item)
@@ -259,7 +260,8 @@ def training_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch
                     report_dir: Path | None = None, announce: bool = True) -> TrainInputs:
     """Training and validation batches of a run; ``batch_size`` is this process's."""
     if data.train.streamed:
-        return _stream_inputs(data, pre, s, batch_size, device=device, rank=rank, world=world)
+        return _stream_inputs(_without_validation_note(data, announce), pre, s, batch_size, device=device,
+                              rank=rank, world=world)
     unused = [str(p) for _, p, why in data.passed_over if why == UNUSED_FOLDER]
     if unused and announce:
         print(f"imgcls: not read: {', '.join(unused)} ({UNUSED_FOLDER.split('(', 1)[1]}", file=sys.stderr)
@@ -348,6 +350,17 @@ def stream_batches(split: Split, pre: Preprocessing, batch_size: int, *, train: 
                          crop=crop, center=center)
 
 
+def _without_validation_note(data: ImageData, announce: bool) -> ImageData:
+    """A shard set without a val split gets no hold-out (a stream has no random access to
+    draw a stratified sample from): said once at the start of training, and its note kept once
+    (load_data, run on the same data by each step of a run, adds it each time)."""
+    if data.val is None and announce:
+        print(f"imgcls: {data.train.shards.where} has no validation split, and none is held out of a streamed "
+              "shard set: the run reports training accuracy (`imgcls shard --val-split` writes val shards)",
+              file=sys.stderr)
+    return dataclasses.replace(data, notes=list(dict.fromkeys(data.notes)))
+
+
 def _stream_inputs(data: ImageData, pre: Preprocessing, s: TrainSettings, batch_size: int, *,
                    device: torch.device, rank: int, world: int) -> TrainInputs:
     """:func:`training_inputs` for a shard set: the same augmentation and normalisation;
@@ -396,9 +409,6 @@ def prediction_split(images: Any, pre: Preprocessing) -> tuple[Split, list[str]]
     parts = [s for s in (data.train, data.val, data.test) if s is not None]
     labels = torch.cat([s.labels for s in parts])
     if all(s.streamed for s in parts):
-        first = parts[0].shards
-        shards = ShardSplit([x for s in parts for x in s.shards.shards], first.format, "all", first.where,
-                            first.label_map)
-        return Split(labels=labels, shards=shards), []
+        return Split(labels=labels, shards=ShardSplit.joined([s.shards for s in parts])), []
     paths = [p for s in parts for p in s.paths]
     return Split(labels=labels, paths=paths), [str(p) for p in paths]

@@ -14,6 +14,7 @@ read by exactly one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -70,6 +71,14 @@ class ShardSplit:
 
     def label_of(self, stored: int) -> int:
         return self.label_map[stored] if self.label_map is not None else stored
+
+    @classmethod
+    def joined(cls, parts: list[ShardSplit], split: str = "all") -> ShardSplit:
+        """The shards of ``parts`` (splits of one shard set) as one split, in order: every other
+        field (format, encoding, raw shape, label map...) is the first part's, so a split made
+        for prediction reads its shards exactly as training reads them."""
+        first = parts[0]
+        return dataclasses.replace(first, shards=[s for p in parts for s in p.shards], split=split)
 
 
 # ---------------------------------------------------------------------- naming a shard set

@@ -489,7 +489,7 @@ class StreamBatches:
             it = iter(self._loader())  # workers start (and copy the stream) here
         self.stream.resume = None
         self._position = pos = StreamPosition(self.epoch, self._totals(), resume)
-        first = None
+        first, reported = None, len(self.problems)
         for x, y, problems, sources, (worker, read, done) in it:
             pos.settle(worker, read, done)
             if problems:
@@ -506,6 +506,8 @@ class StreamBatches:
                 if self.on_sources is not None:
                     self.on_sources(sources)
                 yield x, y
+        if first is None and len(self.problems) > reported:
+            self._nothing_read(len(self.problems) - reported, self.problems[reported])
         while self.even and n < steps:  # fewer samples here than on another rank: repeat a batch
             if first is None:
                 first = self._first_batch()
@@ -513,6 +515,20 @@ class StreamBatches:
             self.padded += 1
             if n > skip:
                 yield first
+
+    def close(self) -> None:
+        """Stop the persistent decode workers now (see :meth:`imgcls.data.loaders.Batches.close`:
+        a later loader's forked workers must not inherit their iterator); iterating again starts
+        new ones."""
+        self._next = None
+        if self._dl is not None and getattr(self._dl, "_iterator", None) is not None:
+            self._dl._iterator = None
+
+    def _nothing_read(self, bad: int, problem: str) -> None:
+        """Every sample this rank was given was skipped: an error, never an empty result."""
+        who = f"rank {self.rank}: " if self.world > 1 else ""
+        raise ImgclsError(f"{who}all {bad} sample(s) read from {self.split.shards.where} were skipped "
+                          f"(first: {problem})", "fix the shards or re-write them with `imgcls shard`")
 
     def _first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch to repeat when a resumed epoch had nothing left to read on this rank."""

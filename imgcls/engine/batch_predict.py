@@ -158,6 +158,14 @@ class _PartWriter:
                 self.writer.close()
         self.tmp.replace(self.final)
 
+    def discard(self) -> None:
+        """Drop the unfinished part (nothing in it is worth keeping): a rerun starts it afresh."""
+        if self.f is not None:
+            self.f.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
     def write_empty(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -197,25 +205,61 @@ def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str 
         raise ImgclsError(f"cannot create --output {out}: {exc.strerror}", "choose another folder") from None
     part = _PartWriter(out, r, fmt)
     if part.final.exists():
-        return {"part": str(part.final), "skipped": True, "rows": None}
+        return {"part": str(part.final), "skipped": True, "rows": None, "parts": part_rows(out, r.world, fmt)}
     total = len(split)
     mine, my_names = my_part(split, names, r)
     t0 = time.perf_counter()
     bar = _Progress(out, r, total, progress)
-    rows = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict, bar,
-                (sets, reject_unknown))
+    tally = _run(bundle, mine, my_names, part, r, fmt, top_k, batch_size, device, backend, workers, strict, bar,
+                 (sets, reject_unknown))
+    _refuse_if_unreadable(tally, part)
     part.finish()
     others = [out / f"part-{k:05d}-of-{r.world:05d}.{fmt}" for k in range(r.world) if k != r.rank]
     bar.close(others)
-    return {"part": str(part.final), "skipped": False, "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"part": str(part.final), "skipped": False, "rows": tally.rows,
+            "seconds": round(time.perf_counter() - t0, 2), "parts": part_rows(out, r.world, fmt)}
+
+
+@dataclass
+class _Tally:
+    rows: int = 0  # rows in the part (a resumed JSONL part's earlier rows included)
+    errors: int = 0  # rows of images that could not be read (written this run)
+    first_error: str | None = None
+
+
+def _refuse_if_unreadable(tally: _Tally, part: _PartWriter) -> None:
+    """A part whose every image was unreadable is an error, not a finished part of error rows:
+    it is not marked complete (a rerun does it again)."""
+    if tally.rows and tally.errors == tally.rows:
+        part.discard()
+        raise ImgclsError(f"{part.final.name}: none of its {tally.rows} images could be read "
+                          f"(first: {tally.first_error})", "check the files, e.g. with imgcls audit")
+
+
+def part_rows(out: Path, world: int, fmt: str) -> dict[str, int | None]:
+    """Rows of every finished part of the job in ``out`` (None: not finished yet)."""
+    counts: dict[str, int | None] = {}
+    for k in range(world):
+        p = out / f"part-{k:05d}-of-{world:05d}.{fmt}"
+        counts[p.name] = None if not p.exists() else _count_rows(p, fmt)
+    return counts
+
+
+def _count_rows(p: Path, fmt: str) -> int:
+    if fmt == "jsonl":
+        with open(p, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(p).metadata.num_rows
 
 
 def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_size, device, backend, workers,
-         strict, bar: _Progress, trust: tuple[bool | None, bool | None] = (None, None)) -> int:
+         strict, bar: _Progress, trust: tuple[bool | None, bool | None] = (None, None)) -> _Tally:
     device = f"cuda:{r.local_rank}" if device == "auto" and r.world > 1 and _cuda() else device
     k = max(1, min(top_k, bundle.num_classes))
     skipped: dict[int, str] | None = None if strict else {}
-    resume, pos, rows = part.done_rows, 0, 0
+    resume, pos, rows, tally = part.done_rows, 0, 0, _Tally()
     sources: list[str] = []
     if resume and not split.streamed:
         import torch
@@ -241,8 +285,11 @@ def _run(bundle, split, names, part: _PartWriter, r: Ranks, fmt, top_k, batch_si
             out = [record(pred, fields) for pred in preds]
             pos += len(probs)
             rows += len(out)
+            tally.errors += sum(1 for row in out if row["error"])
+            tally.first_error = tally.first_error or next((row["error"] for row in out if row["error"]), None)
             part.write(out)
-    return rows + (resume if not split.streamed else 0)
+    tally.rows = rows + (resume if not split.streamed else 0)
+    return tally
 
 
 def _cuda() -> bool:
@@ -252,6 +299,12 @@ def _cuda() -> bool:
 
 
 def announce(summary: dict, r: Ranks) -> None:
-    if r.rank == 0:
-        what = "already complete, skipped" if summary["skipped"] else f"{summary['rows']} rows"
-        print(f"imgcls: part {summary['part']}: {what}", file=sys.stderr)
+    """Rank 0's one line: the whole job's rows, every part's count (or that it is unfinished)."""
+    if r.rank != 0:
+        return
+    parts = summary.get("parts") or {Path(summary["part"]).name: summary["rows"]}
+    done = {name: n for name, n in parts.items() if n is not None}
+    each = ", ".join(f"{name} {'not finished yet' if n is None else f'{n} rows'}" for name, n in parts.items())
+    mine = f"; {Path(summary['part']).name} was already complete, skipped" if summary["skipped"] else ""
+    print(f"imgcls: {Path(summary['part']).parent}: {sum(done.values())} rows in {len(done)} of {len(parts)} "
+          f"part(s) ({each}){mine}", file=sys.stderr)
