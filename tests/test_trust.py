@@ -100,6 +100,10 @@ def test_ood_threshold_accepts_the_target_fraction_and_metrics_match_sklearn():
     id_s, ood_s = rng.normal(0, 1, 2000), rng.normal(1.5, 1, 1000)
     t = fit_threshold(id_s, 0.95)
     assert abs((id_s <= t).mean() - 0.95) < 0.002
+    # the same images as the quantile accepts, and none on the threshold (no float-noise ties)
+    assert (id_s <= t).sum() == (id_s <= np.quantile(id_s, 0.95, method="inverted_cdf")).sum()
+    assert np.abs(id_s - t).min() > 1e-6
+    assert fit_threshold(np.array([0.0, 1.0, 1.0, 2.0]), 0.5) == 1.5
     m = ood_metrics(id_s, ood_s, t)
     y = np.r_[np.zeros(2000), np.ones(1000)]
     assert m["auroc"] == pytest.approx(roc_auc_score(y, np.r_[id_s, ood_s]), abs=1e-5)

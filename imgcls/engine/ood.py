@@ -259,12 +259,18 @@ def layer_scores(features: np.ndarray | torch.Tensor, stats: dict[str, torch.Ten
 
 
 def fit_threshold(scores: np.ndarray, accept: float = DEFAULT_ACCEPT) -> float:
-    """The score below which ``accept`` of the in-distribution ``scores`` lie."""
+    """The score below which ``accept`` of the in-distribution ``scores`` lie: halfway between
+    the ``accept`` quantile (an actual score, ``inverted_cdf``) and the next higher score, so
+    the same images are accepted and none sits on the threshold, where float noise between
+    backends (or a CLI and a Python road) would make it unknown on one and known on the other."""
     if not 0 < accept < 1:
         raise ImgclsError(f"--accept {accept} is not between 0 and 1", "e.g. --accept 0.95")
     if not len(scores):
         raise ImgclsError("no validation images to fit the unknown threshold on", "give data with a validation split")
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), accept, method="inverted_cdf"))
+    scores = np.asarray(scores, dtype=np.float64)
+    t = float(np.quantile(scores, accept, method="inverted_cdf"))
+    above = scores[scores > t]
+    return (t + float(above.min())) / 2 if len(above) else t
 
 
 def make_bank(features: np.ndarray, max_rows: int = MAX_BANK, seed: int = 0) -> torch.Tensor:
