@@ -223,17 +223,23 @@ def test_layers_score_flags_images_whose_early_statistics_are_unlike_training():
 
 
 # ---------------------------------------------------------------------- every road
-@pytest.fixture(scope="module")
-def trust_run(tmp_path_factory):
-    """A tiny run trained with --conformal 0.9 --ood-method energy, plus an untouched copy."""
-    from imgcls import train
-
-    root = tmp_path_factory.mktemp("trust")
+def write_trust_data(root):
+    """``root/d.npz`` (60 train / 20 test pattern images of classes a, b, c) and ``root/noise.npz``
+    (40 noise images, for unknown rejection); returns ``root``."""
     x, y = pattern_images(60, size=16)
     xt, yt = pattern_images(20, size=16, seed=1)
     np.savez(root / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
     noise = np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8)
     np.savez(root / "noise.npz", x_test=noise)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trust_run(tmp_path_factory):
+    """A tiny run trained with --conformal 0.9 --ood-method energy, plus an untouched copy."""
+    from imgcls import train
+
+    root = write_trust_data(tmp_path_factory.mktemp("trust"))
     plain = train({"data": str(root / "d.npz"), "epochs": 2, "batch_size": 16, "out": str(root / "runs"),
                    "name": "plain", "seed": 0}, progress=False)
     r = train({"data": str(root / "d.npz"), "epochs": 2, "batch_size": 16, "out": str(root / "runs"),

@@ -45,14 +45,9 @@ def test_calibration_draws_u_independently_of_the_probabilities():
 def conformal_run(tmp_path_factory):
     """A tiny run trained with --conformal 0.9 (a calib-split hold-out of train) --ood-method energy."""
     from imgcls import train
-    from tests.conftest import pattern_images
+    from tests.test_trust import write_trust_data
 
-    root = tmp_path_factory.mktemp("fitted")
-    x, y = pattern_images(60, size=16)
-    xt, yt = pattern_images(20, size=16, seed=1)
-    np.savez(root / "d.npz", x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
-    noise = np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8)
-    np.savez(root / "noise.npz", x_test=noise)
+    root = write_trust_data(tmp_path_factory.mktemp("fitted"))
     r = train({"data": str(root / "d.npz"), "epochs": 1, "batch_size": 16, "out": str(root / "runs"),
                "name": "trust", "seed": 0, "conformal": 0.9, "ood_method": "energy"}, progress=False)
     return r.run_dir, root

@@ -122,7 +122,7 @@ class _PartWriter:
 
     def __init__(self, out: Path, r: Ranks, fmt: str):
         self.fmt = fmt
-        self.final = out / f"part-{r.rank:05d}-of-{r.world:05d}.{fmt}"
+        self.final = out / part_name(r.rank, r.world, fmt)
         self.tmp = self.final.with_name(self.final.name + ".partial")
         self.done_rows, self.writer, self.f = 0, None, None
         if fmt == "jsonl" and self.tmp.exists():  # continue after the last complete row
@@ -214,7 +214,7 @@ def predict_parts(bundle: ModelBundle, split: Split, names: list[str], out: str 
                  (sets, reject_unknown))
     _refuse_if_unreadable(tally, part)
     part.finish()
-    others = [out / f"part-{k:05d}-of-{r.world:05d}.{fmt}" for k in range(r.world) if k != r.rank]
+    others = [out / part_name(k, r.world, fmt) for k in range(r.world) if k != r.rank]
     bar.close(others)
     return {"part": str(part.final), "skipped": False, "rows": tally.rows,
             "seconds": round(time.perf_counter() - t0, 2), "parts": part_rows(out, r.world, fmt)}
@@ -236,11 +236,16 @@ def _refuse_if_unreadable(tally: _Tally, part: _PartWriter) -> None:
                           f"(first: {tally.first_error})", "check the files, e.g. with imgcls audit")
 
 
+def part_name(rank: int, world: int, fmt: str) -> str:
+    """``part-00001-of-00004.parquet``: the file of process ``rank`` of ``world``."""
+    return f"part-{rank:05d}-of-{world:05d}.{fmt}"
+
+
 def part_rows(out: Path, world: int, fmt: str) -> dict[str, int | None]:
     """Rows of every finished part of the job in ``out`` (None: not finished yet)."""
     counts: dict[str, int | None] = {}
     for k in range(world):
-        p = out / f"part-{k:05d}-of-{world:05d}.{fmt}"
+        p = out / part_name(k, world, fmt)
         counts[p.name] = None if not p.exists() else _count_rows(p, fmt)
     return counts
 
