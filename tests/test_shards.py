@@ -306,6 +306,14 @@ def test_training_from_shards_learns_through_the_same_pipeline(tmp_path, tiny_np
     assert clf.preprocessing.mean == data_stats(load_data(tiny_npz).train.images, 1)[0]
 
 
+def test_a_shard_set_without_val_is_noted_once_however_often_it_is_loaded(tmp_path):
+    data = load_data(str(_shards(tmp_path, 30, "4000")))  # written with val_split 0: train only
+    assert data.val is None
+    again = load_data(data)
+    note = [n for n in again.notes if "no validation split" in n]
+    assert note == ["the shard set has no validation split (`imgcls shard` writes one)"]
+
+
 def test_photo_shards_train_with_random_resized_crops(tmp_path):
     root = write_folder(tmp_path / "photos", n_per_class=10, size=48, splits=("train", "val"))
     write_shards(load_data(root), tmp_path / "sh", resize=40)

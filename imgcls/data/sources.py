@@ -382,7 +382,9 @@ def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[st
     if like is not None and classes is None and data.classes != list(like) and sorted(data.classes) == sorted(like):
         data = with_classes(data, list(like))
     if data.val is None and data.train is not None and data.train.streamed:
-        data.notes.append("the shard set has no validation split (`imgcls shard` writes one)")
+        note = "the shard set has no validation split (`imgcls shard` writes one)"
+        if note not in data.notes:  # an ImageData given back to load_data keeps one copy
+            data.notes.append(note)
     elif data.val is None and data.train is not None and val_split > 0:
         if group_by:
             from imgcls.data.groups import group_of, grouped_split
