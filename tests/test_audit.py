@@ -175,3 +175,15 @@ def test_labels_csv_is_validated_against_the_data(tmp_path, capsys):
         rc, out = audit_with(name, body, raw=b"\xff\xfe\x00\x81binary\x00" * 20 if body is None else None)
         err = out.err.strip().splitlines()
         assert rc == 1 and len(err) == 1 and needle in err[0] and name in err[0], (name, out.err)
+
+
+def test_16bit_colour_file_stats_use_all_16_bits(tmp_path):
+    """Pillow's decode keeps a 16-bit colour file's high byte (1000..3000 -> 3..11): the
+    audit's contrast figure (and dHash) would see an almost flat image."""
+    from imgcls.data.audit import inspect_file
+    from tests.test_decode import _rgb16, _write16
+
+    for name in ("c.png", "c.tif"):
+        info = inspect_file(str(_write16(tmp_path, _rgb16(), name)))
+        assert not info.get("error") and (info["width"], info["height"]) == (64, 8)
+        assert info["std"] > 30, (name, info["std"])  # the auto window stretches 1000..3000 to 0..255

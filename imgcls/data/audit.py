@@ -95,6 +95,10 @@ def inspect_file(path: str, pixels: bool = True) -> dict[str, Any]:
             check_pixels(im, Path(path))
             if not pixels:
                 return out
+            if formats.deep_colour(im):  # 16-bit colour: Pillow's own decode keeps only the high byte
+                img = decode_file(Path(path))
+                out.update(_thumb_stats(img, out["width"], out["height"]))
+                return out
             im.draft("L", (64, 64))  # JPEG only: decode at reduced scale, still reading every byte
             im.load()
             out.update(_thumb_stats(ImageOps.exif_transpose(im) or im, out["width"], out["height"]))
