@@ -30,7 +30,7 @@ from imgcls.data.records import ImageData
 from imgcls.data.sources import load_data
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from imgcls.engine.callbacks import Callback
-from imgcls.engine.decisions import Prediction, decide  # noqa: F401 (Prediction: part of the API)
+from imgcls.engine.decisions import Prediction, check_top_k, decide  # noqa: F401 (Prediction: part of the API)
 from imgcls.engine.lr_find import LRFindResult
 from imgcls.engine.predictor import Predictor, eval_data
 from imgcls.engine.reproducibility import seed_everything
@@ -258,6 +258,7 @@ class Classifier(ModelBundle):
         threshold, ``unknown`` (``label`` "unknown", ``guess`` the top class), with conformal
         sets, ``set``. ``sets`` / ``reject_unknown``: False switches them off, True requires
         them (an error naming ``imgcls calibrate`` when the model has none)."""
+        check_top_k(top_k)  # before any image is read
         probs, sources, skipped, assessment = self._proba(images, batch_size, device, precision, workers, progress,
                                                           backend, strict, sets, reject_unknown)
         return decide(self.classes, probs, sources, top_k, skipped, assessment,
@@ -291,6 +292,7 @@ class Classifier(ModelBundle):
         from imgcls.data.pipeline import prediction_split
         from imgcls.engine.batch_predict import predict_parts
 
+        check_top_k(top_k)
         split, names = prediction_split(images, self.preprocessing)
         return predict_parts(self, split, names, output, fmt=fmt, top_k=top_k, batch_size=batch_size,
                              device=device, backend=backend, workers=workers, strict=strict, progress=progress,

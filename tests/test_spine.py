@@ -320,6 +320,21 @@ def test_decide_is_the_one_decision_rule():
     assert len(decide(["a", "b", "c"], probs, ["1", "2", "3"], top_k=9)[0].top) == 3
 
 
+def test_top_k_below_one_is_refused_on_every_road(trained_run, tmp_path):
+    """The server answered 400 for top_k 0; Classifier.predict silently gave the top class."""
+    from imgcls import Classifier
+    from imgcls.errors import ImgclsError
+
+    clf = Classifier.load(trained_run)
+    x = np.zeros((2, 16, 16), dtype=np.uint8)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ImgclsError, match="top_k must be a whole number >= 1"):
+            clf.predict(x, top_k=k)
+    with pytest.raises(ImgclsError, match="top_k must be"):
+        clf.predict_parts(x, tmp_path / "parts", top_k=0)
+    assert [len(p.top) for p in clf.predict(x, top_k=np.int64(2))] == [2, 2]
+
+
 def test_a_prediction_pass_stops_its_decode_workers(tmp_path):
     """Persistent decode workers outlived a pass (Batches sits in a reference cycle), so the next
     pass's workers were forked with a copy of the old iterator and printed "AssertionError: can

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from imgcls.errors import ImgclsError
+
 UNKNOWN = "unknown"
 
 
@@ -81,6 +83,12 @@ def _with_trust(pred: Prediction, n: int, p: np.ndarray, classes: Sequence[str],
     return pred
 
 
+def check_top_k(top_k: Any) -> None:
+    """``top_k`` is a whole number >= 1 (the server's 400 and the CLI's flag check say the same)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ImgclsError(f"top_k must be a whole number >= 1 (got {top_k!r})", "e.g. top_k=1 for the best class")
+
+
 def decide(classes: Sequence[str], probs: np.ndarray, sources: Sequence[str], top_k: int = 1,
            skipped: dict[int, str] | None = None, assessment: Any = None,
            thresholds: Sequence[float] | None = None) -> list[Prediction]:
@@ -89,8 +97,9 @@ def decide(classes: Sequence[str], probs: np.ndarray, sources: Sequence[str], to
     :class:`~imgcls.engine.trust.Assessment` of the same rows) adds the trust fields;
     ``thresholds`` (one per class: a multi-label model) adds ``labels``, the set of labels
     above them."""
+    check_top_k(top_k)
     skipped = skipped or {}
-    k = max(1, min(top_k, len(classes)))
+    k = min(top_k, len(classes))
     out = []
     for n, (src, p) in enumerate(zip(sources, probs)):
         if n in skipped:
