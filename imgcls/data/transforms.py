@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,12 +81,14 @@ class Preprocessing:
         shorter side to ``img_size / crop_pct``, its centre square (what the decode-once
         cache stores), then the centre ``img_size`` crop of that - two centre offsets,
         each rounded, as evaluation from the cache crops (one offset rounded once moves
-        some photos by a pixel against it)."""
+        some photos by a pixel against it). Images longer than ``ASPECT_LIMIT`` : 1 are first
+        cut to the centre of their long side (:class:`LongSideCrop`): the resize's work stays
+        bounded by its output, not by how far a thin strip is stretched."""
         v2 = _v2()
         if self.resize == "shorter_side":
             side = int(round(self.img_size / self.crop_pct))
             square = [v2.CenterCrop(side)] if side != self.img_size else []
-            return [v2.Resize(side, interpolation=self._interp(), antialias=True), *square,
+            return [LongSideCrop(side), v2.Resize(side, interpolation=self._interp(), antialias=True), *square,
                     v2.CenterCrop(self.img_size)]
         return [v2.Resize((self.img_size, self.img_size), interpolation=self._interp(), antialias=True)]
 
@@ -211,6 +214,92 @@ class MapIntensity:
         if self.bit_depth == 16:
             return torch.from_numpy(map_16bit(img, self.setting, self.channels))
         return map_8bit(img, self.setting, self.channels)
+
+
+# The shorter-side resize is handed at most this many shorter sides of an image's long side
+# (LongSideCrop). Only the centre square of the resized image survives the crops, yet the resize
+# computes all of it: a 1 x 120000 px PNG of 551 bytes, its 1 px side stretched to 73 px, became
+# a 73 x 8.8 M px tensor (640 Mpx, gigabytes and seconds) that no --max-pixels check on the
+# decoded image sees. 8 leaves every ordinary photo, panoramas up to 8:1 included, on exactly the
+# old ops; beyond it the kept part still holds the kernel's whole footprint around the centre.
+ASPECT_LIMIT = 8
+
+
+class LongSideCrop:
+    """Centre part of the long side of an image whose long side exceeds ``ASPECT_LIMIT`` x
+    its short side (anything else passes unchanged, the same object), before the resize of
+    its short side to ``side``: the part is chosen so that the centre ``side`` square of the
+    resized part is the centre square of the resized whole - the same source positions, scale
+    and centre-crop offset (see :func:`long_side_window`)."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, img):
+        if isinstance(img, torch.Tensor):
+            h, w = img.shape[-2:]
+        else:  # a PIL image
+            w, h = img.size
+        window = long_side_window(max(h, w), min(h, w), self.side)
+        if window is None:
+            return img
+        a, n = window
+        if not isinstance(img, torch.Tensor):
+            return img.crop((0, a, w, a + n) if h > w else (a, 0, a + n, h))
+        part = img[..., a:a + n, :] if h > w else img[..., a:a + n]
+        # the same memory layout as the whole (PILToTensor gives channels-last strides): the
+        # resize kernels are picked by layout
+        if img.ndim == 3 and img.permute(1, 2, 0).is_contiguous() and not img.is_contiguous():
+            return part.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        return part.contiguous()
+
+
+def long_side_window(long: int, short: int, side: int) -> tuple[int, int] | None:
+    """``(start, length)`` of the part of the long side :class:`LongSideCrop` keeps, or None
+    (the whole: at most ``ASPECT_LIMIT`` : 1).
+
+    Old road: ``Resize(side)`` makes the long side ``N = int(side * long / short)`` px (scale
+    ``long / N`` source px per output px), then a centre crop keeps ``side`` of them from
+    ``T = round((N - side) / 2)``. A part of length ``n`` from ``start`` maps output px ``k`` of
+    its own crop to ``start + s' (T' + k + 1/2)``. Among a few lengths from ``ASPECT_LIMIT *
+    short`` on (multiples of the exact scale's numerator, and every length of the right parity)
+    the one whose positions differ least from the old ones is taken, and only lengths whose
+    crop keeps the resampling kernel's whole support. Where the old scale allows it (e.g. a
+    long side that is a multiple of the short one) the difference is 0: the same positions and
+    weights, so the same pixels up to float rounding of the weights; otherwise a small fraction
+    of an output pixel."""
+    if long <= ASPECT_LIMIT * short:
+        return None
+    n_old = int(side * long / short)  # as torchvision computes it
+    t_old = int(round((n_old - side) / 2.0))
+    s_old = Fraction(long, n_old)
+    half = Fraction(1, 2)
+    lo = ASPECT_LIMIT * short
+    hi = min(long, 2 * lo + 64)
+    p = long // math.gcd(long, n_old)  # exact scales long / N come from multiples of p
+    lengths = set(range(lo, min(lo + 64, hi) + 1))
+    first = -(-lo // p) * p
+    lengths.update(range(first, min(hi, first + 63 * p) + 1, p))
+    best = None
+    for n in sorted(lengths):
+        if (long - n) % 2:
+            continue  # not centred on the whole
+        start = (long - n) // 2
+        n_out = int(side * n / short)
+        t = int(round((n_out - side) / 2.0))
+        s = Fraction(n, n_out)
+        pad = 3 * max(s, 1) + 2  # the kernel's reach (bicubic: 2 px, widened when shrinking), rounded up
+        if s * t < pad or s * (t + side) + pad > n:
+            continue
+        err = max(abs(start + s * (t + k + half) - s_old * (t_old + k + half)) for k in (0, side - 1))
+        if best is None or err < best[0]:
+            best = (err, start, n)
+        if err == 0:
+            break
+    if best is None:  # no length keeps the kernel's reach (tiny images): the centre, bounded all the same
+        n = hi - (long - hi) % 2
+        return None if n >= long else ((long - n) // 2, n)
+    return best[1:]
 
 
 class ToUInt16:
