@@ -24,11 +24,15 @@ def test_metrics_match_scikit_learn(seed):
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
     for i in range(k):
         got = m["per_class"][f"c{i}"]
-        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+        want = (p[i], r[i] if s[i] else None, f[i], s[i])  # no images of the class: no recall (null)
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(want)
     for avg in ("macro", "weighted"):
-        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=list(range(k)), average=avg, zero_division=0)
+        # scikit-learn's default label set (classes with images or predictions): class 5 is
+        # predicted, so it counts (precision 0) even without images
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, average=avg, zero_division=0)
         got = m[f"{avg}_avg"]
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((pa, ra, fa))
+    assert (pred == 5).any() and m["macro_avg"]["classes"] == k
     assert m["per_class"]["c2"]["precision"] == 0.0 and m["per_class"]["c5"]["support"] == 0
 
 

@@ -153,17 +153,19 @@ def test_temperature_scaling_fixes_an_overconfident_model(digits_run, tmp_path):
     assert before["ece"] == pytest.approx(0.5)  # a 50/50 guess that is right: confidence .5, accuracy 1
 
 
-def test_report_without_validation_split(trained_run, tmp_path, tiny_npz):
-    """Data with its own test split and val_split=0 in training still reports; the
-    temperature is left alone and the page says why."""
+def test_report_without_validation_split(trained_run, tmp_path):
+    """The run's own data with its own test split and val_split=0 in training still reports;
+    the temperature is left alone and the page says why. (Other data is never fitted on:
+    tests/test_explain_fixes.py.)"""
     from imgcls.evaluation.report import build_report
+    from imgcls.rundir import RunDir
 
     run = tmp_path / "r"
     shutil.copytree(trained_run, run)
     card = json.loads((run / "model.json").read_text())
     card["training"]["val_split"] = 0.0
     (run / "model.json").write_text(json.dumps(card))
-    r = build_report(run, str(tiny_npz), out_dir=tmp_path / "rep")
+    r = build_report(run, str(RunDir(run).config_values()["data"]), out_dir=tmp_path / "rep")
     assert r.calibration["fitted_on"] is None and "no validation split" in r.calibration["note"]
     assert (tmp_path / "rep" / "report.html").is_file()
 

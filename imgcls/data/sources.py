@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,26 @@ from imgcls.errors import ImgclsError, did_you_mean
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
+
+
+# A model's class list while data to use it on is read (:func:`model_classes`): then data of
+# one class is fine - the model brings the others (evaluating, calibrating on images of one
+# class); training has no such list and still needs two.
+_MODEL_CLASSES: ContextVar[tuple[str, ...] | None] = ContextVar("imgcls_model_classes", default=None)
+
+
+@contextmanager
+def model_classes(classes: list[str] | None) -> Iterator[None]:
+    """Read data inside this for a model with ``classes``: one class of data is accepted."""
+    token = _MODEL_CLASSES.set(tuple(classes) if classes is not None else _MODEL_CLASSES.get())
+    try:
+        yield
+    finally:
+        _MODEL_CLASSES.reset(token)
+
+
+def _for_a_model() -> bool:
+    return _MODEL_CLASSES.get() is not None
 
 
 # ----------------------------------------------------------------------------- folders
@@ -97,7 +120,7 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> ImageData
     if not classes:
         raise ImgclsError(f"no class folders in {class_root}",
                           "put the images in one subfolder per class, e.g. data/cats/1.jpg")
-    if len(classes) < 2:
+    if len(classes) < 2 and not _for_a_model():
         raise ImgclsError(f"only one class ('{classes[0]}') in {class_root}",
                           "a classifier needs at least two class folders")
     splits: dict[str, Split] = {}
@@ -236,7 +259,7 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, class_names=None, na
         k = ytr.shape[1]
     else:
         k = len(names) if names else int(max(ytr.max().item(), test.labels.max().item() if test else 0)) + 1
-    if k < 2:
+    if k < 2 and not _for_a_model():
         raise ImgclsError(f"{name} has a single class", "a classifier needs at least two classes")
     channels, size = xtr.shape[1], xtr.shape[2]
     kind = "digits" if channels == 1 and size <= 64 else ("small-colour" if size <= 64 else "photos")
@@ -329,12 +352,28 @@ def resolve(spec: Any, classes: list[str] | None = None, task: str = "auto") -> 
         return as_task(from_folder(Path(str(spec)).expanduser(), classes), task)
     if isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in MANIFEST_SUFFIXES \
             and Path(str(spec)).expanduser().is_file():
-        return as_task(from_manifest(Path(str(spec)).expanduser(), classes, task), task)
+        return as_task(_manifest(Path(str(spec)).expanduser(), classes, task), task)
     if isinstance(spec, (str, Path)) and is_labelstudio(Path(str(spec))) and Path(str(spec)).expanduser().is_file():
         data = from_labelstudio(Path(str(spec)).expanduser(), classes)  # a Label Studio JSON export
         data.channels = _guess_channels(data.train)
         return as_task(data, task)
     return as_task(with_classes(_resolve(spec), classes), task)
+
+
+def _manifest(path: Path, classes: list[str] | None, task: str) -> ImageData:
+    try:
+        return from_manifest(path, classes, task)
+    except ImgclsError as exc:
+        model = _MODEL_CLASSES.get()
+        if classes is not None or model is None:
+            raise
+        first = exc
+    # read for a model: with its class list, a manifest of one of its classes is accepted
+    # (manifest.py refuses a single class otherwise); any other problem is the first error
+    try:
+        return from_manifest(path, list(model), task)
+    except ImgclsError:
+        raise first from None
 
 
 def _resolve(spec: Any) -> ImageData:
@@ -378,7 +417,8 @@ def load_data(spec: Any, val_split: float = 0.1, seed: int = 0, classes: list[st
     single- or multi-label labels. ``like`` (a model's class list) relabels data with the
     same class names to that order before holding out, so the held-out split is the one a
     run trained with ``--classes`` in that order drew (see :func:`stratified_split`)."""
-    data = resolve(spec, classes, task)
+    with model_classes(like):  # data for a model (``like``): one class of it is enough
+        data = resolve(spec, classes, task)
     if like is not None and classes is None and data.classes != list(like) and sorted(data.classes) == sorted(like):
         data = with_classes(data, list(like))
     if data.val is None and data.train is not None and data.train.streamed:

@@ -20,6 +20,7 @@ from imgcls.bundle import ModelBundle
 from imgcls.data.pipeline import as_split, decode_split, eval_batches, evaluation_data
 from imgcls.data.records import ImageData
 from imgcls.data.records import Split
+from imgcls.data.sources import model_classes
 from imgcls.engine.backends import TorchBackend, make_backend
 from imgcls.engine.multilabel import sigmoid
 from imgcls.engine.trust import Assessment, Trust
@@ -206,13 +207,22 @@ def eval_data(bundle: ModelBundle, data: Any, split: str | None = None, *, stric
     validation split, else all of it; ``split="val"``: held out as in training), that
     split decoded once, and the files that could not be read."""
     training = bundle.card.get("training", {})
-    data, name, attr = evaluation_data(data, split, training.get("val_split", 0.1), training.get("seed", 0),
-                                         training.get("group_by"), classes=bundle.classes)
+    with model_classes(bundle.classes):  # images of one of the model's classes can be evaluated
+        data, name, attr = evaluation_data(data, split, training.get("val_split", 0.1), training.get("seed", 0),
+                                           training.get("group_by"), classes=bundle.classes)
     data = bundle.check_classes(data)
     if getattr(data, attr, None) is None or not len(getattr(data, attr)):
-        raise ImgclsError(f"the data has no '{name}' split", "use --split train, val or test")
+        have = split_names(data)  # only splits it has: naming a missing one again sends the user round
+        raise ImgclsError(f"the data has no '{name}' split",
+                          f"it has {', '.join(have)}: use --split {' or '.join(have)}" if have else "give data with images")
     part, skipped = decode_split(data, attr, bundle.preprocessing, strict=strict, cache=cache, announce=announce)
     return data, name, part, skipped
+
+
+def split_names(data: ImageData) -> list[str]:
+    """The splits ``data`` holds images in, of train, val and test (as loaded: a validation
+    split held out of train is among them once it has been held out)."""
+    return [s for s in ("train", "val", "test") if getattr(data, s, None) is not None and len(getattr(data, s))]
 
 
 def ood_split(bundle: ModelBundle, data: Any, announce: bool = True) -> tuple[str, Split]:

@@ -29,10 +29,19 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         out[f"top{kk}_accuracy"] = float((top == labels[:, None]).any(1).float().mean())
     cm = confusion(y, pred, k)
     p, r, f, s = prf_from_confusion(cm)
-    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+    predicted = cm.sum(0)
+    # a class with no images has no recall, and no precision either when nothing was
+    # predicted as it: null ("—"), not 0 (on a class subset those zeros read as failures)
+    out["per_class"] = {c: {"precision": float(p[i]) if s[i] or predicted[i] else None,
+                            "recall": float(r[i]) if s[i] else None,
+                            "f1": float(f[i]) if s[i] or predicted[i] else None,
                             "support": int(s[i])} for i, c in enumerate(classes)}
     weights = s / s.sum() if s.sum() else np.zeros_like(p)
-    out["macro_avg"] = {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean())}
+    # macro: the mean over the classes with images or predictions (scikit-learn's default
+    # label set, unique_labels(y_true, y_pred)); classes absent from both do not count
+    seen = (s > 0) | (predicted > 0)
+    mean = (lambda a: float(a[seen].mean())) if seen.any() else (lambda a: 0.0)  # noqa: E731
+    out["macro_avg"] = {"precision": mean(p), "recall": mean(r), "f1": mean(f), "classes": int(seen.sum())}
     out["weighted_avg"] = {"precision": float(p @ weights), "recall": float(r @ weights), "f1": float(f @ weights)}
     out["confusion_matrix"] = cm.tolist()
     out["classes"] = list(classes)
@@ -41,7 +50,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 # Confusion matrix and precision / recall / F1 in numpy rather than scikit-learn's
 # confusion_matrix + precision_recall_fscore_support: the same figures (zero_division=0;
-# macro = unweighted mean over classes, weighted = weighted by support; tests/test_metrics.py
+# macro = unweighted mean over the classes with images or predictions, as scikit-learn's
+# without ``labels=``; weighted = weighted by support; tests/test_metrics.py
 # checks them against scikit-learn), without importing scikit-learn (1-2 s on 2 cores) at the
 # end of every `imgcls train` and `evaluate`.
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -60,6 +70,11 @@ def prf_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return p, r, f, support
 
 
+def number(v: float | None) -> str:
+    """A precision / recall / F1 for a table: four decimals, or "—" where it is undefined."""
+    return "—" if v is None else f"{v:.4f}"
+
+
 def format_metrics(m: dict[str, Any], title: str = "") -> str:
     """A plain-text report: headline numbers, per-class table and confusion matrix."""
     lines = []
@@ -76,10 +91,16 @@ def format_metrics(m: dict[str, Any], title: str = "") -> str:
     lines.append(f"{'class':<{w}}  precision  recall  {'f1':>6}  support")
     for c in classes:
         pc = m["per_class"][c]
-        lines.append(f"{c:<{w}}  {pc['precision']:9.4f}  {pc['recall']:6.4f}  {pc['f1']:5.4f}  {pc['support']:7d}")
+        lines.append(f"{c:<{w}}  {number(pc['precision']):>9}  {number(pc['recall']):>6}  {number(pc['f1']):>6}  "
+                     f"{pc['support']:7d}")
     for avg in ("macro", "weighted"):
         a = m[f"{avg}_avg"]
-        lines.append(f"{avg + ' avg':<{w}}  {a['precision']:9.4f}  {a['recall']:6.4f}  {a['f1']:5.4f}  {m['num_images']:7d}")
+        lines.append(f"{avg + ' avg':<{w}}  {a['precision']:9.4f}  {a['recall']:6.4f}  {a['f1']:6.4f}  "
+                     f"{m['num_images']:7d}")
+    if any(m["per_class"][c]["support"] == 0 for c in classes):
+        over = m["macro_avg"].get("classes", len(classes))
+        lines.append(f"(—: undefined, no images of that class; macro avg over the {over} of {len(classes)} classes "
+                     "with images or predictions)")
     cm = np.asarray(m["confusion_matrix"])
     if len(classes) <= 30:
         lines.append("")

@@ -3,9 +3,9 @@ picture embedded as base64, no scripts, no external files: it opens offline and 
 mailed) plus metrics.json with the same numbers.
 
 Sections: headline metrics, per-class table, confusion matrix (counts and row-normalised),
-calibration (ECE, reliability diagram, temperature fitted on the validation split and
-saved into model.json), the most confident mistakes with Grad-CAM overlays, and the
-training curves from history.csv.
+calibration (ECE, reliability diagram, temperature fitted on the run's own validation
+split - only when the data is the run's training data - and saved into model.json), the
+most confident mistakes with Grad-CAM overlays, and the training curves from history.csv.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgcls.bundle import ModelBundle
-from imgcls.engine.predictor import Predictor, eval_data
+from imgcls.engine.predictor import Predictor, eval_data, split_names
 from imgcls.errors import ImgclsError
 from imgcls.rundir import RunDir
 from imgcls.evaluation.calibration import calibration_summary, temperature_scaling
-from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.metrics import classification_metrics, number
 from imgcls.evaluation.plots import confusion_matrix_png, reliability_png, training_curves_png
-from imgcls.evaluation.trust import TrustResult, conformal_png, ood_histogram_png, trust_metrics
+from imgcls.evaluation.trust import TrustResult, conformal_png, fitted_here, ood_histogram_png, trust_metrics
 
 
 @dataclass
@@ -116,10 +116,35 @@ def confident_mistakes(clf: ModelBundle, part: Any, probs: np.ndarray, labels: n
 
 
 # ---------------------------------------------------------------------- the report
+def trained_on(run: RunDir, card: dict[str, Any], spec: Any) -> bool:
+    """Whether ``spec`` names the data the run trained on (config.yaml's ``data``, else the
+    card's): only there is the validation split the run's own held-out images. The same
+    path (resolved) or dataset name; anything else (another folder, a subset .npz, arrays,
+    an ImageData) is other data."""
+    from imgcls.export.parity import data_spec
+
+    if not isinstance(spec, (str, Path)):
+        return False
+    try:
+        trained = data_spec(run.path, card, None)
+    except ImgclsError:
+        return False
+    a, b = Path(str(spec)).expanduser(), Path(trained).expanduser()
+    if a.exists() or b.exists():
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return str(spec).strip().lower() == trained.strip().lower()
+
+
 def _calibrate(clf: ModelBundle, run: RunDir, predictor: Predictor, spec: Any, data: Any, split: str,
                evaluated: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Temperature scaling on the validation split (the data's own, else held out as in
-    training), saved into model.json; the bundle's temperature is updated."""
+    """Temperature scaling on the run's own validation split (the training data's, else held
+    out of it as in training), saved into model.json; the bundle's temperature is updated.
+    Other data is never fitted on here: viewing a report must not change later predictions."""
+    if not trained_on(run, clf.card, spec):
+        return {"fitted_on": None, "temperature": clf.temperature,
+                "note": f"{data.name} is not the data the run trained on, whose validation split is the one fitted "
+                        f"on here: temperature left as it was (`imgcls calibrate {run.path} --data DATA` fits one "
+                        "on held-out images of DATA)"}
     if split == "val":
         val = evaluated
     else:
@@ -139,6 +164,15 @@ def _calibrate(clf: ModelBundle, run: RunDir, predictor: Predictor, spec: Any, d
     return calibration
 
 
+def _optimistic_note(calibration: dict[str, Any], fitted_on: str | None, split: str) -> None:
+    """The caveat of an 'after' ECE measured on images that include those the temperature was fitted on."""
+    if not fitted_here(fitted_on, split):
+        return
+    where = "the same split" if fitted_on == split else f"the {split} images, which include them"
+    note = f"fitted on the {fitted_on} split and measured on {where}: the 'after' ECE is optimistic"
+    calibration["note"] = f"{calibration['note']}; {note}" if calibration.get("note") else note
+
+
 def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_dir: str | Path | None = None,
                  batch_size: int = 256, device: str = "auto", mistakes: int = 8,
                  calibrate_on_val: bool = True, ood: Any = None) -> Report:
@@ -154,7 +188,8 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     data, split, part, _ = eval_data(clf, data, split)
     with Predictor(clf, device=device, batch_size=batch_size) as p:
         z, y, feats = p.run_outputs(part)
-        trust = trust_metrics(p, z, y, feats, ood, split=split)
+        # data evaluated whole ("all") has no other split; its "test" is the whole of it
+        trust = trust_metrics(p, z, y, feats, ood, split=split, splits=split_names(data) if split != "all" else [])
         logits, labels = torch.from_numpy(z), torch.from_numpy(y)
         calibration = _calibrate(clf, run, p, spec, data, split, (logits, labels)) if calibrate_on_val \
             else {"fitted_on": None, "temperature": clf.temperature}
@@ -164,8 +199,10 @@ def build_report(run_dir: str | Path, data: Any, split: str | None = None, out_d
     calibration.update({"split": split, "ece_before": before["ece"], "ece_after": after["ece"],
                         "nll_before": before["nll"], "nll_after": after["nll"],
                         "reliability_before": before["reliability"], "reliability_after": after["reliability"]})
-    if split == "val" and calibration.get("fitted_on") == "val":
-        calibration["note"] = "fitted and measured on the same (validation) split: the 'after' ECE is optimistic"
+    fitted_on = calibration.get("fitted_on")
+    if fitted_on is None and trained_on(run, clf.card, spec):  # not refitted: the card's own fit, if any
+        fitted_on = (clf.card.get("calibration") or {}).get("fitted_on")
+    _optimistic_note(calibration, fitted_on, split)
 
     m = classification_metrics(logits / t, labels, clf.classes)
     m["split"], m["data"] = split, data.name
@@ -271,13 +308,17 @@ def render_html(clf: ModelBundle, run_dir: Path, m: dict[str, Any], cal: dict[st
     rows = []
     for c in m["classes"]:
         pc = m["per_class"][c]
-        low = ' class="low"' if pc["f1"] < m["macro_avg"]["f1"] - 0.1 else ""
-        rows.append(f"<tr{low}><td>{e(c)}</td><td>{pc['precision']:.4f}</td><td>{pc['recall']:.4f}</td>"
-                    f"<td>{pc['f1']:.4f}</td><td>{pc['support']}</td></tr>")
+        low = ' class="low"' if pc["f1"] is not None and pc["f1"] < m["macro_avg"]["f1"] - 0.1 else ""
+        rows.append(f"<tr{low}><td>{e(c)}</td><td>{number(pc['precision'])}</td><td>{number(pc['recall'])}</td>"
+                    f"<td>{number(pc['f1'])}</td><td>{pc['support']}</td></tr>")
     for avg in ("macro", "weighted"):
         a = m[f"{avg}_avg"]
         rows.append(f"<tr><th>{avg} avg</th><th>{a['precision']:.4f}</th><th>{a['recall']:.4f}</th>"
                     f"<th>{a['f1']:.4f}</th><th>{m['num_images']}</th></tr>")
+    over = m["macro_avg"].get("classes", len(m["classes"]))
+    macro_note = (f'<p class="note">&mdash;: undefined (no images of that class). Macro averages over the {over} '
+                  f'of {len(m["classes"])} classes with images or predictions here.</p>'
+                  if any(m["per_class"][c]["support"] == 0 for c in m["classes"]) else "")
     cal_text = (f"Temperature <b>{cal['temperature']:.3f}</b>"
                 + (f" fitted on the validation split ({cal.get('num_images')} images) and saved in model.json; "
                    f"validation ECE {cal['val_ece_before']:.4f} &rarr; {cal['val_ece_after']:.4f}."
@@ -310,7 +351,7 @@ epoch(s) on {e(str(training.get('data', '?')))} · report made {e(time.strftime(
 <div class="cards">{''.join(cards)}</div>
 <h2>Per class</h2>
 <table id="per-class"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>
-<tbody>{''.join(rows)}</tbody></table>
+<tbody>{''.join(rows)}</tbody></table>{macro_note}
 <h2>Confusion matrix</h2>
 <div class="row"><figure>{_img(pictures['confusion_counts'], 'confusion matrix (counts)', 'confusion-matrix')}</figure>
 <figure>{_img(pictures['confusion_normalized'], 'confusion matrix (row-normalised)', 'confusion-matrix-normalized')}</figure></div>

@@ -44,17 +44,28 @@ def fitted_here(fitted_on: str | None, split: str | None) -> bool:
     return fitted_on == split or "all" in (fitted_on, split) or (fitted_on == "calib_split" and split == "train")
 
 
-def held_in_note(section: dict[str, Any], fitted_on: str | None, split: str | None, what: str) -> None:
-    """Adds ``note`` to a metrics section measured on the images ``what`` was fitted on."""
-    if fitted_here(fitted_on, split):
-        section["note"] = (f"measured on the split the {what} fitted on ({fitted_on}): not a held-out estimate; "
-                           "evaluate on another split (--split test) for one")
+def held_in_note(section: dict[str, Any], fitted_on: str | None, split: str | None, what: str,
+                 splits: list[str] | None = None) -> None:
+    """Adds ``note`` to a metrics section measured on the images ``what`` was fitted on. The
+    way to a held-out figure names only ``splits`` (the data's own; None: unknown) that
+    ``what`` was not fitted on - never one the data lacks."""
+    if not fitted_here(fitted_on, split):
+        return
+    other = [s for s in ("test", "val") if s in (splits or []) and s != split and not fitted_here(fitted_on, s)]
+    if other:
+        fix = f"evaluate on the {other[0]} split (--split {other[0]}) for one"
+    elif splits is not None:
+        fix = "no other split of this data is held out from it: evaluate other images for one"
+    else:
+        fix = "evaluate on images it was not fitted on for one"
+    section["note"] = f"measured on the split the {what} fitted on ({fitted_on}): not a held-out estimate; {fix}"
 
 
 def conformal_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray,
-                      split: str | None = None) -> dict[str, Any] | None:
+                      split: str | None = None, splits: list[str] | None = None) -> dict[str, Any] | None:
     """Coverage and set sizes of the model's conformal sets on labelled images (None: no sets),
-    with a ``note`` when ``split`` holds the images the sets were fitted on."""
+    with a ``note`` when ``split`` holds the images the sets were fitted on (``splits``: the
+    data's, for the way to a held-out figure)."""
     trust = predictor.trust
     sets = trust.sets(logits)
     if sets is None:
@@ -62,7 +73,7 @@ def conformal_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarr
     c = trust.conformal
     out = {"method": c.get("method"), "target_coverage": c.get("coverage"),
            **set_metrics(sets, labels, predictor.bundle.classes)}
-    held_in_note(out, c.get("fitted_on"), split, "sets were")
+    held_in_note(out, c.get("fitted_on"), split, "sets were", splits)
     return out
 
 
@@ -121,14 +132,16 @@ def _by_method(logits: np.ndarray, z: np.ndarray, t: float, multi_label: bool = 
 
 
 def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None,
-                  ood_data: Any = None, announce: bool = True, split: str | None = None) -> TrustResult:
+                  ood_data: Any = None, announce: bool = True, split: str | None = None,
+                  splits: list[str] | None = None) -> TrustResult:
     """Conformal coverage on the evaluated images (when the model has sets; never for a
     multi-label model) and, with ``ood_data``, how its OOD score separates them from that
     data (every method's AUROC too). ``split`` (the evaluated split's name): a ``note`` in a
-    section measured on the images its sets / threshold were fitted on."""
+    section measured on the images its sets / threshold were fitted on, naming only ``splits``
+    (the data's: :func:`~imgcls.engine.predictor.split_names`) as the way to a held-out one."""
     r = TrustResult()
     multi = predictor.bundle.multi_label
-    c = None if multi else conformal_metrics(predictor, logits, labels, split)
+    c = None if multi else conformal_metrics(predictor, logits, labels, split, splits)
     if c is not None:
         r.sections["conformal"] = c
     if ood_data is None:
@@ -144,5 +157,5 @@ def trust_metrics(predictor: Predictor, logits: np.ndarray, labels: np.ndarray, 
     if trust.method not in r.sections["ood"]["by_method"]:  # a feature score: the model's own
         r.sections["ood"]["by_method"][trust.method] = {k: r.sections["ood"][k] for k in ("auroc", "fpr95")}
     if "threshold" in r.sections["ood"]:  # the accepted share is the threshold's own target there
-        held_in_note(r.sections["ood"], trust.ood.get("fitted_on"), split, "unknown threshold was")
+        held_in_note(r.sections["ood"], trust.ood.get("fitted_on"), split, "unknown threshold was", splits)
     return r

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgcls.data.decode import images_in_folder, load_image, to_mode
+from imgcls.data.decode import UnreadableImage, images_in_folder, load_image, to_mode
 from imgcls.data.pipeline import array_images
 from imgcls.data.transforms import Preprocessing
 from imgcls.errors import ImgclsError
@@ -50,8 +50,10 @@ def _from_array(t: torch.Tensor, source: str, pre: Preprocessing) -> ExplainImag
     return ExplainImage(source, display, _model_pixels(t, pre), (0, 0, display.width, display.height))
 
 
-def explain_images(images: Any, pre: Preprocessing) -> list[ExplainImage]:
-    """Image files, folders (recursively), PIL images, or arrays ((H,W), (H,W,C), (N,...))."""
+def explain_images(images: Any, pre: Preprocessing, skipped: dict[str, str] | None = None) -> list[ExplainImage]:
+    """Image files, folders (recursively), PIL images, or arrays ((H,W), (H,W,C), (N,...)).
+    An unreadable file is an error, or - given ``skipped`` - left out and recorded there
+    (source -> the one-line reason ``predict`` shows for it)."""
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     t = array_images(images)
@@ -67,11 +69,25 @@ def explain_images(images: Any, pre: Preprocessing) -> list[ExplainImage]:
             continue
         p = Path(item)
         if p.is_dir():
-            out += [_from_pil(load_image(f, 3), str(f), pre) for f in images_in_folder(p)]
+            for f in images_in_folder(p):
+                _add_file(out, f, pre, skipped)
         elif p.is_file():
-            out.append(_from_pil(load_image(p, 3), str(p), pre))
+            _add_file(out, p, pre, skipped)
         else:
             raise ImgclsError(f"image not found: {p}", "check the path")
+    if not out and skipped:
+        first = next(iter(skipped.values()))
+        raise ImgclsError(f"none of the {len(skipped)} images could be read (first: {first})",
+                          "check the files, e.g. with imgcls audit")
     if not out:
         raise ImgclsError("no images given", "give image files, folders, PIL images or arrays")
     return out
+
+
+def _add_file(out: list[ExplainImage], path: Path, pre: Preprocessing, skipped: dict[str, str] | None) -> None:
+    try:
+        out.append(_from_pil(load_image(path, 3), str(path), pre))
+    except UnreadableImage as exc:
+        if skipped is None:
+            raise
+        skipped[str(path)] = exc.oneline()  # the reason predict gives the same file (data/loaders.py)
