@@ -204,6 +204,7 @@ class Classifier(ModelBundle):
         image files are skipped and counted in ``skipped_files`` (``strict``: an error).
         With conformal sets in the card: ``conformal`` (coverage, mean set size, per class);
         with ``ood`` (other data): ``ood`` (AUROC, FPR95 of the OOD score, per method)."""
+        from imgcls.engine.predictor import split_names
         from imgcls.evaluation.trust import trust_metrics
 
         data, split, part, skipped = self.eval_data(data, split, strict=strict, cache=cache, announce=announce)
@@ -214,7 +215,9 @@ class Classifier(ModelBundle):
             else:
                 m = classification_metrics(torch.from_numpy(logits) / self.temperature, torch.from_numpy(labels),
                                            self.classes)
-            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce, split=split).sections)
+            # the held-in hint names only a split this data has ("all": evaluated whole, none other)
+            have = split_names(data) if split != "all" else []
+            m.update(trust_metrics(p, logits, labels, feats, ood, announce=announce, split=split, splits=have).sections)
         m["split"], m["data"] = split, data.name
         if skipped:
             m["skipped_files"] = [{"path": str(path), "reason": r} for _, path, r in skipped]

@@ -363,3 +363,29 @@ def test_a_prediction_pass_stops_its_decode_workers(tmp_path):
     b.close()
     assert not new() and len(list(b)) == 5  # ... until closed; it can go on
     b.close()
+
+
+def test_evaluate_on_the_fitted_split_names_only_splits_the_data_has(tmp_path):
+    """Data without a test split: the in-sample note on val sent the user to --split test."""
+    from tests.conftest import pattern_images
+
+    x, y = pattern_images(40, size=16)
+    npz = tmp_path / "notest.npz"
+    np.savez(npz, x_train=x, y_train=y, class_names=np.array(["a", "b", "c"]))
+    clf = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=1, img_size=16, seed=0)
+    clf.fit(str(npz), epochs=1, batch_size=16, progress=False)
+    clf.calibrate(str(npz), coverage=0.9)
+    note = clf.evaluate(str(npz), split="val", announce=False)["conformal"]["note"]
+    assert "fitted on (val)" in note and "--split" not in note and "no other split" in note
+
+
+def test_evaluate_report_says_why_the_temperature_was_not_refitted(trained_run, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other.npz"  # the same images at another path: not the data the run trained on
+    shutil.copy(trained_run.parent.parent / "tiny.npz", other)
+    before = json.loads((trained_run / "model.json").read_text()).get("calibration")
+    assert main(["evaluate", str(trained_run), "--data", str(other), "--report", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "not refitted" in out and "note: other is not the data the run trained on" in out
+    assert json.loads((trained_run / "model.json").read_text()).get("calibration") == before

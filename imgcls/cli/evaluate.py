@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", nargs="?", const="", metavar="DIR",
                    help="also write report.html (self-contained) + metrics.json, into DIR (default: the run "
-                        "folder); fits temperature scaling on the validation split and saves it in model.json")
+                        "folder); on the run's own training data, fits temperature scaling on its validation "
+                        "split and saves it in model.json (other data: left as it is; see imgcls calibrate)")
     p.add_argument("--mistakes", type=int, default=8, help="--report: how many confident mistakes to show")
     p.add_argument("--ood", default=None, metavar="OTHER_DATA",
                    help="data the model should call unknown (folder, .npz or dataset name): reports AUROC and "
@@ -94,7 +95,8 @@ def _report(args: argparse.Namespace) -> int:
     fitted = f"fitted on {cal['num_images']} validation images, saved in model.json" if cal.get("fitted_on") \
         else "not refitted"
     print(f"\ncalibration: temperature {cal['temperature']:.3f} ({fitted}); "
-          f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} on the {m['split']} split")
+          f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} on the {m['split']} split"
+          + (f"\n  note: {cal['note']}" if cal.get("note") else ""))
     print("".join(f"{line}\n" for line in trust_lines(m)), end="")
     print(f"report written to {r.html_path}\nmetrics written to {r.json_path}")
     return 0
