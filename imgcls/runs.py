@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from imgcls.data.records import ImageData, Split
 from imgcls.data.split import stratified_split
 from imgcls.data.sources import load_data
 from imgcls.engine import distributed as D
-from imgcls.engine.checkpoint import CHECKPOINT, load_checkpoint, preflight_run_dir
+from imgcls.engine.checkpoint import CHECKPOINT, TrainingInterrupted, load_checkpoint, preflight_run_dir
 from imgcls.engine.device import resolve_device
 from imgcls.engine.lr_find import LRFindResult
 from imgcls.engine.model_hooks import start_from
@@ -63,6 +64,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, progress: bool = T
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if not cfg.data:
         raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    if resume is not None:
+        check_resume_data(cfg, resume)
     joined_here = D.launched_by_torchrun() and not D.current().enabled
     ctx = D.setup(cfg.device)
     try:
@@ -77,6 +80,81 @@ def train(config: TrainConfig | dict[str, Any] | None = None, progress: bool = T
 def resume_config(run_dir: str | Path) -> TrainConfig:
     """The config a run folder was trained with (its config.yaml)."""
     return RunDir(run_dir).read_config()
+
+
+def completed_run(run_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json of a run that has nothing left to resume (every epoch trained, or stopped
+    early, then evaluated and saved: the run's last write), else None."""
+    run = RunDir(run_dir)
+    metrics = run.read_metrics()
+    if run.has_model() and isinstance(metrics.get("training"), dict) and isinstance(metrics.get("evaluation"), dict):
+        return metrics
+    return None
+
+
+# config fields that name a file or folder: saved absolute, so that `--resume RUN` and
+# `--config RUN/config.yaml` find them from any working folder
+PATH_FIELDS = ("data", "unlabeled", "weights")
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def saved_config(cfg: TrainConfig, ctx: D.DistContext) -> TrainConfig:
+    """What a run writes into config.yaml: ``cfg`` with the paths that exist made absolute
+    (dataset names, URLs and shard patterns as given) and ``devices`` the number of processes
+    that trained it (a torchrun-launched run's, too: its checkpoint resumes only with as many)."""
+    update: dict[str, Any] = {"devices": ctx.world_size} if ctx.enabled else {}
+    for key in PATH_FIELDS:
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value and not _is_url(value) and Path(value).expanduser().exists():
+            update[key] = os.path.abspath(os.path.expanduser(value))
+    return cfg.model_copy(update=update)
+
+
+def check_data_spec(spec: Any) -> None:
+    """Cheaply, without loading anything: that ``spec`` names a file or folder that exists,
+    a dataset or a shard set; else the one-process run's own refusal ("data path not
+    found", "unknown dataset ... did you mean"). Before --devices N starts its processes."""
+    from imgcls.data.datasets import DATASETS
+    from imgcls.data.shardset import is_shard_spec
+    from imgcls.data.sources import _resolve
+
+    if not isinstance(spec, (str, Path)) or is_shard_spec(spec) or Path(str(spec)).expanduser().exists() \
+            or str(spec).lower() in DATASETS:
+        return
+    _resolve(spec)  # (nothing exists to read: it raises the refusal)
+
+
+def _started_from(run_dir: Path, cfg: TrainConfig) -> Path | None:
+    """The folder an older run (config.yaml with the data path as typed) was most likely
+    started from: the run folder less its relative --out and name, if the data is there."""
+    out = Path(cfg.out)
+    if out.is_absolute() or ".." in out.parts:
+        return None
+    run = Path(run_dir).absolute()
+    if len(run.parts) <= len(out.parts) + 1 or tuple(run.parts[-len(out.parts) - 1:-1]) != out.parts:
+        return None
+    origin = run.parents[len(out.parts)]
+    return origin if (origin / str(cfg.data)).exists() else None
+
+
+def check_resume_data(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """The data a resumed run trains on must exist from here; a relative path of an older
+    config.yaml (saved as typed) is refused with the folder to resume from."""
+    try:
+        check_data_spec(cfg.data)
+    except ImgclsError:
+        spec = str(cfg.data)
+        if not (any(ch in spec for ch in "/\\") or Path(spec).suffix) or Path(spec).expanduser().is_absolute():
+            raise
+        origin = _started_from(Path(run_dir), cfg)
+        where = f"the folder the run was started from, {origin}" if origin else "the folder the run was started from"
+        raise ImgclsError(f"data path not found: {spec} (config.yaml of {run_dir} gives it relative to {where}; "
+                          f"this is {Path.cwd()})",
+                          f"run the resume from there: cd {origin or 'THAT_FOLDER'} && imgcls train --resume "
+                          f"{Path(run_dir).absolute()}") from None
 
 
 def _on_rank0(ctx: D.DistContext, fn):
@@ -94,18 +172,50 @@ def _on_rank0(ctx: D.DistContext, fn):
     return out
 
 
-def _make_run_dir(cfg: TrainConfig, resume: Path | None, model: torch.nn.Module) -> str:
+def _make_run_dir(cfg: TrainConfig, resume: Path | None, model: torch.nn.Module,
+                  ctx: D.DistContext) -> tuple[str, str | None]:
+    """The run folder, ready (config.yaml written for a new run); and the outermost folder
+    created for it here (None: it existed)."""
     run_dir = resume if resume is not None else next_run_dir(cfg.out, cfg.name)
     if resume is None and cfg.name:
         RunDir(run_dir).claim(cfg.exist_ok)  # never a silent overwrite of a trained run
+    created = None
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        created = str(folder)
     try:
         run_dir.mkdir(parents=True, exist_ok=bool(cfg.name) or resume is not None)
     except OSError as exc:
         raise ImgclsError(f"cannot create run folder {run_dir}: {exc.strerror}", "choose another --out") from None
-    preflight_run_dir(run_dir, model)  # unwritable or full: fail now, not after hours of training
+    try:
+        preflight_run_dir(run_dir, model)  # unwritable or full: fail now, not after hours of training
+    except ImgclsError:
+        _discard(RunDir(run_dir), created if resume is None else None)
+        raise
     if resume is None:
-        RunDir(run_dir).write_config(cfg)
-    return str(run_dir)
+        RunDir(run_dir).write_config(saved_config(cfg, ctx))
+    return str(run_dir), created
+
+
+def _discard(run: RunDir, created: str | None) -> None:
+    """A new run refused before its first checkpoint: nothing in its folder can be resumed, so
+    its config.yaml goes, and the folders this run made (``created`` and those below it, down
+    to the run folder) where they are empty now."""
+    if (run / CHECKPOINT).exists():
+        return
+    (run / "config.yaml").unlink(missing_ok=True)
+    if created is None:
+        return
+    folder = run.path
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # other files (skipped.csv: the unreadable images) stay for the user to see
+        if folder == Path(created) or folder.parent == folder:
+            return
+        folder = folder.parent
 
 
 def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | None) -> TrainResult:
@@ -123,6 +233,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     data, calib = hold_out_calibration(data, cfg)
     if resume is None:  # a resumed run keeps the values its config.yaml already holds
         cfg = resolve_recipe(cfg, recipe_context(cfg, data))
+    D.local_batch_size(cfg.batch_size, ctx)  # the recipe's batch, refused before the run folder is made
     init = None  # weights the model starts from: the teacher's with --pseudo-student teacher
     if cfg.unlabeled and cfg.semi_parts()[0]:  # semi-supervised: a teacher's confident pseudo-labels join train
         from imgcls.curation.semi import add_pseudo_labels
@@ -132,8 +243,14 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, progress: bool, resume: Path | 
     if init is not None:
         start_from(clf.model, init)
     cfg = cfg.model_copy(update={"img_size": clf.preprocessing.img_size, "in_chans": clf.preprocessing.in_chans})
-    run = RunDir(_on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model)))
-    summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)
+    made, created = _on_rank0(ctx, lambda: _make_run_dir(cfg, resume, clf.model, ctx))
+    run = RunDir(made)
+    try:
+        summary = clf.fit(data, cfg, run_dir=run.path, progress=progress, resume=ckpt)
+    except ImgclsError as exc:
+        if resume is None and ctx.is_main and not isinstance(exc, TrainingInterrupted):
+            _discard(run, created)
+        raise
     summary["recipe"] = cfg.recipe
     if not ctx.is_main:
         return TrainResult(run_dir=run.path, classifier=clf, metrics={}, summary=summary)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from imgcls.config import TrainConfig
@@ -152,19 +153,66 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgcls.runs import train
-    from imgcls.engine import distributed as D
+    if os.environ.get("IMGCLS_LAUNCH_DIR") and "RANK" in os.environ:  # (engine/distributed.py LAUNCH_DIR)
+        return _as_launched_worker(args)
     from imgcls.engine.checkpoint import TrainingInterrupted
 
-    cfg = config_from_args(args)
-    if cfg.devices > 1 and not D.launched_by_torchrun():
-        return _launch(cfg, args)
     try:
-        result = train(cfg, resume=getattr(args, "resume", None))
+        return _run(args)
     except TrainingInterrupted as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # one message, not one per process
             print(f"imgcls train: {exc.oneline()}", file=sys.stderr)
         return 128 + exc.signum
+
+
+def _as_launched_worker(args: argparse.Namespace) -> int:
+    """One of the processes ``--devices N`` started: its outcome (exit code and the one line
+    the user sees) goes to the launcher, which prints it once; the process itself exits 0, so
+    torchrun has no failure to report (engine/distributed.py launch). --debug / IMGCLS_DEBUG=1
+    keep the tracebacks (and torchrun's report)."""
+    import signal
+
+    from imgcls.engine.checkpoint import TrainingInterrupted
+
+    debug = getattr(args, "debug", False) or os.environ.get("IMGCLS_DEBUG") == "1"
+    try:
+        from imgcls.engine import distributed  # noqa: F401 (takes SIGINT / SIGTERM back from the launcher)
+
+        return _run(args)
+    except TrainingInterrupted as exc:
+        code, line = 128 + exc.signum, f"imgcls train: {exc.oneline()}"
+    except ImgclsError as exc:
+        if debug:
+            raise
+        code, line = 1, f"imgcls train: error: {exc.oneline()}"
+    except KeyboardInterrupt as exc:  # outside training (which checkpoints instead): before it, or evaluating
+        signum = getattr(exc, "signum", signal.SIGINT)
+        code = 128 + signum
+        line = "imgcls train: interrupted" if signum == signal.SIGINT else \
+            f"imgcls train: stopped by {signal.Signals(signum).name}"
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        code, line = 3, (f"imgcls train: internal error: {type(exc).__name__}: {first} "
+                         "(rerun with --debug for the traceback and report it)")
+    D = sys.modules.get("imgcls.engine.distributed")  # (None: it failed to import)
+    if D is None or not D.report_outcome(code, line):
+        print(line, file=sys.stderr)
+        return code
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from imgcls.runs import train
+    from imgcls.engine import distributed as D
+
+    cfg = config_from_args(args)
+    if getattr(args, "resume", None) and _already_complete(args.resume):
+        return 0
+    if cfg.devices > 1 and not D.launched_by_torchrun():
+        return _launch(cfg, args)
+    result = train(cfg, resume=getattr(args, "resume", None))
     if not result.metrics:  # ranks other than 0 under torchrun: rank 0 reports
         return 0
     m = result.metrics
@@ -183,6 +231,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_complete(run_dir: str) -> bool:
+    """``--resume`` of a run with nothing left to train: said in one line (exit 0, as a job
+    that is resubmitted after it finished expects); its files stay as they are."""
+    from imgcls.runs import completed_run
+
+    metrics = completed_run(run_dir)
+    if metrics is None:
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        epochs = metrics["training"].get("epochs_run", "all")
+        print(f"imgcls train: {run_dir} is already complete ({epochs} epoch(s) trained, evaluated and saved); "
+              f"nothing to resume (to train it again: imgcls train --config {Path(run_dir) / 'config.yaml'} "
+              "--exist-ok)", file=sys.stderr)
+    return True
+
+
+def check_before_launch(cfg: TrainConfig) -> None:
+    """What --devices N can refuse before it starts N processes (each would say it, and only
+    after importing torch and loading the data): data that does not exist, a --batch-size that
+    does not divide over the processes, a trained run folder of that name, a --log typo."""
+    from imgcls.engine import distributed as D
+    from imgcls.rundir import RunDir
+    from imgcls.runs import check_data_spec, next_run_dir
+
+    if not cfg.data:
+        raise ImgclsError("no data given", "pass --data FOLDER|FILE.npz|NAME (e.g. --data digits)")
+    check_data_spec(cfg.data)
+    if "batch_size" in cfg.model_fields_set:  # (a recipe's batch, chosen from the data, each process refuses
+        D.local_batch_size(cfg.batch_size, D.DistContext(world_size=cfg.devices))  # before the run folder is made)
+    if cfg.name:
+        RunDir(next_run_dir(cfg.out, cfg.name)).claim(cfg.exist_ok, replace=False)
+    if cfg.log:
+        from imgcls.engine.loggers import parse_log
+
+        parse_log(cfg.log)
+
+
 def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """--devices N: the same command, once per process, under torchrun."""
     import tempfile
@@ -190,8 +275,12 @@ def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from imgcls.engine import distributed as D
 
     if getattr(args, "resume", None):
+        from imgcls.runs import check_resume_data
+
+        check_resume_data(cfg, args.resume)
         extra = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in RESUME_OVERRIDES if hasattr(args, k)]
         return D.launch(cfg.devices, ["--resume", str(args.resume), *extra])
+    check_before_launch(cfg)
     fd, path = tempfile.mkstemp(prefix="imgcls-train-", suffix=".yaml")
     os.close(fd)
     try:

@@ -78,10 +78,42 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator | None) -> None:
 
 
 # ---------------------------------------------------------------------- safe loading
-def _looks_like_plain_pickle(path: Path) -> bool:
+def looks_like_plain_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(2)
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode + version
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` without its warning about a plain pickle's protocol
+    (2 lines before the refusal that follows for such a file)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pickled_objects(exc: BaseException) -> str:
+    """Why torch's weights-only loader refused a file, in a few words of our own: the first
+    class it would have had to import (torch's own text is several sentences of advice to load
+    the file unsafely), or ''."""
+    import re
+
+    found = re.search(r"(?:Unsupported global|GLOBAL)\W+(?:GLOBAL )?([\w.]+)", str(exc))
+    return f"; this file would import {found.group(1)}" if found else ""
+
+
+def is_pickle_refusal(exc: BaseException) -> bool:
+    text = str(exc)
+    return "weights_only" in text or "Weights only load failed" in text or "Unsupported global" in text \
+        or "Unsupported operand" in text
+
+
+def _start_again_hint(path: Path) -> str:
+    run = path.parent
+    return (f"it cannot be resumed: start the run again, with the same imgcls train command plus --exist-ok "
+            f"to replace {run}, or with a new --name")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -92,21 +124,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ImgclsError(f"no checkpoint at {path}", "give a run folder written by `imgcls train` (it holds "
                           f"{CHECKPOINT} once an epoch has finished)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+        if is_pickle_refusal(exc):
             raise ImgclsError(f"refused {path}: it contains pickled Python objects, which imgcls never loads "
-                              f"(they can run arbitrary code) [{first[:120]}]",
+                              f"(they can run arbitrary code{pickled_objects(exc)}), so it was not loaded",
                               "use only checkpoints written by imgcls; do not load files from untrusted "
                               "sources") from None
-        raise ImgclsError(f"cannot read checkpoint {path}: {first[:160]}",
-                          "the file is damaged or truncated; resume from an intact checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
-        kind = "a pickle file" if _looks_like_plain_pickle(path) else "damaged or truncated"
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ImgclsError(f"cannot read checkpoint {path}: it is {kind} ({msg})",
-                          "resume from an intact checkpoint written by imgcls") from None
+        raise ImgclsError(f"cannot read checkpoint {path}: the file is damaged or truncated",
+                          _start_again_hint(path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError):
+        if looks_like_plain_pickle(path):
+            raise ImgclsError(f"refused {path}: it is a pickle file, not a checkpoint imgcls wrote; it was not "
+                              "loaded", "use only checkpoints written by imgcls; do not load files from untrusted "
+                              "sources") from None
+        # (torch's own text, e.g. "PytorchStreamReader failed reading zip archive: failed finding
+        # central directory. This is an internal miniz error...", says no more than this)
+        raise ImgclsError(f"cannot read checkpoint {path}: the file is damaged or truncated",
+                          _start_again_hint(path)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ImgclsError(f"{path} is not an imgcls checkpoint", "give a run folder written by `imgcls train`")
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
@@ -164,6 +199,10 @@ class Checkpoint(Callback):
         self._signal: int | None = None
         self._signal_at = 0.0
         self._old_handlers: dict[int, Any] = {}
+        # seconds trained before the checkpoint resumed from (train_time_s and the resumed epoch's
+        # epoch_time / img_per_s count them too)
+        self.time_before = float((resume or {}).get("train_time_s") or 0.0)
+        self._epoch_before = 0.0
 
     def attach(self, trainer) -> Checkpoint:
         self.trainer = trainer
@@ -203,7 +242,11 @@ class Checkpoint(Callback):
         ctx = t.dist
         rng = D.gather_object(rng_state(t.gen), ctx)  # every process's generators, by rank
         mid_epoch = not epoch_done and state.loss_sum is not None
-        sums = [float(state.loss_sum), int(state.correct)] if mid_epoch else [0.0, 0]
+        # each process's running sums of the epoch so far: its own images, summed over ranks at
+        # the epoch's end (rank 0's alone, given to every rank, changed the resumed epoch's row)
+        sums = D.gather_object([float(state.loss_sum), int(state.correct), int(state.seen)] if mid_epoch
+                               else [0.0, 0, 0], ctx)
+        now = time.perf_counter()
         # a streamed split's place in the epoch (per rank and loader worker: data/streaming.py),
         # so that resuming reads only what was not trained on yet
         where = getattr(t.train_batches, "position", None) if mid_epoch else None
@@ -213,7 +256,10 @@ class Checkpoint(Callback):
             # where to continue: the next epoch, or the batches already done in this one
             "epoch": state.epoch + 1 if epoch_done else state.epoch,
             "batch_in_epoch": 0 if epoch_done else state.batch_in_epoch,
-            "seen": 0 if epoch_done else state.seen, "loss_sum": sums[0], "correct": sums[1],
+            "seen": 0 if epoch_done else state.seen, "loss_sum": sums[0][0], "correct": sums[0][1],
+            "rank_sums": sums,  # [loss_sum, correct, seen] by rank (loss_sum / correct above: rank 0's)
+            "train_time_s": self.time_before + now - state.fit_start,
+            "epoch_time_s": 0.0 if epoch_done else now - state.epoch_start,
             "running": {} if epoch_done else dict(state.running),
             "step": state.step, "epochs": state.epochs, "steps_per_epoch": state.steps_per_epoch,
             "history": [dict(h) for h in state.history], "best": dict(state.best),
@@ -243,10 +289,14 @@ class Checkpoint(Callback):
 
     def _restore(self, state: TrainState, model: torch.nn.Module) -> None:
         ck, t = self.resume, self.trainer
-        if ck.get("world_size", 1) != t.dist.world_size:
-            raise ImgclsError(f"the checkpoint was written by {ck.get('world_size', 1)} process(es), this run has "
-                              f"{t.dist.world_size}",
-                              f"resume with the same number of processes (--devices {ck.get('world_size', 1)})")
+        n = int(ck.get("world_size", 1))
+        if n != t.dist.world_size:
+            run = self.run_dir if self.run_dir is not None else "RUN"
+            # (--devices cannot be combined with --resume: the run's config.yaml says how many)
+            how = f"torchrun --nproc-per-node {n} -m imgcls train --resume {run}" if n > 1 \
+                else f"imgcls train --resume {run}, not under torchrun"
+            raise ImgclsError(f"the checkpoint was written by {n} process{'es' if n > 1 else ''}, this run has "
+                              f"{t.dist.world_size}", f"resume it with {n}: {how}")
         if ck["steps_per_epoch"] != state.steps_per_epoch or ck["epochs"] != state.epochs:
             raise ImgclsError("the checkpoint does not match this run's data or schedule "
                               f"({ck['steps_per_epoch']} steps x {ck['epochs']} epochs saved, "
@@ -272,8 +322,12 @@ class Checkpoint(Callback):
         dev = t.device
         if ck.get("budget_spent_s") is not None and getattr(t, "budget", None) is not None:
             t.budget.spend(ck["budget_spent_s"])
-        state.loss_sum = torch.tensor(ck["loss_sum"], device=dev, dtype=torch.float32)
-        state.correct = torch.tensor(ck["correct"], device=dev, dtype=torch.long)
+        mine = (ck.get("rank_sums") or [])[t.dist.rank:t.dist.rank + 1]  # (older checkpoints: rank 0's)
+        loss_sum, correct, seen = mine[0] if mine else (ck["loss_sum"], ck["correct"], ck["seen"])
+        state.seen = int(seen)
+        state.loss_sum = torch.tensor(loss_sum, device=dev, dtype=torch.float32)
+        state.correct = torch.tensor(correct, device=dev, dtype=torch.long)
+        self._epoch_before = float(ck.get("epoch_time_s") or 0.0) if ck["batch_in_epoch"] else 0.0
         self.resume = None
 
     # ------------------------------------------------------------------ events
@@ -284,6 +338,11 @@ class Checkpoint(Callback):
             self._restore(state, model)
         self.last_save = time.monotonic()
         self._install()
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        if self._epoch_before:  # the resumed epoch: its time before the interruption counts
+            state.epoch_start -= self._epoch_before
+            self._epoch_before = 0.0
 
     def on_batch_end(self, state: TrainState) -> None:
         ctx = self.trainer.dist
@@ -309,6 +368,7 @@ class Checkpoint(Callback):
 
     def _interrupted(self, state: TrainState) -> None:
         self._uninstall()
+        D.barrier(self.trainer.dist)  # every process stops once rank 0's checkpoint is on disk
         signum = self._signal or signal.SIGTERM
         name = signal.Signals(signum).name
         where = f"epoch {state.epoch}, batch {state.batch_in_epoch}/{state.steps_per_epoch}"

@@ -15,12 +15,17 @@ Only rank 0 writes the run folder and prints progress; metrics are summed across
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -186,26 +191,199 @@ def local_batch_size(global_batch: int, ctx: DistContext) -> int:
 
 
 # ---------------------------------------------------------------------- launcher
+# launch() owns SIGINT / SIGTERM: torchrun's agent, left to them, raises SignalException (twice
+# for a signal sent to the whole process group), prints tracebacks and exits 1; and a worker that
+# fails makes it print a ~40-line ChildFailedError report. So the agent starts with both signals
+# ignored (inherited SIG_IGN; --signals-to-handle keeps it from taking them back),
+# the workers register in LAUNCH_DIR and get each signal from the launcher, once; a worker ends
+# by writing its outcome there (exit code + the one line to print) and exiting 0, so the agent
+# has nothing to report, and the launcher prints one line and exits with the code.
+LAUNCH_DIR = "IMGCLS_LAUNCH_DIR"
+OUTCOME_GRACE_S = 10.0  # after the first outcome, how long the other processes have to report theirs
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM in a launched worker outside training (where the checkpoint callback takes it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+_LAUNCHED: Path | None = None  # a launched worker's LAUNCH_DIR (set by _join_launcher)
+
+
+def launched_worker() -> bool:
+    """This process is one of those :func:`launch` started (through torchrun)."""
+    return _LAUNCHED is not None
+
+
+def _write_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # the launcher never reads half a file
+
+
+def _join_launcher() -> None:
+    """In a launched worker (at import: train and predict both import this module first thing):
+    take SIGINT / SIGTERM back from the SIG_IGN inherited through the agent, then register
+    the pid, from which on the launcher forwards them."""
+    global _LAUNCHED
+    import multiprocessing
+
+    if "RANK" not in os.environ or multiprocessing.parent_process() is not None \
+            or threading.current_thread() is not threading.main_thread():
+        return
+    where = os.environ.pop(LAUNCH_DIR, None)  # not for the processes this one starts (data loaders)
+    if not where:
+        return
+    _LAUNCHED = Path(where)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        _write_file(_LAUNCHED / f"pid.{int(os.environ['RANK'])}", str(os.getpid()))
+    except (OSError, ValueError):
+        pass  # the launcher is gone (its folder with it): nothing to forward to
+
+
+def report_outcome(code: int, line: str | None) -> bool:
+    """A launched worker's result for the launcher to print (one line, once) and exit with;
+    False (nothing written) in any other process."""
+    if not launched_worker():
+        return False
+    try:
+        _write_file(_LAUNCHED / f"outcome.{int(os.environ['RANK'])}.json",
+                    json.dumps({"code": int(code), "line": line}))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class _Launcher:
+    """The waiting side of :func:`launch`: forwards signals, collects the workers' outcomes."""
+
+    def __init__(self, nproc: int, where: Path):
+        self.nproc, self.where = nproc, where
+        self.signals: list[int] = []  # received, in order
+        self.sent: dict[int, int] = {}  # rank -> how many of them it has been sent
+        self.first_outcome: float | None = None
+        self.killed = False
+
+    def _read(self, prefix: str) -> dict[int, str]:
+        out = {}
+        for f in self.where.glob(f"{prefix}.*"):
+            rank = f.name[len(prefix) + 1:].split(".")[0]
+            if rank.isdigit():
+                try:
+                    out[int(rank)] = f.read_text()
+                except OSError:
+                    pass
+        return out
+
+    def workers(self) -> dict[int, int]:
+        return {r: int(t) for r, t in self._read("pid").items() if t.strip().isdigit()}
+
+    def outcomes(self) -> dict[int, dict]:
+        out = {}
+        for r, text in self._read("outcome").items():
+            try:
+                out[r] = json.loads(text)
+            except ValueError:
+                pass
+        return out
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        self.forward()
+
+    def forward(self) -> None:
+        """Each signal received, once to each registered worker (and to its process group,
+        its data-loading processes, as torchrun does); a worker that registers later gets
+        those it missed while it ignored them."""
+        for rank, pid in self.workers().items():
+            for sig in self.signals[self.sent.get(rank, 0):]:
+                try:
+                    os.killpg(pid, sig)  # torchrun starts each worker in a session of its own
+                except (ProcessLookupError, PermissionError):
+                    try:
+                        os.kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            self.sent[rank] = len(self.signals)
+
+    def tick(self, proc) -> None:
+        self.forward()
+        outcomes = self.outcomes()
+        if outcomes and self.first_outcome is None:
+            self.first_outcome = time.monotonic()
+        if self.killed or self.first_outcome is None or len(outcomes) >= self.nproc \
+                or time.monotonic() - self.first_outcome < OUTCOME_GRACE_S:
+            return
+        # a process that did not report is waiting for one that left (in a collective): the agent
+        # goes first, so that no failure report follows, then the stragglers
+        self.killed = True
+        for pid in [proc.pid] + [p for r, p in self.workers().items() if r not in outcomes]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def finish(self, rc: int) -> int:
+        outcomes = self.outcomes()
+        if not outcomes:
+            return 128 + self.signals[0] if self.signals and rc else rc
+        # rank 0's, unless only another rank has the cause (an internal error elsewhere is a consequence)
+        rank = min(outcomes, key=lambda r: (outcomes[r].get("code") == 3, not outcomes[r].get("line"), r))
+        if outcomes[rank].get("line"):
+            print(outcomes[rank]["line"], file=sys.stderr, flush=True)
+        return int(outcomes[rank].get("code", 1))
+
+
 def launch(nproc: int, train_args: list[str], command: str = "train") -> int:
     """``imgcls train --devices N`` (or ``imgcls predict --devices N``: ``command``): start N
     processes on this machine through PyTorch's own launcher (torch.distributed.run =
-    torchrun) and wait for them. Multi-node runs call torchrun directly (docs/distributed.md)."""
+    torchrun) and wait for them. Multi-node runs call torchrun directly (docs/distributed.md).
+    SIGTERM / Ctrl-C reach the workers once, from here; a worker's one-line outcome is
+    printed once and is the exit code (see LAUNCH_DIR above)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "imgcls", command, *train_args]
     env = dict(os.environ)
     if not (torch.cuda.is_available() and torch.cuda.device_count() >= nproc):
         # CPU processes share the cores: split them instead of oversubscribing
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # on SIGTERM / Ctrl-C torchrun waits this long for the workers' checkpoint before SIGKILL
+    # on SIGHUP (which the agent still handles) torchrun waits this long before SIGKILL
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
-    proc = subprocess.Popen(cmd, env=env)
-    # a scheduler's SIGTERM reaches this process only: pass it on so the workers checkpoint
-    old = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                continue  # the terminal sent SIGINT to the workers too: wait for their checkpoint
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    env.setdefault("LOGLEVEL", "ERROR")  # torchrun's own warnings (its OMP_NUM_THREADS notice, ...)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers only go there
+        return subprocess.Popen(cmd, env=env).wait()
+    with tempfile.TemporaryDirectory(prefix="imgcls-launch-") as where:
+        env[LAUNCH_DIR] = where
+        # torchrun's --signals-to-handle (PET_: its flags' environment form; older torch reads the other)
+        env["PET_SIGNALS_TO_HANDLE"] = env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+        launcher = _Launcher(nproc, Path(where))
+        handled = (signal.SIGINT, signal.SIGTERM)
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in handled}  # what the agent inherits
+        try:
+            proc = subprocess.Popen(cmd, env=env)
+            for sig in handled:
+                signal.signal(sig, launcher.on_signal)
+            done, box = threading.Event(), {}
+
+            def wait() -> None:
+                box["rc"] = proc.wait()
+                done.set()
+
+            threading.Thread(target=wait, daemon=True).start()
+            while not done.wait(0.1):  # (signal handlers run here, in the main thread)
+                launcher.tick(proc)
+            return launcher.finish(box["rc"])
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+_join_launcher()

@@ -222,7 +222,9 @@ class TrainingSession:
                               fixmatch=self.fixmatch(inp))
             if ckpt is not None:
                 ckpt.attach(trainer)
-            return _Outcome(trainer.fit(inp.train, inp.val), time.perf_counter() - t0)
+            state = trainer.fit(inp.train, inp.val)
+            # a resumed run's time counts what it trained before the interruption (the checkpoint's)
+            return _Outcome(state, time.perf_counter() - t0 + (ckpt.time_before if ckpt is not None else 0.0))
         finally:
             if ft is not None:
                 ft.finish()

@@ -97,16 +97,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ImgclsError(f"--weights {path}: unsupported file type '{path.suffix}'",
                           "give a .safetensors or a .pth/.pt state dict")
+    give = "give a .safetensors file, or a plain state dict saved with torch.save(model.state_dict(), FILE)"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from imgcls.engine.checkpoint import load_weights_only
+
+            state = load_weights_only(path)  # weights_only=True, without torch's pickle-protocol warning
     except Exception as exc:  # safetensors / torch raise many types for damaged or pickled files
-        raise ImgclsError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}",
-                          "give a state dict saved with safetensors or torch.save(model.state_dict())") from None
+        from imgcls.engine.checkpoint import looks_like_plain_pickle, is_pickle_refusal, pickled_objects
+
+        # torch's own text here is several sentences of advice to load the file unsafely (cut
+        # mid-sentence, with a terminal escape in it): said in our words instead
+        if is_pickle_refusal(exc) or looks_like_plain_pickle(path):
+            raise ImgclsError(f"cannot read weights file {path}: refused, it holds pickled Python objects (a whole "
+                              f"model saved with torch.save(model)?), which imgcls never loads (they can run "
+                              f"arbitrary code{pickled_objects(exc)}); nothing of it was loaded", give) from None
+        raise ImgclsError(f"cannot read weights file {path}: it is damaged, truncated or not a weights file",
+                          give) from None
     for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
