@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ImgclsError(f"--batch-size {args.batch_size} is not positive", "e.g. --batch-size 64")
+    if args.top_k < 1:  # before the model loads (Classifier.predict refuses it too, naming top_k)
+        raise ImgclsError(f"--top-k {args.top_k} is below 1", "e.g. --top-k 1 for the best class, 3 for three")
     from imgcls.cli.predict_parts import parts_mode, run_parts
 
     if parts_mode(args):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 NAME = "serve"
 HELP = "serve a trained model over HTTP: JSON API, web page at /, Grad-CAM explanations"
@@ -50,6 +52,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.max_upload_mb <= 0 or args.max_batch < 1 or args.max_wait_ms < 0:
         raise ImgclsError("--max-upload-mb, --max-batch must be positive and --max-wait-ms >= 0",
                           "e.g. --max-upload-mb 10 --max-batch 32 --max-wait-ms 5")
+    if args.top_k < 1:
+        raise ImgclsError(f"--top-k {args.top_k} is below 1", "e.g. --top-k 5 (requests may ask for other counts)")
     if min(args.max_queue, args.max_explain, args.limit_concurrency, args.max_pixels) < 1 or not args.timeout > 0:
         raise ImgclsError("--max-queue, --max-explain, --limit-concurrency, --max-pixels and --timeout must be "
                           "positive", "e.g. --max-queue 256 --max-explain 2 --limit-concurrency 64 --timeout 10")
@@ -58,6 +62,26 @@ def _check(args: argparse.Namespace) -> None:
         raise ImgclsError(f"--max-pixels {args.max_pixels:,} is over Pillow's limit of {pillow:,} pixels, above which "
                           "every image is refused as a decompression bomb",
                           f"raise IMGCLS_MAX_IMAGE_PIXELS to at least {args.max_pixels} as well")
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it, before anything is announced: a port in
+    use is a one-line error here, not uvicorn's log line after "serving ..."."""
+    from imgcls.errors import ImgclsError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ImgclsError(f"port {port} on {host} is already in use (another server?)",
+                              "stop it, or choose another port with --port") from None
+        raise ImgclsError(f"cannot listen on {host} port {port}: {exc.strerror or exc}",
+                          "check --host (an address of this machine) and --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
                              max_explain=args.max_explain, timeout_s=args.timeout,
                              limit_concurrency=args.limit_concurrency, allowed_hosts=hosts)
     app = create_app(args.run, settings)
+    sock = _listen_socket(args.host, args.port)
     print(f"serving {args.run} on http://{args.host}:{args.port}/  (API docs: /docs; answers requests "
           f"addressed to {', '.join(hosts)})", flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
+    try:
+        uvicorn.Server(uvicorn_config(app, args.host, args.port)).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

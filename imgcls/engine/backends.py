@@ -6,14 +6,16 @@ through :func:`~imgcls.engine.tta.tta_forward`; ``onnx`` runs an exported ``mode
 (or ``model.int8.onnx``) with ONNX Runtime, whose graph averages its own TTA views (the
 export wraps the network in :class:`~imgcls.engine.tta.TTAModel`). ``auto`` takes ONNX
 Runtime on a CPU when the run folder holds an export made from the very same weights
-(checked by sha256) with the same TTA, temperature and thresholds that passed its parity
-check, because it measured faster there (docs/bench-deploy.md); on a GPU it keeps torch.
+(checked by sha256, in the description beside it and in the file's own metadata) with the
+same TTA, temperature and thresholds that passed its parity check, because it measured
+faster there (docs/bench-deploy.md); on a GPU it keeps torch.
 
 Used only through :class:`imgcls.engine.predictor.Predictor`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -155,6 +157,11 @@ class OnnxBackend:
         self.input_name = self.session.get_inputs()[0].name
         self.pre = pre
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's own metadata_props (what the export wrote into it), as ONNX Runtime read them."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
     def logits(self, x: torch.Tensor) -> np.ndarray:
         return self.session.run(None, {self.input_name: normalize_numpy(x, self.pre)})[0]
 
@@ -168,22 +175,33 @@ class OnnxBackend:
         pass
 
 
-def usable_export(bundle: ModelBundle, int8: bool = False) -> Path | None:
-    """The run's ONNX export if it exists and :func:`export_problem` finds nothing stale in it."""
+def _export_file(bundle: ModelBundle, int8: bool) -> Path | None:
     if bundle.path is None:
         return None
     path = Path(bundle.path) / (ONNX_INT8_FILE if int8 else ONNX_FILE)
-    if not path.is_file():
-        return None
-    return path if export_problem(bundle, path) is None else None
+    return path if path.is_file() else None
 
 
-def export_problem(bundle: ModelBundle, path: Path) -> str | None:
+def usable_export(bundle: ModelBundle, int8: bool = False) -> Path | None:
+    """The run's ONNX export if it exists and :func:`export_problem` finds nothing stale in it."""
+    path = _export_file(bundle, int8)
+    return path if path is not None and export_problem(bundle, path) is None else None
+
+
+def export_problem(bundle: ModelBundle, path: Path, props: Mapping[str, str] | None = None) -> str | None:
     """Why the export at ``path`` no longer describes ``bundle`` (None: it does): other weights
     (sha256), another TTA (an export made before TTA was part of the graph is stale), a
     temperature or multi-label thresholds that ``imgcls calibrate`` / ``imgcls thresholds``
-    have changed since (a consumer of the export applies them from its metadata), or a
-    failed parity check."""
+    have changed since (a consumer of the export applies them from its metadata), a failed
+    parity check - all from the description beside it - or an ONNX file whose own metadata
+    (``props``, else read from the file) names other weights: another export copied over it."""
+    problem = _description_problem(bundle, path)
+    if problem is None and (props is not None or path.is_file()):
+        problem = file_problem(bundle, props if props is not None else _file_props(path))
+    return problem
+
+
+def _description_problem(bundle: ModelBundle, path: Path) -> str | None:
     try:
         meta = read_sidecar(path)
     except ImgclsError:
@@ -202,6 +220,33 @@ def export_problem(bundle: ModelBundle, path: Path) -> str | None:
     return None if meta.get("parity", {}).get("passed") else "it did not pass its parity check"
 
 
+def file_problem(bundle: ModelBundle, props: Mapping[str, str] | None) -> str | None:
+    """What the ONNX file's own metadata (written into it by ``imgcls export``) says against
+    ``bundle``: the description beside a file says nothing of a file copied over it since.
+    ``props`` None: the file has none that can be read (onnx is not installed: not checked)."""
+    if props is None:
+        return None
+    sha = bundle.card.get("weights_sha256")
+    if sha and props.get("source_weights_sha256") != sha:
+        return ("the file itself was made from other weights than its description says, e.g. another export "
+                "copied over it")
+    if props.get("tta", "none") != bundle.tta:
+        return f"the file itself was made with tta {props.get('tta', 'none')!r}, model.json has {bundle.tta!r}"
+    return None
+
+
+def _file_props(path: Path) -> dict[str, str] | None:
+    """metadata_props of the ONNX file, read without its external data (nothing is run)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # not a readable ONNX file: it describes nothing
+        return {}
+
+
 def _onnxruntime_available() -> bool:
     try:
         import onnxruntime  # noqa: F401
@@ -210,11 +255,9 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-def _no_export(bundle: ModelBundle, int8: bool) -> ImgclsError:
+def _no_export(bundle: ModelBundle, int8: bool, problem: str | None = None) -> ImgclsError:
     """The refusal of --backend onnx / onnx-int8 without a usable export, saying why a present one is stale."""
     name, where = ONNX_INT8_FILE if int8 else ONNX_FILE, bundle.path or "RUN"
-    found = Path(bundle.path) / name if bundle.path is not None else None
-    problem = export_problem(bundle, found) if found is not None and found.is_file() else None
     return ImgclsError(f"no up-to-date {name} in {bundle.path or 'this model'}" + (f" ({problem})" if problem else ""),
                        f"export it first: imgcls export {where} --format onnx" + (" --int8" if int8 else ""))
 
@@ -226,12 +269,21 @@ def make_backend(bundle: ModelBundle, backend: str = "auto", device: str = "auto
     int8 = backend == "onnx-int8"
     if backend == "torch":
         return TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)
-    export = usable_export(bundle, int8) if _onnxruntime_available() else None
+    export = _export_file(bundle, int8) if _onnxruntime_available() else None
+    problem = _description_problem(bundle, export) if export is not None else None
+    # the file's own metadata is checked once its session is built: ONNX Runtime has read it
+    # then, so the check costs nothing at start-up
     if backend in ("onnx", "onnx-int8"):
-        if export is None:
-            raise _no_export(bundle, int8)
-        return OnnxBackend(export, bundle.preprocessing)
+        if export is None or problem is not None:
+            raise _no_export(bundle, int8, problem)
+        onnx_backend = OnnxBackend(export, bundle.preprocessing)
+        problem = file_problem(bundle, onnx_backend.metadata)
+        if problem is not None:
+            raise _no_export(bundle, int8, problem)
+        return onnx_backend
     # auto: torch on accelerators; ONNX Runtime on a CPU when a matching export exists
-    if export is not None and resolve_device(device).type == "cpu":
-        return OnnxBackend(export, bundle.preprocessing)
+    if export is not None and problem is None and resolve_device(device).type == "cpu":
+        onnx_backend = OnnxBackend(export, bundle.preprocessing)
+        if file_problem(bundle, onnx_backend.metadata) is None:
+            return onnx_backend
     return TorchBackend(bundle.model, bundle.preprocessing, device, precision, bundle.tta)

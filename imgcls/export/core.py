@@ -24,6 +24,7 @@ from imgcls.registry import Registry
 EXPORTERS: Registry = Registry("export format")
 DEFAULT_PARITY_IMAGES = 2000
 DEFAULT_CALIB_IMAGES = 256
+INT8_MIN_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) is opset 13's
 
 
 @dataclass
@@ -70,6 +71,9 @@ def export_run(clf: ModelBundle, fmt: str = "onnx", out: str | Path | None = Non
     write = EXPORTERS.get(fmt)
     if int8 and fmt != "onnx":
         raise ImgclsError("--int8 is for --format onnx", "use --format onnx --int8")
+    if int8 and opset is not None and opset < INT8_MIN_OPSET:  # ORT wrote an invalid int8 graph below it
+        raise ImgclsError(f"--int8 needs --opset {INT8_MIN_OPSET} or higher (per-channel int8 weights), "
+                          f"not {opset}", f"drop --opset, or export --opset {opset} without --int8")
     run_dir = Path(clf.path) if getattr(clf, "path", None) else None
     out_dir = Path(out) if out else run_dir
     if out_dir is None:

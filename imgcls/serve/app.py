@@ -2,14 +2,15 @@
 
     POST /predict   multipart upload (field "file") or JSON {"image": base64, "top_k": 3} -> top-k
     POST /explain   same input -> Grad-CAM overlay PNG (top-k in the X-Imgcls-Top header)
-    GET  /health    liveness, batching and load counters (never needs the API key)
+    GET  /health    liveness, batching and load counters (never needs the API key: without it,
+                    when one is set, only {"status": "ok", "auth": true})
     GET  /model     the model card
     GET  /          the web page;  GET /docs  OpenAPI docs (assets served locally, no CDN)
 
 Bad input never reaches the model: see imgcls.serve.uploads for the status codes (always a
 4xx with a one-line JSON ``detail``). Request bodies are capped while they stream in
 (BodyLimit); requests addressed to a host name that is not this server's are refused
-(TrustedHostMiddleware), and so are browser requests sent by another site's page
+(TrustedHost), and so are browser requests sent by another site's page
 (SameOrigin). Under overload a request gets 503 with Retry-After at once (imgcls.serve.limits):
 the batcher's queue, the pixels being decoded and the Grad-CAM requests are all bounded, and
 no request waits longer than ``timeout_s``.
@@ -35,14 +36,14 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from imgcls.data.cache import decode_min_side
 from imgcls.engine.decisions import decide
 from imgcls.serve.batching import DynamicBatcher
 from imgcls.serve.limits import Lane, Overloaded, PixelBudget
-from imgcls.serve.middleware import LOCAL_NAMES, BodyLimit, SameOrigin
+from imgcls.serve.middleware import LOCAL_NAMES, BodyLimit, SameOrigin, TrustedHost
 from imgcls.serve.uploads import (DEFAULT_MAX_PIXELS, UploadError, claimed_pixels, decode_base64, decode_upload,
                                   pixel_limit)
 
@@ -141,7 +142,9 @@ class Service:
         if ctype == "application/json":
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            # ValueError: JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is the
+            # refusal of an integer longer than Python converts (4300 digits, sys.int_info)
+            except (ValueError, RecursionError):
                 raise UploadError(400, "the body is not valid JSON") from None
             if not isinstance(body, dict):
                 raise UploadError(400, "JSON body must be an object: {\"image\": base64, \"top_k\": 5}")
@@ -150,19 +153,20 @@ class Service:
         raise UploadError(415, f"unsupported content type '{ctype[:60] or 'none'}': send multipart/form-data "
                                "with a 'file' field, or application/json with base64 'image'")
 
-    async def decoded(self, up: Upload, channels: int, finish, deadline: float, min_side: int | None = None):
+    async def decoded(self, up: Upload, channels: int, finish, deadline: float, min_side: int | None = None,
+                      draft_up_to: int | None = None):
         """``finish(decoded image)``, computed in a worker thread once the pixel budget has room
         for the upload: decoding and shrinking hold the memory, nothing after them does.
-        ``min_side``: see :func:`decode_upload`."""
+        ``min_side``, ``draft_up_to``: see :func:`decode_upload`."""
         pixels = await run_in_threadpool(claimed_pixels, up.data)
         if pixels > pixel_limit(self.s.max_pixels):
             pixels = 0  # refused from its header, before anything is decoded
         async with self.budget.hold(pixels, deadline - asyncio.get_running_loop().time()):
-            return await run_in_threadpool(self._decode_then, up, channels, finish, min_side)
+            return await run_in_threadpool(self._decode_then, up, channels, finish, min_side, draft_up_to)
 
-    def _decode_then(self, up: Upload, channels: int, finish, min_side: int | None):
+    def _decode_then(self, up: Upload, channels: int, finish, min_side: int | None, draft_up_to: int | None):
         return finish(decode_upload(up.data, channels, self.s.max_bytes, self.s.max_pixels, up.name,
-                                    min_side=min_side))
+                                    min_side=min_side, draft_up_to=draft_up_to))
 
     def top_k(self, v: Any) -> int:
         n = self.clf.num_classes
@@ -206,15 +210,19 @@ class Service:
         return {**answer, "backend": self.predictor.name, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     async def explain(self, request: Request) -> Response:
-        from imgcls.serve.explain import gradcam_overlay, shrink_for_explain
+        from imgcls.serve.explain import explain_side, gradcam_overlay, shrink_for_explain
 
         up = await self.read(request)
         k, target = self.top_k(up.top_k), self.target(up.target)
         deadline = asyncio.get_running_loop().time() + self.s.timeout_s
-        shrink = partial(shrink_for_explain, img_size=self.clf.preprocessing.img_size)
+        img_size = self.clf.preprocessing.img_size
+        shrink = partial(shrink_for_explain, img_size=img_size)
         dev = str(self.predictor.device)
         with self.explainer.place() as place:  # refused (503) before any decoding when the lane is full
-            img = await self.decoded(up, 3, shrink, deadline)  # RGB: the overlay shows the upload itself
+            # RGB: the overlay shows the upload itself. An image it keeps at its size decodes as
+            # /predict decodes it (a JPEG at reduced scale), so both see the same pixels; a
+            # larger one decodes at full size, to be shrunk to the overlay's size
+            img = await self.decoded(up, 3, shrink, deadline, self.min_side, draft_up_to=explain_side(img_size))
             ov = await place.run(gradcam_overlay, self.explain_clf, img, target, k, dev,
                                  timeout=deadline - asyncio.get_running_loop().time())
         top = [{"class": c, "probability": round(p, 6)} for c, p in ov.top]
@@ -222,8 +230,12 @@ class Service:
                         headers={"X-Imgcls-Target": header_text(ov.target), "X-Imgcls-Top": json.dumps(top),
                                  "Cache-Control": "no-store"})
 
-    def health(self) -> dict[str, Any]:
+    def health(self, authorized: bool = True) -> dict[str, Any]:
+        """Liveness and counters; without the API key (when one is set) only the status, since
+        the rest names the model (architecture, class count, task)."""
         s, clf = self.s, self.clf
+        if not authorized:
+            return {"status": "ok", "auth": True}
         return {"status": "ok", "model": clf.architecture, "classes": clf.num_classes, "backend": self.predictor.name,
                 "task": "multi" if clf.multi_label else "single",
                 "uptime_s": round(time.time() - self.started, 1), "auth": s.api_key is not None,
@@ -261,7 +273,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None, classifie
     _mount_docs(app)
     app.add_middleware(BodyLimit, max_body=s.max_bytes * 4 // 3 + MULTIPART_OVERHEAD)
     app.add_middleware(SameOrigin)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=s.allowed_hosts, www_redirect=False)
+    app.add_middleware(TrustedHost, allowed_hosts=s.allowed_hosts)
     return app
 
 
@@ -279,13 +291,24 @@ def _key_check(api_key: str | None):
     bearer = HTTPBearer(auto_error=False, description="--api-key given to `imgcls serve`")
 
     async def require_key(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_key is None:
-            return
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), api_key.encode()):
+        if not key_matches(api_key, cred.credentials if cred is not None else None):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
+
+
+def key_matches(api_key: str | None, given: str | None) -> bool:
+    """No key is set, or ``given`` is it (compared in constant time)."""
+    if api_key is None:
+        return True
+    return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, as HTTPBearer reads it."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -320,9 +343,12 @@ def _add_routes(app: FastAPI, svc: Service, guarded: list) -> None:
     async def explain(request: Request) -> Response:
         return await svc.explain(request)
 
-    @app.get("/health", summary="Liveness, batching and load counters (no API key needed)")
-    async def health() -> dict[str, Any]:
-        return svc.health()
+    # Not guarded, so monitors and the page's key prompt work without the key; what it says
+    # of the model then stays behind it
+    @app.get("/health", summary="Liveness, batching and load counters (no API key needed; without it, when one "
+                                "is set, only the status)")
+    async def health(request: Request) -> dict[str, Any]:
+        return svc.health(key_matches(svc.s.api_key, _bearer(request)))
 
     @app.get("/model", dependencies=guarded, summary="The model card (model.json)")
     async def model_card() -> dict[str, Any]:

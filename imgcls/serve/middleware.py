@@ -1,9 +1,10 @@
 """ASGI guards in front of the app: the body cap, the Host check and the same-origin check.
 
 * :class:`BodyLimit`: 413 for a body over the cap, declared or streamed.
-* ``TrustedHostMiddleware`` (Starlette's) answers 400 to a request whose Host header is not a
-  name of this server: a page on another site that rebinds its DNS name to 127.0.0.1 can reach
-  the port but addresses it by its own name, so it can never read an answer.
+* :class:`TrustedHost` (Starlette's ``TrustedHostMiddleware`` with a JSON answer) answers 400
+  to a request whose Host header is not a name of this server: a page on another site that
+  rebinds its DNS name to 127.0.0.1 can reach the port but addresses it by its own name, so it
+  can never read an answer.
 * :class:`SameOrigin`: 403 for a browser request that a page of another origin sent (its
   Origin header names that page): any web page may *send* a form POST to a local server,
   and without this the server would do the work.
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")  # as Host headers write them (IPv6 in brackets)
 WILDCARD_BINDS = ("", "0.0.0.0", "::")
@@ -75,6 +77,48 @@ class BodyLimit:
             return msg
 
         return await self.app(scope, limited, send)
+
+
+class TrustedHost:
+    """ASGI middleware: Starlette's TrustedHostMiddleware decides (its Host parsing and name
+    patterns), but a refusal is the one-line JSON ``detail`` every other refusal is, with the
+    way to allow the name, instead of its plain-text "Invalid host header". The answer never
+    lists the names allowed: a page that rebinds its DNS name can read it."""
+
+    PASSED = "imgcls.host_ok"  # set in the scope when the request reached the app
+
+    def __init__(self, app, allowed_hosts: Iterable[str]):
+        self.app = app
+        self.check = TrustedHostMiddleware(self._passed, allowed_hosts=list(allowed_hosts), www_redirect=False)
+
+    async def _passed(self, scope, receive, send):
+        scope[self.PASSED] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.check(scope, receive, send)
+
+        async def send_or_refuse(message):
+            if scope.get(self.PASSED):
+                return await send(message)
+            if message["type"] == "http.response.start":  # the check's own 400: say it our way
+                await send_json(send, 400, {"detail": self._refusal(scope)})
+
+        await self.check(scope, receive, send_or_refuse)
+
+    @staticmethod
+    def _refusal(scope) -> str:
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip()
+        if host.startswith("["):  # an IPv6 address, [::1]:8000
+            name = host.split("]", 1)[0] + "]"
+        else:
+            name = host.rsplit(":", 1)[0]  # without the port
+        name = "".join(c for c in name if c.isprintable())[:100]
+        if not name:
+            return "the request has no valid Host header (send the server's name or address as Host)"
+        return (f"this server does not answer requests addressed to {name!r} (start imgcls serve with "
+                f"--allowed-host {name} if clients use that name)")
 
 
 class SameOrigin:

@@ -89,10 +89,11 @@ def _check_pixels(size: tuple[int, int], limit: int, name: str, verb: str) -> No
 
 def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | None = None,
                   name: str = "upload", formats: Sequence[str] = SERVE_FORMATS,
-                  min_side: int | None = None) -> Image.Image:
+                  min_side: int | None = None, draft_up_to: int | None = None) -> Image.Image:
     """Decode ``data`` to an 'L' or 'RGB' image, or raise :class:`UploadError` with a 4xx status.
     ``min_side``: a JPEG may decode at reduced scale while its shorter side stays that long
-    (:func:`imgcls.data.cache.decode_min_side`; None: full size)."""
+    (:func:`imgcls.data.cache.decode_min_side`; None: full size); ``draft_up_to``: only when
+    its longer side is at most that (None: any size)."""
     if not data:
         raise UploadError(400, f"{name} is empty: send an image file")
     if len(data) > max_bytes:
@@ -106,7 +107,8 @@ def decode_upload(data: bytes, channels: int, max_bytes: int, max_pixels: int | 
         im.seek(0)
         if file_formats.deep_colour(im):  # 16 bits a channel: read at full depth, as files are
             return to_mode(im, channels)
-        draft(im, min_side, square=False)  # as open_pillow does for files (eval_batches' min_side)
+        if draft_up_to is None or max(im.size) <= draft_up_to:
+            draft(im, min_side, square=False)  # as open_pillow does for files (eval_batches' min_side)
         im.load()
         _check_pixels(im.size, limit, name, "decoded to")  # in case a plugin learns the size only now
         ImageOps.exif_transpose(im, in_place=True)

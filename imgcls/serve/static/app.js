@@ -23,7 +23,7 @@ async function loadModel() {
   $("key-box").hidden = !health.auth;
   const resp = await fetch("/model", { headers: headers() });
   if (!resp.ok) {
-    $("model-name").textContent = health.model + " (enter the API key)";
+    $("model-name").textContent = "enter the API key to use the model";
     return;
   }
   const card = await resp.json();
