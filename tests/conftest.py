@@ -20,6 +20,16 @@ def _decode_cache(tmp_path_factory):
         os.environ["IMGCLS_DECODE_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """--deterministic switches a process-wide torch flag; keep the other tests unaffected."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 def pattern_images(n_per_class: int, size: int = 16, channels: int = 1, classes: int = 3, seed: int = 0):
     """Easy, learnable synthetic images: class c = a bright bar at a class-specific place,
     plus noise. Returns uint8 (N, H, W[, C]) and int labels."""

@@ -36,13 +36,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def _stop_at(monkeypatch, step: int | None, sleep: float = 0.0) -> None:
     """Checkpoint callbacks of this process act as if SIGTERM arrived at ``step`` (checkpoint,
     then TrainingInterrupted); each step takes ``sleep`` seconds more."""

@@ -34,14 +34,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    """--deterministic switches a process-wide torch flag; keep other tests unaffected."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.fixture
 def npz(tiny_npz: Path) -> Path:
     return tiny_npz  # 3 classes x 40 (108 train after the held-out 10%: 6 steps of 16) + 30 test
