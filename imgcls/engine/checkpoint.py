@@ -37,6 +37,7 @@ from imgcls.artifact import atomic_write
 from imgcls.engine import distributed as D
 from imgcls.engine.callbacks import Callback, TrainState
 from imgcls.errors import ImgclsError
+from imgcls.models.pretrained import is_pickle_refusal, load_weights_only, looks_like_plain_pickle, pickled_objects
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "imgcls-checkpoint"
@@ -78,38 +79,6 @@ def set_rng_state(state: dict[str, Any], gen: torch.Generator | None) -> None:
 
 
 # ---------------------------------------------------------------------- safe loading
-def looks_like_plain_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode + version
-
-
-def load_weights_only(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` without its warning about a plain pickle's protocol
-    (2 lines before the refusal that follows for such a file)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def pickled_objects(exc: BaseException) -> str:
-    """Why torch's weights-only loader refused a file, in a few words of our own: the first
-    class it would have had to import (torch's own text is several sentences of advice to load
-    the file unsafely), or ''."""
-    import re
-
-    found = re.search(r"(?:Unsupported global|GLOBAL)\W+(?:GLOBAL )?([\w.]+)", str(exc))
-    return f"; this file would import {found.group(1)}" if found else ""
-
-
-def is_pickle_refusal(exc: BaseException) -> bool:
-    text = str(exc)
-    return "weights_only" in text or "Weights only load failed" in text or "Unsupported global" in text \
-        or "Unsupported operand" in text
-
-
 def _start_again_hint(path: Path) -> str:
     run = path.parent
     return (f"it cannot be resumed: start the run again, with the same imgcls train command plus --exist-ok "

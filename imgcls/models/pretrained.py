@@ -87,6 +87,40 @@ def pretrained_input(name: str) -> tuple[int, bool]:
 
 
 # ---------------------------------------------------------------------- local files
+# Reading a torch file without unpickling objects (weights files here; checkpoints in
+# engine/checkpoint.py use the same helpers).
+def looks_like_plain_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode + version
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` without its warning about a plain pickle's protocol
+    (2 lines before the refusal that follows for such a file)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pickled_objects(exc: BaseException) -> str:
+    """Why torch's weights-only loader refused a file, in a few words of our own: the first
+    class it would have had to import (torch's own text is several sentences of advice to load
+    the file unsafely), or ''."""
+    import re
+
+    found = re.search(r"(?:Unsupported global|GLOBAL)\W+(?:GLOBAL )?([\w.]+)", str(exc))
+    return f"; this file would import {found.group(1)}" if found else ""
+
+
+def is_pickle_refusal(exc: BaseException) -> bool:
+    text = str(exc)
+    return "weights_only" in text or "Weights only load failed" in text or "Unsupported global" in text \
+        or "Unsupported operand" in text
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file (read with
     ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers).
@@ -104,12 +138,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path))
         else:
-            from imgcls.engine.checkpoint import load_weights_only
-
             state = load_weights_only(path)  # weights_only=True, without torch's pickle-protocol warning
     except Exception as exc:  # safetensors / torch raise many types for damaged or pickled files
-        from imgcls.engine.checkpoint import looks_like_plain_pickle, is_pickle_refusal, pickled_objects
-
         # torch's own text here is several sentences of advice to load the file unsafely (cut
         # mid-sentence, with a terminal escape in it): said in our words instead
         if is_pickle_refusal(exc) or looks_like_plain_pickle(path):
