@@ -245,3 +245,22 @@ def test_held_in_note_suggests_only_a_split_the_data_has():
     section = {}
     held_in_note(section, "val", "test", "sets were", ["train", "val", "test"])
     assert section == {}  # held out: no note
+
+
+@pytest.mark.parametrize("shape", [(30, 50, 3), (37, 37, 3), (18, 18, 3)])  # a photo; square; the stored size
+def test_explain_of_an_array_sees_what_predict_sees_in_shorter_side_mode(shape):
+    """explain squashed a whole array to the input size where predict resizes its shorter side
+    and crops the centre, so its top classes were not predict's."""
+    import dataclasses
+
+    from imgcls import Classifier
+
+    clf = Classifier.create("reference_cnn", classes=["a", "b", "c"], in_chans=3, img_size=16, seed=0)
+    clf.preprocessing = dataclasses.replace(clf.preprocessing, resize="shorter_side", crop_pct=0.875)
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, size=shape, dtype=np.uint8)
+    arr[: shape[0] // 2] = 255  # not symmetric: a squash and a crop see different things
+    [e] = clf.explain(arr, method="gradcam", faithfulness=False)
+    [p] = clf.predict(arr, top_k=3)
+    assert [c for c, _ in e.top] == [c for c, _ in p.top]
+    np.testing.assert_allclose([v for _, v in e.top], [v for _, v in p.top], atol=1e-5)

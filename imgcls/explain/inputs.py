@@ -47,6 +47,9 @@ def _from_pil(img: Image.Image, source: str, pre: Preprocessing) -> ExplainImage
 def _from_array(t: torch.Tensor, source: str, pre: Preprocessing) -> ExplainImage:
     arr = t.permute(1, 2, 0).numpy()
     display = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
+    if pre.resize == "shorter_side":  # resized and centre-cropped as predict does (pipeline.as_split)
+        return ExplainImage(source, display, _model_pixels(pre.tensor_geometry()(t), pre),
+                            _crop_box(display.size, pre))
     return ExplainImage(source, display, _model_pixels(t, pre), (0, 0, display.width, display.height))
 
 
