@@ -36,7 +36,6 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from imgcls.data.cache import decode_min_side
@@ -287,10 +286,12 @@ def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_
                           timeout_keep_alive=5)
 
 
-def _key_check(api_key: str | None):
-    bearer = HTTPBearer(auto_error=False, description="--api-key given to `imgcls serve`")
+# the one reader of "Authorization: Bearer KEY": the guarded routes' dependency and /health's
+_BEARER = HTTPBearer(auto_error=False, description="--api-key given to `imgcls serve`")
 
-    async def require_key(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+
+def _key_check(api_key: str | None):
+    async def require_key(cred: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
         if not key_matches(api_key, cred.credentials if cred is not None else None):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -303,12 +304,6 @@ def key_matches(api_key: str | None, given: str | None) -> bool:
     if api_key is None:
         return True
     return given is not None and hmac.compare_digest(given.encode(), api_key.encode())
-
-
-def _bearer(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer TOKEN`` header, as HTTPBearer reads it."""
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-    return token if scheme.lower() == "bearer" and token else None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -348,7 +343,8 @@ def _add_routes(app: FastAPI, svc: Service, guarded: list) -> None:
     @app.get("/health", summary="Liveness, batching and load counters (no API key needed; without it, when one "
                                 "is set, only the status)")
     async def health(request: Request) -> dict[str, Any]:
-        return svc.health(key_matches(svc.s.api_key, _bearer(request)))
+        cred = await _BEARER(request)
+        return svc.health(key_matches(svc.s.api_key, cred.credentials if cred is not None else None))
 
     @app.get("/model", dependencies=guarded, summary="The model card (model.json)")
     async def model_card() -> dict[str, Any]:
